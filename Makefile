@@ -1,0 +1,39 @@
+# hpcrender: set-up, demo and tests on a fresh machine.
+#   make demo   - .venv + render jobs/demo.toml on 2 MPI ranks into out/demo/
+#   make test   - .venv + the whole test suite (MPI and local-Slurm tests included)
+
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU wheel on machines without a GPU; on clusters install the site's CUDA build first (env/).
+TORCH_SPEC ?= torch==2.13.0
+PIP    = $(VENV)/bin/pip
+RANKS  ?= 2
+
+.PHONY: venv demo test slurm-deps clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q mpich
+	$(PIP) install -q -e '.[test]'
+	@touch $@
+
+demo: venv
+	$(VENV)/bin/mpiexec -n $(RANKS) $(VENV)/bin/hpcrender render jobs/demo.toml --out out/demo
+
+# Debian's Slurm and munge for the local one-node Slurm that the tests start (root only).
+slurm-deps:
+	@if command -v slurmctld >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing slurm-wlm and munge"; \
+	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	else echo "slurm-wlm missing and not root: the Slurm tests will be skipped"; fi
+
+test: venv slurm-deps
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

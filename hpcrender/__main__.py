@@ -1,0 +1,3 @@
+from hpcrender.cli import main
+
+main()

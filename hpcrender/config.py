@@ -1,0 +1,101 @@
+"""Typed, frozen configuration: what a manifest and the command line resolve to.
+
+Parsed once at the boundary (manifest.py, cli.py) and passed explicitly; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class Mode(str, enum.Enum):
+    NONE = "none"            # each image on one rank; ranks share the job list
+    NAIVE = "naive"          # bands with no exchange (baseline)
+    SYNC = "sync"            # bands exchanging fresh activations every step (exact)
+    DISPLACED = "displaced"  # DistriFusion: synchronous warm-up, then stale async exchange
+
+
+class GroupNormMode(str, enum.Enum):
+    CORRECTED = "corrected"  # stale full stats corrected by the fresh local band
+    STALE = "stale"          # stale full stats
+    SYNC = "sync"            # fresh full stats every step (blocking)
+    SEPARATE = "separate"    # each band its own stats
+
+
+class SchedulerName(str, enum.Enum):
+    EULER = "euler"
+    DDIM = "ddim"
+    DPMPP = "dpmpp"
+
+
+class DType(str, enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    mode: Mode = Mode.DISPLACED
+    warmup_steps: int = 4
+    groupnorm: GroupNormMode = GroupNormMode.CORRECTED
+    split_cfg: bool = False
+    ranks_per_image: int = 0  # 0: all ranks render each image together
+
+
+@dataclass(frozen=True)
+class GigapixelConfig:
+    base: int = 1024      # longest side of the base render
+    tile: int = 1024      # tile side for each refinement level
+    overlap: int = 128
+    strength: float = 0.35
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    model: str = "builtin:tiny-sdxl"
+    steps: int = 20
+    guidance_scale: float = 5.0
+    scheduler: SchedulerName = SchedulerName.EULER
+    dtype: DType = DType.FLOAT32
+    negative_prompt: str = ""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    gigapixel: GigapixelConfig | None = None
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (enums as their values)."""
+        return _plain(dataclasses.asdict(self))
+
+    def params_hash(self) -> str:
+        """Hash of everything that changes the pixels: a store written under another hash is not resumed."""
+        d = self.to_dict()
+        # How the work is split does not change which image is asked for; the mode does.
+        d["parallel"].pop("ranks_per_image", None)
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    jobs: tuple[Job, ...]
+
+
+def _plain(obj):
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
