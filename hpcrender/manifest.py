@@ -1,0 +1,680 @@
+"""Reads a TOML manifest into typed, validated jobs, and applies command-line overrides to them.
+
+Every problem is collected and reported at once, one `FILE:LINE: key: problem` line each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+from hpcrender.config import (
+    DType,
+    GigapixelConfig,
+    GroupNormMode,
+    Job,
+    Manifest,
+    Mode,
+    ParallelConfig,
+    SchedulerName,
+)
+from hpcrender.errors import BadInput, ManifestError
+
+BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "sdxl-mini", "sdxl")
+
+DEFAULT_SIDE = 1024
+MAX_SIDE = 65536
+MAX_STEPS = 1000
+MAX_SEED = 2**63 - 1
+# Names a job directory may not take: they are OUT's own entries.
+RESERVED_NAMES = frozenset({"logs", "status.json"})
+# Pickled weights can run code when loaded; they are refused, never loaded.
+PICKLED_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def derive_seed(name: str) -> int:
+    """Stable seed for a job without `seed`: the same on every machine and Python, 0 <= seed < 2**32."""
+    digest = hashlib.sha256(b"hpcrender-seed:" + name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+# --- value checks: pure, raise _Invalid with the problem, return the typed value -----------------
+
+
+class _Invalid(Exception):
+    """One value's problem (without file, line or key)."""
+
+
+def _show(value: object) -> str:
+    """A value as the user wrote it, short."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _as_int(value: object) -> int:
+    # TOML booleans are Python ints; a `true` where a count is meant is a mistake.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"must be an integer, got {_show(value)}")
+    return value
+
+
+def _as_float(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(f"must be a number, got {_show(value)}")
+    if not math.isfinite(value):
+        raise _Invalid(f"must be a finite number, got {_show(value)}")
+    return float(value)
+
+
+def _as_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, got {_show(value)}")
+    return value
+
+
+def _as_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {_show(value)}")
+    return value
+
+
+def _int_range(lo: int, hi: int | None) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        n = _as_int(value)
+        if n < lo or (hi is not None and n > hi):
+            span = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+            raise _Invalid(f"must be an integer {span}, got {n}")
+        return n
+
+    return check
+
+
+def _side(value: object) -> int:
+    """An image or tile side in pixels: whole latent cells (8 px) and within TIFF's reach."""
+    n = _as_int(value)
+    if n <= 0 or n % 8:
+        raise _Invalid(f"must be a positive multiple of 8, got {n}")
+    if n > MAX_SIDE:
+        raise _Invalid(f"must be at most {MAX_SIDE}, got {n}")
+    return n
+
+
+def _overlap(value: object) -> int:
+    n = _as_int(value)
+    if n < 0 or n % 8:
+        raise _Invalid(f"must be a multiple of 8 that is >= 0, got {n}")
+    return n
+
+
+def _non_negative_float(value: object) -> float:
+    x = _as_float(value)
+    if x < 0:
+        raise _Invalid(f"must be >= 0, got {_show(value)}")
+    return x
+
+
+def _strength(value: object) -> float:
+    x = _as_float(value)
+    if not 0 < x <= 1:
+        raise _Invalid(f"must be in (0, 1], got {_show(value)}")
+    return x
+
+
+def _choice(enum_cls) -> Callable[[object], object]:
+    known = [member.value for member in enum_cls]
+
+    def check(value: object):
+        if not isinstance(value, str):
+            raise _Invalid(f"must be one of {', '.join(known)}, got {_show(value)}")
+        try:
+            return enum_cls(value)
+        except ValueError:
+            raise _Invalid(
+                f"must be one of {', '.join(known)}, got {_show(value)}{_did_you_mean(value, known)}"
+            ) from None
+
+    return check
+
+
+def _job_name(value: object) -> str:
+    name = _as_str(value)
+    if not _NAME_RE.match(name):
+        raise _Invalid(f"must use only letters, digits, '.', '_' and '-', got {_show(name)}")
+    if name in (".", ".."):
+        raise _Invalid(f"cannot be {_show(name)}")
+    if name in RESERVED_NAMES:
+        raise _Invalid(f"{_show(name)} is reserved for the output folder's own files")
+    return name
+
+
+def _looks_local(ref: str) -> bool:
+    return os.path.isabs(ref) or ref.startswith((".", "~")) or ref.endswith(".safetensors")
+
+
+def _check_model(value: object, base_dir: Path) -> str:
+    """A model reference, with local paths resolved against `base_dir` and checked to exist."""
+    ref = _as_str(value)
+    if ref.startswith("builtin:"):
+        name = ref[len("builtin:"):]
+        if name not in BUILTIN_MODELS:
+            raise _Invalid(
+                f"unknown builtin model {_show(name)} (known: {', '.join(BUILTIN_MODELS)})"
+                f"{_did_you_mean(name, BUILTIN_MODELS)}"
+            )
+        return ref
+    if ref.lower().endswith(PICKLED_SUFFIXES):
+        raise _Invalid(
+            f"pickled weights are never loaded, got {_show(ref)}; convert them to .safetensors"
+        )
+    if _looks_local(ref):
+        path = Path(os.path.normpath(base_dir / Path(ref).expanduser()))
+        if path.is_dir():
+            return str(path)
+        if path.is_file():
+            if path.suffix == ".safetensors":
+                return str(path)
+            raise _Invalid(f"must be a diffusers folder or a .safetensors file, got {path}")
+        raise _Invalid(f"no such folder or file: {path}")
+    if _HUB_ID_RE.match(ref):
+        return ref
+    raise _Invalid(
+        "must be builtin:NAME, a diffusers folder, a .safetensors file or a hub id owner/name, "
+        f"got {_show(ref)}"
+    )
+
+
+_Check = Callable[[object], object]
+
+# Keys a job may set, and [defaults] too (except `name`); `model` is checked apart (needs the folder).
+_SETTINGS: dict[str, _Check] = {
+    "prompt": _as_str,
+    "negative_prompt": _as_str,
+    "width": _side,
+    "height": _side,
+    "seed": _int_range(0, MAX_SEED),
+    "steps": _int_range(1, MAX_STEPS),
+    "guidance_scale": _non_negative_float,
+    "scheduler": _choice(SchedulerName),
+    "dtype": _choice(DType),
+}
+_MODEL_KEY = "model"
+_NAME_KEY = "name"
+_PARALLEL: dict[str, _Check] = {
+    "mode": _choice(Mode),
+    "warmup_steps": _int_range(0, None),
+    "groupnorm": _choice(GroupNormMode),
+    "split_cfg": _as_bool,
+    "ranks_per_image": _int_range(0, None),
+}
+_GIGAPIXEL: dict[str, _Check] = {
+    "base": _side,
+    "tile": _side,
+    "overlap": _overlap,
+    "strength": _strength,
+}
+_TABLES = ("parallel", "gigapixel")
+_TOP_KEYS = ("defaults", "jobs")
+
+
+# --- line locator: tomllib keeps no positions, so the text is scanned for headers and keys ------
+
+_BARE = r"[A-Za-z0-9_-]+"
+_QUOTED = r"\"(?:[^\"\\]|\\.)*\"|'[^']*'"
+_KEY = rf"(?:{_BARE}|{_QUOTED})"
+_DOTTED = rf"{_KEY}(?:[ \t]*\.[ \t]*{_KEY})*"
+_HEADER_RE = re.compile(rf"[ \t]*(\[\[?)[ \t]*({_DOTTED})[ \t]*\]")
+_KEYVAL_RE = re.compile(rf"[ \t]*({_DOTTED})[ \t]*=")
+_KEY_PART_RE = re.compile(_KEY)
+
+
+def _key_parts(dotted: str) -> tuple[str, ...]:
+    parts = []
+    for raw in _KEY_PART_RE.findall(dotted):
+        if raw.startswith('"'):
+            try:
+                raw = json.loads(raw)
+            except ValueError:  # a TOML escape JSON lacks; close enough for locating
+                raw = raw[1:-1]
+        elif raw.startswith("'"):
+            raw = raw[1:-1]
+        parts.append(raw)
+    return tuple(parts)
+
+
+@dataclass
+class _ValueScan:
+    """Where the scan stands inside a value that may span lines (multi-line string, array)."""
+
+    string_end: str | None = None  # the closing `\"\"\"` or `'''` while inside a multi-line string
+    # One entry per open `[` or `{`: the key path of an inline table, None for arrays (not located).
+    stack: list = dataclasses.field(default_factory=list)
+    last_key: tuple | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.string_end is not None or bool(self.stack)
+
+
+class _Locator:
+    """Line of a (table, key) path such as ("jobs", 2, "parallel", "mode"); array tables count from 0."""
+
+    def __init__(self, text: str):
+        self._lines: dict[tuple, int] = {}
+        self._array_index: dict[tuple, int] = {}
+        table: tuple = ()
+        scan = _ValueScan()
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if scan.busy:
+                self._scan_value(line, 0, lineno, scan)
+                continue
+            header = _HEADER_RE.match(line)
+            if header:
+                table = self._header(header.group(1) == "[[", _key_parts(header.group(2)), lineno)
+                continue
+            keyval = _KEYVAL_RE.match(line)
+            if keyval:
+                path = table + _key_parts(keyval.group(1))
+                self._record(path, lineno)
+                scan.last_key = path
+                self._scan_value(line, keyval.end(), lineno, scan)
+
+    def line(self, path: tuple) -> int:
+        """The key's own line, else its nearest enclosing table's, else line 1."""
+        for end in range(len(path), 0, -1):
+            if path[:end] in self._lines:
+                return self._lines[path[:end]]
+        return 1
+
+    def _record(self, path: tuple, lineno: int) -> None:
+        self._lines[path] = lineno
+        for end in range(1, len(path)):  # dotted keys open their tables implicitly
+            self._lines.setdefault(path[:end], lineno)
+
+    def _resolve(self, parts: tuple) -> tuple:
+        path: tuple = ()
+        for part in parts:
+            path += (part,)
+            if path in self._array_index:
+                path += (self._array_index[path],)
+        return path
+
+    def _header(self, is_array: bool, parts: tuple, lineno: int) -> tuple:
+        if not is_array:
+            path = self._resolve(parts)
+            self._record(path, lineno)
+            return path
+        array = self._resolve(parts[:-1]) + parts[-1:]
+        index = self._array_index.get(array, -1) + 1
+        self._array_index[array] = index
+        self._lines.setdefault(array, lineno)
+        self._record(array + (index,), lineno)
+        return array + (index,)
+
+    def _scan_value(self, line: str, pos: int, lineno: int, scan: _ValueScan) -> None:
+        i, n = pos, len(line)
+        while i < n:
+            if scan.string_end is not None:
+                end = line.find(scan.string_end, i)
+                if end < 0:
+                    return
+                i, scan.string_end = end + 3, None
+                continue
+            c = line[i]
+            if c == "#":
+                return
+            if line.startswith('"""', i) or line.startswith("'''", i):
+                scan.string_end, i = line[i : i + 3], i + 3
+            elif c == '"':
+                i += 1
+                while i < n and line[i] != '"':
+                    i += 2 if line[i] == "\\" else 1
+                i += 1
+            elif c == "'":
+                end = line.find("'", i + 1)
+                i = end + 1 if end >= 0 else n
+            elif c == "[":
+                scan.stack.append(None)
+                i += 1
+            elif c == "{":
+                inside_array = any(entry is None for entry in scan.stack)
+                scan.stack.append(None if inside_array else scan.last_key)
+                i = self._inline_key(line, i + 1, lineno, scan)
+            elif c in "]}":
+                if scan.stack:
+                    scan.stack.pop()
+                i += 1
+            elif c == "," and scan.stack and scan.stack[-1] is not None:
+                i = self._inline_key(line, i + 1, lineno, scan)
+            else:
+                i += 1
+
+    def _inline_key(self, line: str, pos: int, lineno: int, scan: _ValueScan) -> int:
+        table = scan.stack[-1]
+        keyval = _KEYVAL_RE.match(line, pos)
+        if table is None or not keyval:
+            return pos
+        path = table + _key_parts(keyval.group(1))
+        self._record(path, lineno)
+        scan.last_key = path
+        return keyval.end()
+
+
+# --- reading: raw TOML tables -> layers of checked values -> jobs ------------------------------
+
+
+class _Value(NamedTuple):
+    value: object  # the typed value, or _BROKEN when its check failed (already reported)
+    path: tuple    # where it was written, for the locator
+
+
+_BROKEN = object()
+
+
+@dataclass
+class _Layer:
+    """The settings one table ([defaults] or one [[jobs]]) writes, checked but not yet merged."""
+
+    path: tuple
+    settings: dict[str, _Value] = dataclasses.field(default_factory=dict)
+    parallel: dict[str, _Value] = dataclasses.field(default_factory=dict)
+    gigapixel: dict[str, _Value] | None = None
+    gigapixel_path: tuple | None = None
+
+
+class _Reader:
+    """Collects every problem of one manifest while turning its tables into jobs."""
+
+    def __init__(self, shown: str, text: str, base_dir: Path):
+        self._shown = shown
+        self._locator = _Locator(text)
+        self._base_dir = base_dir
+        self.problems: list[tuple[int, int, str]] = []  # (line, order, message) for sorting
+
+    def problem(self, path: tuple, label: str, message: str) -> None:
+        line = self._locator.line(path)
+        self.problems.append((line, len(self.problems), f"{self._shown}:{line}: {label}: {message}"))
+
+    def read(self, doc: dict) -> tuple[Job, ...]:
+        for key, value in doc.items():
+            if key not in _TOP_KEYS:
+                self.problem((key,), key, _unknown(key, value, _TOP_KEYS, {}))
+
+        defaults = _Layer(("defaults",))
+        raw_defaults = doc.get("defaults", {})
+        if isinstance(raw_defaults, dict):
+            defaults = self._layer(raw_defaults, ("defaults",), "defaults", "[defaults]")
+        else:
+            self.problem(("defaults",), "defaults", f"must be a table, got {_show(raw_defaults)}")
+
+        raw_jobs = doc.get("jobs", [])
+        if not isinstance(raw_jobs, list):
+            self.problem(("jobs",), "jobs", "must be an array of tables ([[jobs]])")
+            raw_jobs = None
+        elif not raw_jobs:
+            self.problem(("jobs",), "jobs", "no jobs: add at least one [[jobs]] table")
+
+        jobs = []
+        first_use: dict[str, int] = {}  # name -> 1-based job number
+        for index, raw in enumerate(raw_jobs or []):
+            path = ("jobs", index)
+            label = f"jobs[#{index + 1}]"
+            if not isinstance(raw, dict):
+                self.problem(path, label, f"must be a table, got {_show(raw)}")
+                continue
+            name = self._name(raw, path, label, first_use, index)
+            if name is not None:
+                label = f"jobs[{name}]"
+            layer = self._layer(raw, path, label, "[[jobs]]")
+            job = self._job(name, defaults, layer, label)
+            if job is not None:
+                jobs.append(job)
+        return tuple(jobs)
+
+    def _name(self, raw: dict, path: tuple, label: str, first_use: dict, index: int) -> str | None:
+        if _NAME_KEY not in raw:
+            self.problem(path + (_NAME_KEY,), f"{label}.name", "missing (every job needs a unique name)")
+            return None
+        try:
+            name = _job_name(raw[_NAME_KEY])
+        except _Invalid as invalid:
+            self.problem(path + (_NAME_KEY,), f"{label}.name", str(invalid))
+            return None
+        if name in first_use:
+            first = first_use[name]
+            line = self._locator.line(("jobs", first - 1, _NAME_KEY))
+            self.problem(
+                path + (_NAME_KEY,),
+                f"{label}.name",
+                f"duplicate name {_show(name)}, already used by job #{first} (line {line})",
+            )
+            return None
+        first_use[name] = index + 1
+        return name
+
+    def _layer(self, raw: dict, path: tuple, label: str, where: str) -> _Layer:
+        is_job = path[0] == "jobs"
+        layer = _Layer(path)
+        known = [*_SETTINGS, _MODEL_KEY, *_TABLES] + ([_NAME_KEY] if is_job else [])
+        table = path[0]  # "defaults" or "jobs": the prefix of their sub-table headers
+        table_of = {key: f"[{table}.parallel]" for key in _PARALLEL}
+        table_of.update({key: f"[{table}.gigapixel]" for key in _GIGAPIXEL})
+        for key, value in raw.items():
+            key_path, key_label = path + (key,), f"{label}.{key}"
+            if key == _NAME_KEY:
+                if not is_job:
+                    self.problem(key_path, key_label, "a name belongs to each [[jobs]] table, not to defaults")
+            elif key == _MODEL_KEY:
+                check_model = functools.partial(_check_model, base_dir=self._base_dir)
+                layer.settings[key] = self._check(key_path, key_label, check_model, value)
+            elif key in _SETTINGS:
+                layer.settings[key] = self._check(key_path, key_label, _SETTINGS[key], value)
+            elif key in _TABLES:
+                if not isinstance(value, dict):
+                    self.problem(key_path, key_label, f"must be a table, got {_show(value)}")
+                    continue
+                checks = _PARALLEL if key == "parallel" else _GIGAPIXEL
+                values = self._table(value, key_path, key_label, checks, where)
+                if key == "parallel":
+                    layer.parallel = values
+                else:
+                    layer.gigapixel, layer.gigapixel_path = values, key_path
+            else:
+                self.problem(key_path, key_label, _unknown(key, value, known, table_of))
+        return layer
+
+    def _table(self, raw: dict, path: tuple, label: str, checks: Mapping[str, _Check], parent: str) -> dict:
+        values = {}
+        parent_keys = {key: parent for key in [*_SETTINGS, _MODEL_KEY]}
+        for key, value in raw.items():
+            key_path, key_label = path + (key,), f"{label}.{key}"
+            if key in checks:
+                values[key] = self._check(key_path, key_label, checks[key], value)
+            else:
+                self.problem(key_path, key_label, _unknown(key, value, list(checks), parent_keys))
+        return values
+
+    def _check(self, path: tuple, label: str, check: _Check, value: object) -> _Value:
+        try:
+            return _Value(check(value), path)
+        except _Invalid as invalid:
+            self.problem(path, label, str(invalid))
+            return _Value(_BROKEN, path)
+
+    def _job(self, name: str | None, defaults: _Layer, layer: _Layer, label: str) -> Job | None:
+        """Merge defaults with the job key by key, run the checks that span keys, build the Job."""
+        settings = {**defaults.settings, **layer.settings}
+        parallel = {**defaults.parallel, **layer.parallel}
+        gigapixel = None
+        if defaults.gigapixel is not None or layer.gigapixel is not None:
+            gigapixel = {**(defaults.gigapixel or {}), **(layer.gigapixel or {})}
+        gigapixel_path = layer.gigapixel_path or defaults.gigapixel_path
+
+        if "prompt" not in settings:
+            self.problem(layer.path + ("prompt",), f"{label}.prompt", "missing (every job needs a prompt)")
+        broken = name is None or "prompt" not in settings or any(
+            v.value is _BROKEN for table in (settings, parallel, gigapixel or {}) for v in table.values()
+        )
+        if gigapixel is not None:
+            self._check_gigapixel(settings, gigapixel, gigapixel_path, label)
+        if broken:
+            return None
+
+        fields = {key: v.value for key, v in settings.items()}
+        fields.setdefault("width", DEFAULT_SIDE)
+        fields.setdefault("height", DEFAULT_SIDE)
+        fields.setdefault("seed", derive_seed(name))
+        return Job(
+            name=name,
+            parallel=ParallelConfig(**{key: v.value for key, v in parallel.items()}),
+            gigapixel=(
+                GigapixelConfig(**{key: v.value for key, v in gigapixel.items()})
+                if gigapixel is not None
+                else None
+            ),
+            **fields,
+        )
+
+    def _check_gigapixel(self, settings: dict, gigapixel: dict, table_path: tuple, label: str) -> None:
+        defaults = GigapixelConfig()
+
+        def get(table: dict, key: str, default):
+            value = table[key].value if key in table else default
+            return None if value is _BROKEN else value
+
+        tile, overlap = get(gigapixel, "tile", defaults.tile), get(gigapixel, "overlap", defaults.overlap)
+        if tile is not None and overlap is not None and overlap >= tile:
+            where = gigapixel.get("overlap", gigapixel.get("tile"))
+            self.problem(
+                where.path if where else table_path,
+                f"{label}.gigapixel.overlap",
+                f"must be smaller than the tile ({tile}), got {overlap}",
+            )
+        base = get(gigapixel, "base", defaults.base)
+        width, height = get(settings, "width", DEFAULT_SIDE), get(settings, "height", DEFAULT_SIDE)
+        if base is not None and width is not None and height is not None and base > max(width, height):
+            where = gigapixel.get("base")
+            self.problem(
+                where.path if where else table_path,
+                f"{label}.gigapixel.base",
+                f"must be at most the image's longest side ({max(width, height)}), got {base}",
+            )
+
+
+def _unknown(key: str, value: object, known: Sequence[str], table_of: Mapping[str, str]) -> str:
+    kind = "table" if isinstance(value, dict) else "key"
+    if key in table_of:
+        return f"unknown {kind} ('{key}' belongs in {table_of[key]})"
+    hint = _did_you_mean(key, known)
+    return f"unknown {kind}{hint or ' (known: ' + ', '.join(known) + ')'}"
+
+
+def _syntax_problem(shown: str, text: str, error: tomllib.TOMLDecodeError) -> str:
+    message = str(error)
+    line = getattr(error, "lineno", None)
+    at = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if at:
+        line = line or int(at.group(1))
+        message = f"{message[: at.start()]} (column {at.group(2)})"
+    elif message.endswith("(at end of document)"):
+        line = line or text.rstrip().count("\n") + 1
+        message = message[: -len("(at end of document)")].rstrip() + " (at the end of the file)"
+    message = message[:1].lower() + message[1:]
+    return f"{shown}:{line or 1}: syntax: {message}"
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """Parse and check a manifest; raises ManifestError with every problem, BadInput if unreadable."""
+    shown = os.fspath(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise BadInput(f"{shown}: cannot read manifest: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8-sig")  # tolerate the byte-order mark some editors write
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ManifestError([f"{shown}:{line}: syntax: not UTF-8 text"]) from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ManifestError([_syntax_problem(shown, text, error)]) from None
+
+    reader = _Reader(shown, text, Path(os.path.abspath(shown)).parent)
+    jobs = reader.read(doc)
+    if reader.problems:
+        raise ManifestError([message for _, _, message in sorted(reader.problems)])
+    return Manifest(path=Path(path), jobs=jobs)
+
+
+def _override(option: str, check: _Check, value: object):
+    try:
+        return check(value)
+    except _Invalid as invalid:
+        raise BadInput(f"{option}: {invalid}") from None
+
+
+def apply_overrides(
+    manifest: Manifest,
+    *,
+    only: Sequence[str] = (),
+    mode: Mode | None = None,
+    ranks_per_image: int | None = None,
+    warmup_steps: int | None = None,
+    steps: int | None = None,
+) -> Manifest:
+    """The manifest as the command line narrows and overrides it; bad values raise BadInput."""
+    jobs = manifest.jobs
+    if only:
+        names = [job.name for job in jobs]
+        missing = [name for name in dict.fromkeys(only) if name not in names]
+        if missing:
+            raise BadInput(
+                "--only: "
+                + "; ".join(
+                    f"no job named {_show(name)} in {manifest.path}{_did_you_mean(name, names)}"
+                    for name in missing
+                )
+            )
+        wanted = set(only)
+        jobs = tuple(job for job in jobs if job.name in wanted)  # manifest order, not --only order
+
+    parallel: dict[str, object] = {}
+    if mode is not None:
+        parallel["mode"] = _override("--mode", _choice(Mode), mode.value if isinstance(mode, Mode) else mode)
+    if ranks_per_image is not None:
+        parallel["ranks_per_image"] = _override("--ranks-per-image", _PARALLEL["ranks_per_image"], ranks_per_image)
+    if warmup_steps is not None:
+        parallel["warmup_steps"] = _override("--warmup-steps", _PARALLEL["warmup_steps"], warmup_steps)
+    top: dict[str, object] = {}
+    if steps is not None:
+        top["steps"] = _override("--steps", _SETTINGS["steps"], steps)
+
+    jobs = tuple(
+        dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, **parallel), **top) for job in jobs
+    )
+    return Manifest(path=manifest.path, jobs=jobs)
