@@ -1,0 +1,223 @@
+"""Job records: per-job state files, OUT/status.json and OUT/JOB/meta.json, all written atomically.
+
+Each job's state file is written only by the rank that renders the job, so no locks are needed and
+it works on shared file systems; status.json is a merge of the state files that anyone may rebuild.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hpcrender.errors import BadInput
+
+STATE_DIR = ".state"
+STATUS_FILE = "status.json"
+META_FILE = "meta.json"
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary file beside `path`, fsync it, then rename it onto `path`.
+
+    Readers see the old file or the new one, never a torn one, even if the writer is killed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name per writer (pid + random) so concurrent writers never share a temporary file;
+    # created with open() rather than mkstemp so the file gets the user's umask, not 0600.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, default=_jsonable)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def state_path(out_dir: str | os.PathLike, name: str) -> Path:
+    """OUT/.state/NAME.json"""
+    if not name or name in (".", "..") or any(ch in name for ch in "/\\\0"):
+        raise ValueError(f"job name {name!r} cannot name a state file")
+    return Path(out_dir) / STATE_DIR / f"{name}.json"
+
+
+def record_job_state(
+    out_dir: str | os.PathLike, name: str, state: JobState, *, error: str | None = None, **timings: Any
+) -> None:
+    """Update OUT/.state/NAME.json: state, error, timestamps, seconds, attempt count.
+
+    RUNNING starts an attempt (started, attempt + 1); DONE and FAILED stamp `finished` and the
+    `seconds` since `started`. Extra keywords (rank, node, step timings, ...) are stored as given
+    and override the computed ones; `started`/`finished` may be given as Unix times and are
+    stored, like the computed ones, as UTC ISO 8601.
+    """
+    state = JobState(state)
+    path = state_path(out_dir, name)
+    record = _read_json(path) or {}
+    now = _now()
+    for key in ("started", "finished"):
+        if isinstance(timings.get(key), (int, float)) and not isinstance(timings[key], bool):
+            timings[key] = _iso(float(timings[key]))
+    record["name"] = name
+    record["state"] = state.value
+    record["error"] = error
+    if state is JobState.RUNNING:
+        record["attempt"] = int(record.get("attempt", 0)) + 1
+        record["started"] = _iso(now)
+        for key in ("finished", "seconds"):
+            record.pop(key, None)
+    elif state in (JobState.DONE, JobState.FAILED):
+        record["finished"] = _iso(now)
+        started = _parse_iso(record.get("started"))
+        if started is not None:
+            record["seconds"] = round(now - started, 3)
+    record["updated"] = _iso(now)
+    record.update(timings)
+    write_json_atomic(path, record)
+
+
+def merge_status(out_dir: str | os.PathLike, job_names: Sequence[str]) -> dict:
+    """Build OUT/status.json from the state files, write it atomically and return it.
+
+    Jobs in `job_names` come first, in that order (no state file: pending); jobs that only have a
+    state file (from another manifest selection) follow, by name, so nothing recorded is hidden.
+    """
+    status = _merge(Path(out_dir), job_names)
+    write_json_atomic(Path(out_dir) / STATUS_FILE, status)
+    return status
+
+
+def read_status(out_dir: str | os.PathLike) -> dict:
+    """The status of OUT for `hpcrender status`: status.json's jobs refreshed from the state files.
+
+    Reads only; status.json is left as the last render wrote it.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise BadInput(f"{out}: no such output directory")
+    previous = _read_json(out / STATUS_FILE) or {}
+    names = list(previous.get("jobs", {})) if isinstance(previous.get("jobs"), dict) else []
+    return _merge(out, names)
+
+
+def format_status(status: dict) -> str:
+    """A table, one line per job (job, state, seconds, error), then a line of counts."""
+    jobs: dict = status.get("jobs", {})
+    rows = [("job", "state", "seconds", "error")]
+    for name, job in jobs.items():
+        seconds = job.get("seconds")
+        error = (job.get("error") or "").strip().splitlines()
+        seconds_text = "" if seconds is None else f"{float(seconds):.1f}"
+        rows.append((name, job.get("state", ""), seconds_text, error[0] if error else ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [
+        f"{name:<{widths[0]}}  {state:<{widths[1]}}  {seconds:>{widths[2]}}  {error}".rstrip()
+        for name, state, seconds, error in rows
+    ]
+    counts = _counts(jobs)
+    summary = ", ".join(f"{counts[s.value]} {s.value}" for s in JobState if counts[s.value])
+    total = len(jobs)
+    lines.append(f"{total} job{'' if total == 1 else 's'}" + (f": {summary}" if summary else ""))
+    return "\n".join(lines)
+
+
+def write_meta(job_dir: str | os.PathLike, meta: dict) -> None:
+    """OUT/JOB/meta.json: the resolved job, model, versions, layout, timings (atomic)."""
+    write_json_atomic(Path(job_dir) / META_FILE, meta)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _merge(out: Path, job_names: Sequence[str]) -> dict:
+    recorded: dict[str, dict] = {}
+    state_dir = out / STATE_DIR
+    if state_dir.is_dir():
+        for path in sorted(state_dir.glob("*.json")):
+            record = _read_json(path)
+            if isinstance(record, dict):
+                recorded[path.stem] = record
+    jobs: dict[str, dict] = {}
+    for name in job_names:
+        jobs[name] = _entry(recorded.pop(name, None))
+    for name in sorted(recorded):
+        jobs[name] = _entry(recorded[name])
+    return {"updated": _iso(_now()), "counts": _counts(jobs), "jobs": jobs}
+
+
+def _entry(record: dict | None) -> dict:
+    if record is None:
+        return {"state": JobState.PENDING.value, "error": None}
+    entry = {"state": record.get("state", JobState.PENDING.value), "error": record.get("error")}
+    entry.update((k, v) for k, v in record.items() if k not in ("name", "state", "error"))
+    return entry
+
+
+def _counts(jobs: dict) -> dict:
+    counts = {s.value: 0 for s in JobState}
+    for job in jobs.values():
+        state = job.get("state", JobState.PENDING.value)
+        counts[state] = counts.get(state, 0) + 1
+    counts["total"] = len(jobs)
+    return counts
+
+
+def _read_json(path: Path) -> Any:
+    """The parsed file, or None when it is missing or unreadable (a state is then rebuilt)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _parse_iso(text: Any) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _jsonable(obj: Any) -> Any:
+    """json.dump fallback for the types a job record holds: enums, paths, numpy, dataclasses."""
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays, without importing numpy here
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")

@@ -1,0 +1,174 @@
+"""Job records: atomic JSON, per-job state files, the merged status.json and its table."""
+
+from __future__ import annotations
+
+import enum
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpcrender import records
+from hpcrender.errors import BadInput
+from hpcrender.records import (
+    JobState,
+    format_status,
+    merge_status,
+    read_status,
+    record_job_state,
+    state_path,
+    write_json_atomic,
+    write_meta,
+)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A settable wall clock for records._now."""
+    now = [1_700_000_000.0]
+    monkeypatch.setattr(records, "_now", lambda: now[0])
+    return now
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary_files(tmp_path):
+    path = tmp_path / "sub" / "x.json"
+    write_json_atomic(path, {"a": 1})
+    write_json_atomic(path, {"a": 2, "b": [1, 2]})
+    assert json.loads(path.read_text()) == {"a": 2, "b": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+
+
+def test_failed_atomic_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "x.json"
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_running_then_done_records_attempt_timestamps_and_seconds(tmp_path, clock):
+    record_job_state(tmp_path, "harbor", JobState.RUNNING, rank=3, node="n01")
+    clock[0] += 12.5
+    record_job_state(tmp_path, "harbor", JobState.DONE, steps_per_s=1.6)
+    rec = json.loads(state_path(tmp_path, "harbor").read_text())
+    assert rec["state"] == "done" and rec["error"] is None
+    assert rec["attempt"] == 1 and rec["seconds"] == 12.5
+    assert rec["started"] == "2023-11-14T22:13:20.000Z" and rec["finished"] == "2023-11-14T22:13:32.500Z"
+    assert (rec["rank"], rec["node"], rec["steps_per_s"]) == (3, "n01", 1.6)
+    assert state_path(tmp_path, "harbor") == tmp_path / ".state" / "harbor.json"
+
+
+def test_unix_times_given_by_the_caller_are_stored_as_iso(tmp_path, clock):
+    record_job_state(tmp_path, "a", JobState.RUNNING, started=1_700_000_000.25)
+    record_job_state(tmp_path, "a", JobState.DONE, finished=1_700_000_010.5, seconds=10.25)
+    rec = json.loads(state_path(tmp_path, "a").read_text())
+    assert (rec["started"], rec["finished"]) == ("2023-11-14T22:13:20.250Z", "2023-11-14T22:13:30.500Z")
+    assert rec["seconds"] == 10.25
+
+
+def test_second_attempt_counts_and_failure_keeps_the_error(tmp_path, clock):
+    record_job_state(tmp_path, "giga", JobState.RUNNING)
+    clock[0] += 3
+    record_job_state(tmp_path, "giga", JobState.FAILED, error="out of memory")
+    clock[0] += 100
+    record_job_state(tmp_path, "giga", JobState.RUNNING)
+    rec = json.loads(state_path(tmp_path, "giga").read_text())
+    assert rec["attempt"] == 2 and rec["state"] == "running" and rec["error"] is None
+    assert "finished" not in rec and "seconds" not in rec
+    clock[0] += 4
+    record_job_state(tmp_path, "giga", JobState.FAILED, error="out of memory\nTraceback ...")
+    rec = json.loads(state_path(tmp_path, "giga").read_text())
+    assert rec["seconds"] == 4.0 and rec["error"].startswith("out of memory")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\\b"])
+def test_names_that_cannot_be_files_are_refused(tmp_path, name):
+    with pytest.raises(ValueError):
+        record_job_state(tmp_path, name, JobState.RUNNING)
+
+
+def test_merge_collects_state_files_of_several_ranks(tmp_path, clock):
+    # each "rank" records only the jobs it renders
+    record_job_state(tmp_path, "a", JobState.RUNNING, rank=0)
+    record_job_state(tmp_path, "a", JobState.DONE, rank=0)
+    record_job_state(tmp_path, "b", JobState.RUNNING, rank=1)
+    record_job_state(tmp_path, "b", JobState.FAILED, rank=1, error="boom")
+    record_job_state(tmp_path, "c", JobState.RUNNING, rank=2)
+    record_job_state(tmp_path, "old", JobState.DONE, rank=1)  # from an earlier --only run
+    status = merge_status(tmp_path, ["c", "a", "b", "d"])
+    assert list(status["jobs"]) == ["c", "a", "b", "d", "old"]
+    assert {n: j["state"] for n, j in status["jobs"].items()} == {
+        "c": "running", "a": "done", "b": "failed", "d": "pending", "old": "done"
+    }
+    assert status["jobs"]["b"]["error"] == "boom" and status["jobs"]["b"]["rank"] == 1
+    assert status["jobs"]["d"] == {"state": "pending", "error": None}
+    assert status["counts"] == {"pending": 1, "running": 1, "done": 2, "failed": 1, "total": 5}
+    assert json.loads((tmp_path / "status.json").read_text()) == status
+
+
+def test_read_status_sees_state_newer_than_status_json(tmp_path):
+    merge_status(tmp_path, ["a", "b"])
+    record_job_state(tmp_path, "b", JobState.RUNNING)
+    status = read_status(tmp_path)
+    assert {n: j["state"] for n, j in status["jobs"].items()} == {"a": "pending", "b": "running"}
+    assert json.loads((tmp_path / "status.json").read_text())["jobs"]["b"]["state"] == "pending"
+
+
+def test_read_status_of_a_missing_directory_is_bad_input(tmp_path):
+    with pytest.raises(BadInput):
+        read_status(tmp_path / "nope")
+    assert read_status(tmp_path)["jobs"] == {}
+
+
+def test_concurrent_writers_and_mergers_never_see_torn_files(tmp_path):
+    names = [f"job{i}" for i in range(4)]
+    errors: list[BaseException] = []
+
+    def render(name):
+        try:
+            for _ in range(15):
+                record_job_state(tmp_path, name, JobState.RUNNING)
+                record_job_state(tmp_path, name, JobState.DONE)
+                merge_status(tmp_path, names)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=render, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    status = merge_status(tmp_path, names)
+    assert status["counts"]["done"] == 4 and all(j["attempt"] == 15 for j in status["jobs"].values())
+    assert sorted(p.name for p in (tmp_path / ".state").iterdir()) == [f"{n}.json" for n in names]
+
+
+def test_format_status_is_a_table_with_a_summary(tmp_path, clock):
+    record_job_state(tmp_path, "harbor", JobState.RUNNING)
+    clock[0] += 12.5
+    record_job_state(tmp_path, "harbor", JobState.DONE)
+    record_job_state(tmp_path, "giga-tile", JobState.RUNNING)
+    record_job_state(tmp_path, "giga-tile", JobState.FAILED, error="CUDA out of memory\nTraceback (most recent call)")
+    text = format_status(merge_status(tmp_path, ["harbor", "giga-tile", "x"]))
+    lines = text.splitlines()
+    assert lines[0].split() == ["job", "state", "seconds", "error"]
+    assert lines[1].split() == ["harbor", "done", "12.5"]
+    assert lines[2].split() == ["giga-tile", "failed", "0.0", "CUDA", "out", "of", "memory"]
+    assert lines[3].split() == ["x", "pending"]
+    assert lines[-1] == "3 jobs: 1 pending, 1 done, 1 failed"
+    assert lines[0].index("state") == lines[1].index("done") == lines[3].index("pending")  # aligned columns
+    assert format_status({"jobs": {}}).splitlines()[-1] == "0 jobs"
+
+
+class _Colour(str, enum.Enum):
+    RED = "red"
+
+
+def test_meta_json_serialises_paths_enums_and_numpy(tmp_path):
+    write_meta(tmp_path / "job", {"out": Path("/x/y"), "mode": _Colour.RED, "peak": np.int64(7), "t": np.arange(3.0)})
+    meta = json.loads((tmp_path / "job" / "meta.json").read_text())
+    assert meta == {"out": "/x/y", "mode": "red", "peak": 7, "t": [0.0, 1.0, 2.0]}
