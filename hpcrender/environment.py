@@ -1,0 +1,432 @@
+"""Where this process runs (launcher, MPI world, node, device, threads) and torch.distributed started from MPI.
+
+The one place SLURM_* variables are read and mpi4py is imported; everything else asks an Environment.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, NoReturn
+
+from hpcrender.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, BadInput, DoesNotFit, HpcrenderError
+
+log = logging.getLogger("hpcrender")
+
+
+class Launcher(str, enum.Enum):
+    NONE = "none"        # a plain process
+    MPIEXEC = "mpiexec"  # mpiexec/mpirun (also when it runs inside a Slurm allocation)
+    SRUN = "srun"        # srun starting the ranks itself through PMI
+
+
+@dataclass(frozen=True)
+class SlurmInfo:
+    job_id: str
+    procid: int | None
+    ntasks: int | None          # tasks of this step (of the job in a batch script)
+    localid: int | None
+    nodeid: int | None
+    nodelist: str | None        # the step's nodes when in a step, else the job's
+    cpus_per_task: int | None
+    restart_count: int
+    array_task_id: int | None
+    array_task_min: int | None
+    array_task_max: int | None
+    array_task_step: int | None
+    array_task_count: int | None
+    step_id: int | None = None  # None in a batch script: only srun steps have one
+
+
+@dataclass(frozen=True)
+class Environment:
+    launcher: Launcher
+    world_size: int
+    rank: int
+    local_rank: int
+    local_size: int
+    node: str                   # hostname
+    node_index: int
+    device: str                 # "cpu" or "cuda:N"
+    slurm: SlurmInfo | None
+    threads: int                # torch intra-op threads of this rank
+
+
+def _env_int(environ: Mapping[str, str], *names: str) -> int | None:
+    """The first of `names` that is set, as an int."""
+    for name in names:
+        value = environ.get(name, "").strip()
+        if value:
+            try:
+                return int(value)
+            except ValueError:
+                raise BadInput(f"{name}={value!r} is not an integer") from None
+    return None
+
+
+def slurm_info(environ: Mapping[str, str]) -> SlurmInfo | None:
+    """What Slurm says about this process, or None outside a Slurm job."""
+    job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
+    if not job_id:
+        return None
+    return SlurmInfo(
+        job_id=job_id,
+        procid=_env_int(environ, "SLURM_PROCID"),
+        ntasks=_env_int(environ, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS"),
+        localid=_env_int(environ, "SLURM_LOCALID"),
+        nodeid=_env_int(environ, "SLURM_NODEID"),
+        nodelist=(environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+                  or environ.get("SLURM_NODELIST") or None),
+        cpus_per_task=_env_int(environ, "SLURM_CPUS_PER_TASK"),
+        restart_count=_env_int(environ, "SLURM_RESTART_COUNT") or 0,
+        array_task_id=_env_int(environ, "SLURM_ARRAY_TASK_ID"),
+        array_task_min=_env_int(environ, "SLURM_ARRAY_TASK_MIN"),
+        array_task_max=_env_int(environ, "SLURM_ARRAY_TASK_MAX"),
+        array_task_step=_env_int(environ, "SLURM_ARRAY_TASK_STEP"),
+        array_task_count=_env_int(environ, "SLURM_ARRAY_TASK_COUNT"),
+        step_id=_env_int(environ, "SLURM_STEP_ID", "SLURM_STEPID"),
+    )
+
+
+def _mpi_rank_size(environ: Mapping[str, str]) -> tuple[int | None, int | None]:
+    """Rank and size as the process manager exported them (MPICH/Intel PMI, Open MPI, PMIx)."""
+    rank = _env_int(environ, "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+    size = _env_int(environ, "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+    return rank, size
+
+
+def _mpiexec_only(environ: Mapping[str, str]) -> bool:
+    """Variables only mpiexec/mpirun set (srun never does): Hydra's local rank, Open MPI's world size."""
+    return any(k in environ for k in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_SIZE")) or any(
+        k.startswith(("HYDRA_", "HYDI_")) for k in environ)
+
+
+def detect_launcher(environ: Mapping[str, str]) -> Launcher:
+    """Which launcher started this process.
+
+    mpiexec inside an allocation starts its proxies with srun, so a Slurm step alone does not mean srun:
+    the PMI rank and size must be Slurm's own task id and count.
+    """
+    rank, size = _mpi_rank_size(environ)
+    slurm = slurm_info(environ)
+    if slurm is not None and slurm.step_id is not None and slurm.procid is not None:
+        agrees = (rank is None or rank == slurm.procid) and (size is None or size == slurm.ntasks)
+        if agrees and not _mpiexec_only(environ):
+            return Launcher.SRUN
+        return Launcher.MPIEXEC
+    if rank is not None or size is not None or _mpiexec_only(environ):
+        return Launcher.MPIEXEC
+    return Launcher.NONE
+
+
+def launched_size(launcher: Launcher, environ: Mapping[str, str]) -> int | None:
+    """How many ranks the launcher started, as it says itself (None when it does not say)."""
+    if launcher is Launcher.SRUN:
+        return slurm_info(environ).ntasks
+    if launcher is Launcher.MPIEXEC:
+        return _mpi_rank_size(environ)[1]
+    return None
+
+
+def check_world_size(launcher: Launcher, launched: int | None, world_size: int) -> None:
+    """A launcher and MPI library that do not speak the same PMI give N separate worlds of one rank each."""
+    if launched is None or launched == world_size:
+        return
+    if launcher is Launcher.SRUN:
+        hint = "srun needs --mpi=pmi2 for MPICH (the .venv's mpich) or --mpi=pmix for Open MPI"
+    else:
+        hint = "use the mpiexec of the MPI that mpi4py is built against (.venv/bin/mpiexec with the .venv's mpich)"
+    raise BadInput(f"{launcher.value} started {launched} ranks but MPI sees a world of {world_size}: {hint}")
+
+
+def threads_per_rank(cpus: int, local_size: int, environ: Mapping[str, str]) -> int:
+    """Intra-op threads for one rank: OMP_NUM_THREADS if set, else SLURM_CPUS_PER_TASK, else a fair share."""
+    omp = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # OpenMP allows a per-level list
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    slurm = slurm_info(environ)
+    if slurm is not None and slurm.cpus_per_task:
+        return slurm.cpus_per_task
+    return max(1, cpus // max(1, local_size))
+
+
+def pick_device(local_rank: int, cuda_count: int) -> str:
+    """`cuda:local_rank % count`: with --gpus-per-task=1 every task sees only its own device 0."""
+    return f"cuda:{local_rank % cuda_count}" if cuda_count > 0 else "cpu"
+
+
+def node_indices(leaders: Sequence[int]) -> tuple[int, ...]:
+    """Index of each rank's node, given each rank's node leader (lowest global rank on its node)."""
+    order = {leader: i for i, leader in enumerate(sorted(set(leaders)))}
+    return tuple(order[leader] for leader in leaders)
+
+
+def ranks_sharing_a_device(devices: Sequence[str]) -> tuple[int, ...]:
+    """The ranks on the first device that more than one rank uses (empty when each has its own)."""
+    for device in devices:
+        owners = tuple(r for r, d in enumerate(devices) if d == device)
+        if len(owners) > 1:
+            return owners
+    return ()
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm hostlist: "node[01-04,07],gpu3" -> "node01"; "rack[2-3]-n[5-6]" -> "rack2-n5"."""
+    out: list[str] = []
+    i, text = 0, nodelist.strip()
+    while i < len(text) and text[i] != ",":
+        if text[i] == "[":
+            end = text.find("]", i)
+            if end < 0:
+                raise BadInput(f"hostlist {nodelist!r}: unclosed '['")
+            start = text[i + 1:end].split(",")[0].split("-")[0].strip()
+            if not start.isdigit():
+                raise BadInput(f"hostlist {nodelist!r}: range {text[i:end + 1]!r} does not start with a number")
+            out.append(start)  # keeps the zero padding: node[01-04] -> node01
+            i = end + 1
+        elif text[i] == "]":
+            raise BadInput(f"hostlist {nodelist!r}: ']' without '['")
+        else:
+            out.append(text[i])
+            i += 1
+    host = "".join(out)
+    if not host:
+        raise BadInput(f"hostlist {nodelist!r} names no host")
+    return host
+
+
+def _short(host: str) -> str:
+    return host.split(".")[0]
+
+
+def master_candidate(n_nodes: int, rank0_host: str, nodelist: str | None) -> str | None:
+    """The rendezvous address when it follows from names alone, else None (resolve rank 0's host).
+
+    One node: loopback. Several: the first Slurm host, which every node resolves, when rank 0 runs there.
+    """
+    if n_nodes == 1:
+        return "127.0.0.1"
+    if nodelist:
+        host = first_host(nodelist)
+        if _short(host) == _short(rank0_host):
+            return host
+    return None
+
+
+def _routable_address(host: str, peers: Sequence[str]) -> str:
+    """An address of this host that other nodes reach; `gethostbyname` may answer 127.0.1.1 on Debian."""
+    try:
+        address = socket.gethostbyname(host)
+        if not address.startswith("127."):
+            return address
+    except OSError:
+        pass
+    for peer in peers:
+        try:
+            # Connecting a UDP socket sends nothing; it only picks the interface that routes to the peer.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((peer, 9))
+                address = s.getsockname()[0]
+            if not address.startswith("127."):
+                return address
+        except OSError:
+            continue
+    return host
+
+
+def _cpus_of_this_process() -> frozenset[int]:
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return frozenset(range(os.cpu_count() or 1))
+
+
+class World:
+    """The MPI world of this run (or a plain single process) plus torch.distributed once started."""
+
+    def __init__(self, env: Environment, comm: Any, hosts: Sequence[str], leaders: Sequence[int]):
+        self.env = env
+        self.comm = comm
+        self._hosts = tuple(hosts)      # hostname of each rank
+        self._leaders = tuple(leaders)  # node leader of each rank
+
+    @classmethod
+    def start(cls) -> World:
+        """Join the MPI world (a plain process is a world of one) and work out this rank's environment."""
+        # mpi4py's rc defaults are kept (thread level "multiple": gloo and NCCL run threads beside MPI);
+        # MPI4PY_RC_* variables still override them.
+        from mpi4py import MPI
+
+        environ = os.environ
+        comm = MPI.COMM_WORLD
+        launcher = detect_launcher(environ)
+        check_world_size(launcher, launched_size(launcher, environ), comm.Get_size())
+        rank, size = comm.Get_rank(), comm.Get_size()
+        node = socket.gethostname()
+
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+        local_rank, local_size = local.Get_rank(), local.Get_size()
+        leader = local.bcast(rank, root=0)
+        # Ranks bound to disjoint CPU sets (srun --cpu-bind) each own their set; unbound ranks share one.
+        cpus = len(frozenset().union(*local.allgather(_cpus_of_this_process())))
+        local.Free()
+        leaders = comm.allgather(leader)
+        hosts = comm.allgather(node)
+
+        import torch
+
+        threads = threads_per_rank(cpus, local_size, environ)
+        torch.set_num_threads(threads)
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        env = Environment(
+            launcher=launcher, world_size=size, rank=rank, local_rank=local_rank, local_size=local_size,
+            node=node, node_index=node_indices(leaders)[rank], device=pick_device(local_rank, cuda_count),
+            slurm=slurm_info(environ), threads=threads,
+        )
+        return cls(env, comm, hosts, leaders)
+
+    @property
+    def n_nodes(self) -> int:
+        return len(set(self._leaders))
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return self.comm.bcast(obj, root=root)
+
+    def allgather(self, obj: Any) -> list:
+        return self.comm.allgather(obj)
+
+    def barrier(self) -> None:
+        self.comm.barrier()
+
+    def allreduce_max(self, x: Any) -> Any:
+        from mpi4py import MPI
+
+        return self.comm.allreduce(x, op=MPI.MAX)
+
+    def _rendezvous(self) -> tuple[str, int | None, str | None]:
+        """On rank 0: (address, port or None for any free one, error)."""
+        try:
+            address = os.environ.get("MASTER_ADDR") or master_candidate(
+                self.n_nodes, self._hosts[0], self.env.slurm.nodelist if self.env.slurm else None)
+            if address is None:
+                address = _routable_address(self._hosts[0], [h for h in self._hosts if h != self._hosts[0]])
+            port = os.environ.get("MASTER_PORT")
+            return address, int(port) if port else None, None
+        except (ValueError, HpcrenderError) as e:
+            return "", None, f"cannot choose the rendezvous address: {e}"
+
+    def init_torch_distributed(self, timeout_s: float = 600) -> None:
+        """Start torch.distributed over this world: nccl for GPU tensors, gloo for CPU ones; a world of one too."""
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return
+        env, timeout = self.env, timedelta(seconds=timeout_s)
+        if env.device.startswith("cuda"):
+            torch.cuda.set_device(env.device)
+            props = torch.cuda.get_device_properties(env.device)
+            gpus = self.comm.allgather(f"{env.node}/{getattr(props, 'uuid', env.device)}")
+            sharing = ranks_sharing_a_device(gpus)
+            if sharing:  # NCCL would fail later, at the first collective, and less clearly
+                raise DoesNotFit(f"ranks {', '.join(map(str, sharing))} share {env.device} on "
+                                 f"{gpus[sharing[0]].split('/')[0]}: NCCL needs a GPU of its own for each rank; "
+                                 "start no more ranks per node than it has GPUs")
+            # Small CPU-side collectives (objects, timings) keep working beside NCCL's GPU ones.
+            backend = "cpu:gloo,cuda:nccl"
+        else:
+            backend = "gloo"
+        if env.world_size == 1:
+            store = dist.HashStore()
+        else:
+            store, error = None, None
+            if env.rank == 0:
+                address, port, error = self._rendezvous()
+                if error is None:
+                    try:
+                        # Port 0 lets the kernel pick a free port with no window for another process to take it.
+                        store = dist.TCPStore(address, port or 0, env.world_size, is_master=True,
+                                              timeout=timeout, wait_for_workers=False)
+                        port = store.port
+                    except (RuntimeError, OSError) as e:
+                        error = f"cannot open the rendezvous store on {address}:{port or 0}: {e}"
+                offer = (address, port, error)
+            else:
+                offer = None
+            # Every rank learns of a failure on rank 0 and raises, instead of waiting in the store forever.
+            address, port, error = self.comm.bcast(offer, root=0)
+            if error is not None:
+                raise HpcrenderError(error)
+            if store is None:
+                store = dist.TCPStore(address, port, env.world_size, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+        log.debug("torch.distributed %s: rank %d of %d", backend, env.rank, env.world_size)
+
+    def new_groups(self, groups: Sequence[Sequence[int]]) -> list:
+        """A torch.distributed group for each list of ranks, created on every rank in the same order.
+
+        Returns each group's handle, or None where this rank is not in the group.
+        """
+        import torch.distributed as dist
+
+        for members in groups:
+            if not members or len(set(members)) != len(members) or not all(
+                    0 <= r < self.env.world_size for r in members):
+                raise BadInput(f"ranks {list(members)} do not form a group of a world of {self.env.world_size}")
+        handles = []
+        for members in groups:
+            handle = dist.new_group(ranks=sorted(members))
+            handles.append(handle if self.env.rank in members else None)
+        return handles
+
+    def abort(self, message: str, code: int = EXIT_JOB_FAILED) -> NoReturn:
+        """One line to stderr, then every rank of the world ends at once with `code`."""
+        sys.stdout.flush()
+        print(f"hpcrender: rank {self.env.rank} on {self.env.node}: {message}", file=sys.stderr, flush=True)
+        if self.env.world_size == 1:
+            raise SystemExit(code)  # alone: let files close and the exit code through
+        logging.shutdown()  # the per-rank logs keep what led here
+        try:
+            # MPICH repeats the line above in its own words on the aborting rank.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        except OSError:
+            pass
+        self.comm.Abort(code)
+        os._exit(code)
+
+    def close(self) -> None:
+        """Tear down torch.distributed (MPI finalises itself at exit)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextmanager
+def guarded(world: World, debug: bool = False) -> Iterator[World]:
+    """An exception on any rank ends the whole world within seconds instead of hanging the others.
+
+    The message is one line; the traceback only with `debug`. A user error keeps its exit code.
+    """
+    try:
+        yield world
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        world.abort("interrupted", EXIT_INTERRUPTED)
+    except HpcrenderError as e:
+        if debug:
+            traceback.print_exc()
+        world.abort(str(e), e.exit_code)
+    except Exception as e:  # noqa: BLE001 - any other failure on one rank must still end them all
+        if debug:
+            traceback.print_exc()
+        world.abort(f"{type(e).__name__}: {e}", EXIT_JOB_FAILED)

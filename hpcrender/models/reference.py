@@ -1,0 +1,70 @@
+"""What a model reference names: a builtin, a diffusers folder, a single .safetensors file or a hub id.
+
+Resolving looks at the file system only; nothing is loaded here, so `hpcrender validate` can check references cheaply.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcrender.errors import ModelNotFound
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_NAMES = ("tiny-sd", "tiny-sdxl", "sdxl-mini", "sdxl")
+
+# Pickle-based formats can run code when loaded; only safetensors weights are read.
+PICKLED_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Family(str, enum.Enum):
+    SD = "sd"        # Stable Diffusion 1.x: one CLIP text encoder, 3 downsamples
+    SDXL = "sdxl"    # two text encoders, text_time conditioning, 2 downsamples
+
+
+class SourceKind(str, enum.Enum):
+    BUILTIN = "builtin"
+    FOLDER = "folder"
+    SINGLE_FILE = "single_file"
+    HUB = "hub"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model reference: `location` is the builtin name, the absolute path or the hub id."""
+
+    ref: str
+    kind: SourceKind
+    location: str
+
+
+def resolve(ref: str) -> ModelSpec:
+    """Classify a model reference; raises ModelNotFound (one line) for anything that cannot name a model."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ModelNotFound(f"model {ref!r}: empty model reference")
+    if ref.startswith(BUILTIN_PREFIX):
+        name = ref[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_NAMES:
+            raise ModelNotFound(
+                f"model {ref!r}: unknown builtin model (builtins: {', '.join(BUILTIN_NAMES)})"
+            )
+        return ModelSpec(ref, SourceKind.BUILTIN, name)
+    path = Path(ref).expanduser()
+    if path.suffix.lower() in PICKLED_SUFFIXES:
+        raise ModelNotFound(
+            f"model {ref!r}: pickled checkpoints ({path.suffix}) are never loaded because they can run code;"
+            " convert it to .safetensors"
+        )
+    if path.is_dir():
+        return ModelSpec(ref, SourceKind.FOLDER, str(path.resolve()))
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            raise ModelNotFound(f"model {ref!r}: a file must be a .safetensors checkpoint")
+        return ModelSpec(ref, SourceKind.SINGLE_FILE, str(path.resolve()))
+    if _HUB_ID.match(ref) and path.suffix.lower() != ".safetensors":
+        return ModelSpec(ref, SourceKind.HUB, ref)
+    raise ModelNotFound(f"model {ref!r}: no such file or folder (nor a builtin:NAME or a hub id owner/name)")

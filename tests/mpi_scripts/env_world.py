@@ -1,0 +1,45 @@
+"""Start a World and torch.distributed, sum ranks over the world and over rank groups; rank 0 prints each rank's
+report as one JSON line (gathered, so that the lines of several ranks never interleave).
+
+usage: env_world.py [GROUP_SIZE]   (GROUP_SIZE > 0 also checks World.new_groups with consecutive groups)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from hpcrender.environment import World, guarded
+from hpcrender.schedule import rank_groups
+
+world = World.start()
+with guarded(world):
+    world.init_torch_distributed(timeout_s=60)
+    env = world.env
+    total = torch.tensor([float(env.rank + 1)])
+    dist.all_reduce(total)  # CPU tensors work under every backend
+    on_device = torch.tensor([float(env.rank + 1)], device=env.device)
+    dist.all_reduce(on_device)  # NCCL on GPUs
+    report = {
+        "world_size": env.world_size, "rank": env.rank, "local_rank": env.local_rank,
+        "local_size": env.local_size, "node_index": env.node_index, "device": env.device,
+        "threads": env.threads, "launcher": env.launcher.value, "dist_size": dist.get_world_size(),
+        "sum": total.item(), "device_sum": on_device.item(), "backend": str(dist.get_backend()),
+        "max": world.allreduce_max(env.rank), "ranks": world.allgather(env.rank),
+    }
+    group_size = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    if group_size:
+        groups = rank_groups(env.world_size, group_size)
+        handles = world.new_groups(groups)
+        mine = [h for h in handles if h is not None]
+        group_total = torch.tensor([float(env.rank + 1)], device=env.device)
+        dist.all_reduce(group_total, group=mine[0])
+        report.update(groups_joined=len(mine), group_sum=group_total.item(),
+                      group_members=dist.get_process_group_ranks(mine[0]))
+    gathered = world.allgather(report)
+    if env.rank == 0:
+        print("\n".join(json.dumps(r) for r in gathered), flush=True)
+world.close()
