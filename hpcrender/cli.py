@@ -1,0 +1,260 @@
+"""Command line: parses arguments once, maps every user error to one line on stderr and the contract's exit code."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+# Quiet libraries before they are imported: their import-time notices would repeat once per rank.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from hpcrender.config import Mode
+from hpcrender.errors import EXIT_BAD_INPUT, BadInput, HpcrenderError, ManifestError
+
+MODES = [m.value for m in Mode]
+
+
+def _fail(err: BaseException, debug: bool) -> int:
+    """Print a user error as one line (a manifest's problems one line each); traceback only with --debug."""
+    if debug:
+        traceback.print_exc()
+    lines = err.problems if isinstance(err, ManifestError) else str(err).splitlines() or [type(err).__name__]
+    for line in lines:
+        click.echo(f"hpcrender: error: {line}", err=True)
+    return getattr(err, "exit_code", 1)
+
+
+def _start_world(debug: bool):
+    """The MPI world; a launcher set up wrongly (e.g. srun with the wrong PMI) is a user error, exit 2."""
+    from hpcrender.environment import World
+
+    try:
+        return World.start()
+    except HpcrenderError as e:
+        sys.exit(_fail(e, debug))
+
+
+def _default_out(manifest: str) -> Path:
+    return Path("out") / Path(manifest).stem
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hpcrender")
+def cli():
+    """hpcrender: batch renderer for diffusion models on HPC clusters."""
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: out/<manifest stem>/].")
+@click.option("--only", multiple=True, metavar="NAME", help="Render only this job (repeatable).")
+@click.option("--mode", type=click.Choice(MODES), help="Override every job's parallel mode.")
+@click.option("--ranks-per-image", type=click.IntRange(min=0), help="Ranks that render one image together (0: all).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), help="Synchronous steps before stale exchange.")
+@click.option("--steps", type=click.IntRange(min=1), help="Override every job's number of steps.")
+@click.option("--no-resume", is_flag=True, help="Render again even where a finished store exists.")
+@click.option("--save-latent", is_flag=True, help="Also write the final latent as latent.npy.")
+@click.option("--array-index", type=click.IntRange(min=0), help="This task's index in a job array (without Slurm).")
+@click.option("--array-count", type=click.IntRange(min=1), help="Number of tasks in the job array.")
+@click.option("--debug", is_flag=True, help="Tracebacks and debug logs.")
+def render(manifest, out, only, mode, ranks_per_image, warmup_steps, steps, no_resume, save_latent,
+           array_index, array_count, debug):
+    """Render the jobs of MANIFEST (under mpiexec/srun the ranks share the work)."""
+    from hpcrender.environment import guarded
+    from hpcrender.runner import RenderOptions, check_request, run_render, selected_jobs
+
+    world = _start_world(debug)
+    with guarded(world, debug):
+        request, error = None, None
+        if world.env.rank == 0:
+            try:
+                m = _load(manifest, only=only, mode=mode, ranks_per_image=ranks_per_image,
+                          warmup_steps=warmup_steps, steps=steps)
+                array = _array(world.env, array_index, array_count)
+                check_request(m, selected_jobs(m, array), world.env.world_size)
+                request = (m, array)
+            except HpcrenderError as e:
+                error = e
+        request, error = world.bcast((request, error))
+        if error is not None:
+            code = _fail(error, debug) if world.env.rank == 0 else error.exit_code
+            world.close()
+            sys.exit(code)
+        m, array = request
+        options = RenderOptions(out=Path(out) if out else _default_out(manifest), resume=not no_resume,
+                                save_latent=save_latent, array=array, debug=debug)
+        code = run_render(world, m, options)
+    sys.exit(code)
+
+
+def _load(manifest, **overrides):
+    from hpcrender.manifest import apply_overrides, load_manifest
+
+    m = load_manifest(manifest)
+    mode = overrides.pop("mode")
+    return apply_overrides(m, mode=Mode(mode) if mode else None, **overrides)
+
+
+def _array(env, index, count) -> tuple[int, int] | None:
+    """The job-array share: --array-index/--array-count, else Slurm's array variables, else none."""
+    from hpcrender.schedule import slurm_array_index
+
+    if (index is None) != (count is None):
+        raise BadInput("--array-index and --array-count go together")
+    if index is not None:
+        if index >= count:
+            raise BadInput(f"--array-index {index} must be smaller than --array-count {count}")
+        return index, count
+    return slurm_array_index(env.slurm) if env.slurm is not None else None
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+def validate(manifest):
+    """Check MANIFEST and print its jobs; exit 2 with one line per problem."""
+    try:
+        m = _load(manifest, only=(), mode=None, ranks_per_image=None, warmup_steps=None, steps=None)
+    except HpcrenderError as e:
+        sys.exit(_fail(e, False))
+    for job in m.jobs:
+        gp = " gigapixel" if job.gigapixel else ""
+        click.echo(f"{job.name}: {job.width}x{job.height}, {job.steps} steps, {job.model}, "
+                   f"{job.parallel.mode.value}{gp}")
+    click.echo(f"{manifest}: {len(m.jobs)} job(s), OK")
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True, help="World size to plan for.")
+@click.option("--ranks-per-image", type=click.IntRange(min=0), help="Override ranks per image (0: all).")
+def plan(manifest, ranks, ranks_per_image):
+    """Show how MANIFEST's jobs would be spread over RANKS ranks: groups, bands, exchange volume."""
+    from hpcrender.runner import describe_plan
+
+    try:
+        m = _load(manifest, only=(), mode=None, ranks_per_image=ranks_per_image, warmup_steps=None, steps=None)
+        click.echo(describe_plan(m, ranks))
+    except HpcrenderError as e:
+        sys.exit(_fail(e, False))
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--only", "name", required=True, metavar="NAME", help="The job to verify.")
+@click.option("--mode", type=click.Choice([m.value for m in Mode if m is not Mode.NONE]), help="Parallel mode to check.")
+@click.option("--debug", is_flag=True)
+def verify(manifest, name, mode, debug):
+    """Render one job single-device and on all ranks; print latent error, PSNR and SSIM."""
+    from hpcrender.environment import guarded
+    from hpcrender.verify import run_verify
+
+    world = _start_world(debug)
+    with guarded(world, debug):
+        job, error = None, None
+        if world.env.rank == 0:
+            try:
+                m = _load(manifest, only=(name,), mode=mode, ranks_per_image=0, warmup_steps=None, steps=None)
+                from hpcrender.runner import check_request
+
+                check_request(m, (0,), world.env.world_size)
+                job = m.jobs[0]
+            except HpcrenderError as e:
+                error = e
+        job, error = world.bcast((job, error))
+        if error is not None:
+            code = _fail(error, debug) if world.env.rank == 0 else error.exit_code
+            world.close()
+            sys.exit(code)
+        code = run_verify(world, job)
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("jobdir", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["tiff", "png", "dzi"]), default="tiff", show_default=True)
+@click.option("--out", type=click.Path(), help="Output path [default: JOBDIR/image.<ext> or JOBDIR/image.dzi].")
+def stitch(jobdir, fmt, out):
+    """Export a job's HDF5 store (finished or not) as pyramidal BigTIFF, PNG or DeepZoom."""
+    from hpcrender.export import export_dzi, export_png, export_tiff
+    from hpcrender.store import TileStore
+
+    path = Path(jobdir) / "tiles.h5"
+    try:
+        if not path.exists():
+            raise BadInput(f"{path}: no tile store here")
+        target = Path(out) if out else Path(jobdir) / {"tiff": "image.tif", "png": "image.png", "dzi": "image.dzi"}[fmt]
+        with TileStore.read(path) as store:
+            if not store.complete():
+                click.echo(f"hpcrender: warning: {len(store.missing())} tile(s) not finished; exported as black",
+                           err=True)
+            {"tiff": export_tiff, "png": export_png, "dzi": export_dzi}[fmt](store, target)
+        click.echo(str(target))
+    except HpcrenderError as e:
+        sys.exit(_fail(e, False))
+
+
+@cli.command()
+@click.argument("outdir", type=click.Path())
+def status(outdir):
+    """Show every job's state in OUTDIR (pending, running, done, failed)."""
+    from hpcrender.records import format_status, read_status
+
+    try:
+        click.echo(format_status(read_status(Path(outdir))))
+    except HpcrenderError as e:
+        sys.exit(_fail(e, False))
+
+
+@cli.command()
+@click.option("--model", default="builtin:sdxl-mini", show_default=True)
+@click.option("--size", default="1024x1024", show_default=True, metavar="WxH")
+@click.option("--steps", type=click.IntRange(min=2), default=6, show_default=True)
+@click.option("--modes", default=None, help="Comma-separated modes [default: none on 1 rank, sync,displaced on more].")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--scheduler", type=click.Choice(["ddim", "euler", "dpmpp"]), default="ddim", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
+@click.option("--debug", is_flag=True)
+def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, debug):
+    """Time the denoising steps (UNet with CFG, no VAE) on all ranks of this launch."""
+    from hpcrender.bench import BenchRequest, run_bench
+    from hpcrender.environment import guarded
+
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        sys.exit(_fail(BadInput(f"--size: expected WxH, got {size!r}"), debug))
+    world = _start_world(debug)
+    with guarded(world, debug):
+        try:
+            wanted = [Mode(m.strip()) for m in modes.split(",")] if modes else None
+        except ValueError as e:
+            if world.env.rank == 0:
+                _fail(BadInput(f"--modes: {e}"), debug)
+            sys.exit(EXIT_BAD_INPUT)
+        req = BenchRequest(model=model, width=w, height=h, steps=steps, modes=wanted, warmup_steps=warmup_steps,
+                           scheduler=scheduler, dtype=dtype, json_path=Path(json_path) if json_path else None)
+        code = run_bench(world, req)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Console entry point; errors outside a command (bad options) are click's usage errors, exit 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(EXIT_BAD_INPUT)
+    except click.exceptions.Abort:
+        sys.exit(EXIT_BAD_INPUT)
+    except HpcrenderError as e:
+        sys.exit(_fail(e, "--debug" in sys.argv))

@@ -1,0 +1,382 @@
+"""The render command: this rank's jobs -> rank groups over MPI -> pipeline -> HDF5 store -> export -> records.
+
+Every rank runs this. Rank 0 validates the whole request before any model is loaded; groups of ranks then work
+through their share of the jobs independently, and a failed job is recorded without stopping the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hpcrender.config import Job, Manifest, Mode
+from hpcrender.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, HpcrenderError
+from hpcrender.schedule import array_shard, assign_jobs, job_cost, rank_groups
+
+log = logging.getLogger("hpcrender")
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    out: Path
+    resume: bool = True
+    save_latent: bool = False
+    array: tuple[int, int] | None = None   # (index, count) of a job array
+    debug: bool = False
+
+
+def ranks_per_image(job: Job, world_size: int) -> int:
+    """Group size for a job: 1 in mode none, else ranks_per_image (0: the whole world)."""
+    if job.parallel.mode is Mode.NONE:
+        return 1
+    return job.parallel.ranks_per_image or world_size
+
+
+def selected_jobs(manifest: Manifest, array: tuple[int, int] | None) -> tuple[int, ...]:
+    """Indices of the manifest's jobs this run renders (a job array's share, or all)."""
+    if array is None:
+        return tuple(range(len(manifest.jobs)))
+    return array_shard(len(manifest.jobs), array[0], array[1])
+
+
+def phases(manifest: Manifest, indices: tuple[int, ...], world_size: int) -> list[tuple[int, list[int]]]:
+    """Jobs grouped by group size, in order of first appearance: one phase per distinct size."""
+    out: dict[int, list[int]] = {}
+    for i in indices:
+        out.setdefault(ranks_per_image(manifest.jobs[i], world_size), []).append(i)
+    return list(out.items())
+
+
+def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int) -> None:
+    """Everything that can be known wrong before a model is loaded: group sizes, band fits, split_cfg."""
+    from hpcrender.models import unet_config_of
+    from hpcrender.pipeline import check_layout
+
+    problems = []
+    for size, members in phases(manifest, indices, world_size):
+        rank_groups(world_size, size)
+        for i in members:
+            job = manifest.jobs[i]
+            try:
+                check_layout(size, job.parallel.split_cfg, job.guidance_scale > 1.0)
+                patch = size // (2 if job.parallel.split_cfg else 1)
+                config = unet_config_of(job.model) if patch > 1 else None
+                if config is not None:  # a hub id not yet cached is checked once loaded
+                    from hpcrender.parallel.bands import latent_bands, unet_alignment
+
+                    latent_bands(job.height // 8, unet_alignment(config), patch)
+            except HpcrenderError as e:
+                problems.append(f"{manifest.path}: jobs[{job.name}]: {e}")
+    if problems:
+        from hpcrender.errors import DoesNotFit
+        raise DoesNotFit("\n".join(problems))
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1/SIGINT; checked between jobs so that a stop never loses a finished image."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        log.warning("signal %s received: stopping after the current job", signal.Signals(signum).name)
+
+
+@dataclass
+class _Models:
+    """Pipelines loaded by this rank, by (reference, dtype): a manifest's jobs usually share one model."""
+
+    device: str
+    cache: dict = field(default_factory=dict)
+
+    def get(self, job: Job):
+        import torch
+
+        from hpcrender.models import load_pipeline
+        from hpcrender.pipeline import TORCH_DTYPES
+
+        key = (job.model, job.dtype)
+        if key not in self.cache:
+            self.cache.clear()  # one model at a time: memory, not load time, is the scarce thing
+            pipe = load_pipeline(job.model, dtype=TORCH_DTYPES[job.dtype], device=self.device)
+            pipe.vae.to(torch.float32)  # fp16 VAEs overflow on decode; the decode is a small part of the time
+            self.cache[key] = pipe
+        return self.cache[key]
+
+
+def run_render(world, manifest: Manifest, options: RenderOptions) -> int:
+    """Render this rank's share; returns the contract's exit code (the same on every rank)."""
+    import torch.distributed as dist
+
+    from hpcrender.pipeline import Comms, GroupLayout
+    from hpcrender.progress import Progress, setup_rank_logging
+    from hpcrender.records import JobState, merge_status, record_job_state
+
+    env = world.env
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    setup_rank_logging(out, env.rank, env.node, debug=options.debug)
+    indices = selected_jobs(manifest, options.array)
+    names = [manifest.jobs[i].name for i in indices]
+    if env.rank == 0:
+        merge_status(out, names)
+    stop = StopFlag()
+    stop.install()
+    world.init_torch_distributed()
+    models = _Models(device=env.device)
+    progress = Progress(enabled=env.rank == 0)
+    failed = 0
+    interrupted = False
+    log.info("rank %d/%d on %s (%s, pid %d), device %s, %d threads", env.rank, env.world_size, env.node,
+             env.launcher.value, os.getpid(), env.device, env.threads)
+
+    for size, members in phases(manifest, indices, env.world_size):
+        groups = rank_groups(env.world_size, size)
+        comms = _make_groups(world, groups, size, any(manifest.jobs[i].parallel.split_cfg for i in members))
+        g = env.rank // size
+        shares = assign_jobs([_cost(manifest.jobs[i]) for i in members], len(groups))
+        for pos in shares[g]:
+            job = manifest.jobs[members[pos]]
+            # The group agrees on stopping, so that no rank waits in a collective for a rank that left.
+            if _group_any(comms[job.parallel.split_cfg].group, stop.signum is not None, size):
+                interrupted = True
+                break
+            layout = GroupLayout(size=size, rank=env.rank % size, mode=job.parallel.mode,
+                                 split_cfg=job.parallel.split_cfg)
+            ok = _render_job(world, job, layout, comms[job.parallel.split_cfg], models, progress, options)
+            failed += 0 if ok else 1
+    world.barrier()
+    if env.rank == 0:
+        status = merge_status(out, names)
+        counts = {s: sum(1 for j in status["jobs"].values() if j["state"] == s)
+                  for s in ("done", "failed", "pending", "running")}
+        print(f"hpcrender: {counts['done']} done, {counts['failed']} failed, "
+              f"{counts['pending'] + counts['running']} not finished -> {out}", file=sys.stderr)
+    failed = world.allreduce_max(failed)
+    interrupted = world.allreduce_max(int(interrupted))
+    world.close()
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_JOB_FAILED if failed else EXIT_OK
+
+
+def _cost(job: Job) -> float:
+    return job_cost(job.width, job.height, job.steps)
+
+
+def _make_groups(world, groups, size: int, split: bool) -> dict:
+    """Comms for this rank, keyed by split_cfg; every rank creates every group in the same order."""
+    from hpcrender.pipeline import Comms
+
+    rank = world.env.rank
+    mine = groups[rank // size]
+    if size == 1:
+        single = Comms(group=None, patch_group=None, global_ranks=mine)
+        return {False: single, True: single}
+    handles = world.new_groups(groups)
+    whole = handles[rank // size]
+    out = {False: Comms(group=whole, patch_group=whole, global_ranks=mine)}
+    if split and size % 2 == 0:
+        halves = [h for grp in groups for h in (grp[: size // 2], grp[size // 2:])]
+        half_handles = world.new_groups(halves)
+        h = (rank // size) * 2 + (rank % size) // (size // 2)
+        out[True] = Comms(group=whole, patch_group=half_handles[h], global_ranks=mine)
+    else:
+        out[True] = out[False]
+    return out
+
+
+def _group_any(group, flag: bool, size: int) -> bool:
+    if size == 1 or group is None:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def _store_path(out: Path, job: Job) -> Path:
+    return out / job.name / "tiles.h5"
+
+
+def _already_done(out: Path, job: Job) -> bool:
+    """A complete store of the same parameters and its exported image: nothing to render again."""
+    from hpcrender.export import MAX_PNG_PIXELS
+    from hpcrender.store import TileStore
+
+    path = _store_path(out, job)
+    image = out / job.name / ("image.png" if job.width * job.height <= MAX_PNG_PIXELS else "image.tif")
+    if not (path.exists() and image.exists()):
+        return False
+    try:
+        store = TileStore.read(path)
+    except Exception:
+        return False
+    try:
+        return store.params_hash == job.params_hash() and store.complete()
+    finally:
+        store.close()
+
+
+def _render_job(world, job: Job, layout, comms, models: _Models, progress, options: RenderOptions) -> bool:
+    """Render one job on this rank's group; the group's first rank writes everything. False if it failed."""
+    from hpcrender.pipeline import render_image
+    from hpcrender.records import JobState, record_job_state
+
+    env = world.env
+    out = options.out
+    leader = layout.rank == 0
+    if options.resume and _broadcast_flag(comms, layout, _already_done(out, job) if leader else False):
+        log.info("%s: already done, skipped", job.name)
+        return True
+    started = time.time()
+    if leader:
+        record_job_state(out, job.name, JobState.RUNNING, rank=env.rank, node=env.node, started=started)
+        progress.start(job.name, job.steps)
+    log.info("%s: %dx%d, %d steps, mode %s on %d rank(s)", job.name, job.width, job.height, job.steps,
+             job.parallel.mode.value, layout.size)
+    try:
+        pipe = models.get(job)
+
+        def on_step(done: int, total: int) -> None:
+            if leader:
+                progress.update(1)
+            log.debug("%s: step %d/%d", job.name, done, total)
+
+        result = render_image(pipe, job, layout, comms, env.device, on_step=on_step)
+        peaks = _gather_objects(comms, layout, {"rank": env.rank, "node": env.node,
+                                                "peak_memory_bytes": result.peak_memory_bytes})
+        if leader:
+            _write_outputs(out, job, result, layout, comms, peaks, options, started, world)
+            progress.finish(f"{job.name}: done in {time.time() - started:.1f}s")
+            record_job_state(out, job.name, JobState.DONE, rank=env.rank, node=env.node, started=started,
+                             finished=time.time(), seconds=round(time.time() - started, 3))
+        log.info("%s: done in %.1fs", job.name, time.time() - started)
+        return True
+    except Exception as e:  # a job's failure is recorded; the batch goes on
+        message = f"{type(e).__name__}: {e}".splitlines()[0]
+        log.error("%s: failed: %s", job.name, message)
+        log.debug("%s", traceback.format_exc())
+        if leader:
+            progress.finish(f"{job.name}: FAILED: {message}")
+            record_job_state(out, job.name, JobState.FAILED, error=message, rank=env.rank, node=env.node,
+                             started=started, finished=time.time(), seconds=round(time.time() - started, 3))
+        if options.debug:
+            traceback.print_exc()
+        return False
+
+
+def _broadcast_flag(comms, layout, flag: bool) -> bool:
+    if layout.size == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)])
+    dist.broadcast(t, src=comms.global_ranks[0], group=comms.group)
+    return bool(t.item())
+
+
+def _gather_objects(comms, layout, obj) -> list:
+    if layout.size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    got = [None] * layout.size
+    dist.all_gather_object(got, obj, group=comms.group)
+    return got
+
+
+def _write_outputs(out: Path, job: Job, result, layout, comms, peaks, options: RenderOptions, started, world):
+    """Stream the image into the job's store, export it, and write meta.json (and the latent when asked)."""
+    from hpcrender.export import export_job
+    from hpcrender.records import write_meta
+    from hpcrender.store import TileStore
+    from hpcrender.tiles import default_tile
+
+    job_dir = out / job.name
+    job_dir.mkdir(parents=True, exist_ok=True)
+    with TileStore.open(_store_path(out, job), height=job.height, width=job.width,
+                        tile=default_tile(job.height, job.width), params_hash=job.params_hash(),
+                        resume=True) as store:
+        store.set_attrs(job=job.to_dict())
+        store.write_region(0, 0, result.image)
+        exported = export_job(store, job_dir)
+    if options.save_latent:
+        np.save(job_dir / "latent.npy", result.latent.astype(np.float32))
+    write_meta(job_dir, _meta(job, result, layout, comms, peaks, exported, started, world))
+
+
+def _meta(job: Job, result, layout, comms, peaks, exported, started, world) -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    import hpcrender
+
+    steps = result.step_seconds
+    exchange = dict(result.exchange)
+    return {
+        "job": job.to_dict(),
+        "params_hash": job.params_hash(),
+        "model": job.model,
+        "versions": {"hpcrender": hpcrender.__version__, "python": platform.python_version(),
+                     "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__},
+        "layout": {"world_size": world.env.world_size, "ranks": list(comms.global_ranks),
+                   "mode": job.parallel.mode.value, "split_cfg": layout.split_cfg,
+                   "warmup_steps": job.parallel.warmup_steps, "groupnorm": job.parallel.groupnorm.value,
+                   "bands": [[b.start, b.stop] for b in result.bands],
+                   "nodes": sorted({p["node"] for p in peaks}), "device": world.env.device},
+        "timings": {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 3),
+                    "encode_seconds": round(result.encode_seconds, 4),
+                    "step_seconds": [round(s, 4) for s in steps],
+                    "decode_seconds": round(result.decode_seconds, 4)},
+        "exchange": exchange,
+        "peak_memory": peaks,
+        "outputs": [p.name for p in exported],
+    }
+
+
+def describe_plan(manifest: Manifest, world_size: int) -> str:
+    """`hpcrender plan`: which group renders which job, and each job's bands, for a world of `world_size`."""
+    from hpcrender.models import unet_config_of
+    from hpcrender.parallel.bands import latent_bands, unet_alignment
+
+    indices = selected_jobs(manifest, None)
+    check_request(manifest, indices, world_size)
+    lines = [f"{manifest.path}: {len(indices)} job(s) on {world_size} rank(s)"]
+    for size, members in phases(manifest, indices, world_size):
+        groups = rank_groups(world_size, size)
+        shares = assign_jobs([_cost(manifest.jobs[i]) for i in members], len(groups))
+        lines.append(f"{len(groups)} group(s) of {size} rank(s):")
+        for g, share in enumerate(shares):
+            ranks = f"{groups[g][0]}-{groups[g][-1]}" if size > 1 else f"{groups[g][0]}"
+            for pos in share:
+                job = manifest.jobs[members[pos]]
+                patch = size // (2 if job.parallel.split_cfg else 1)
+                bands = "-"
+                config = unet_config_of(job.model) if patch > 1 else None
+                if config is not None:
+                    found = latent_bands(job.height // 8, unet_alignment(config), patch)
+                    bands = ",".join(f"{b.start}:{b.stop}" for b in found)
+                cfg = " split_cfg" if job.parallel.split_cfg else ""
+                lines.append(f"  {job.name:<24} group {g} (rank {ranks})  {job.width}x{job.height}  "
+                             f"{job.steps} steps  {job.parallel.mode.value}{cfg}  latent bands {bands}")
+    return "\n".join(lines)

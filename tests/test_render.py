@@ -1,0 +1,247 @@
+"""The render command end to end (mode none): outputs, determinism, ranks, failures, resume, exit codes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clirun import MPIEXEC, HPCRENDER, hpcrender, meta_of, status_of, clean_env, write_manifest
+
+pytestmark = pytest.mark.mpi
+
+BATCH = """
+[defaults]
+model = "builtin:tiny-sd"
+steps = 3
+[defaults.parallel]
+mode = "none"
+
+[[jobs]]
+name = "harbor"
+prompt = "a harbor at dawn"
+width = 64
+height = 64
+seed = 7
+
+[[jobs]]
+name = "harbor-again"
+prompt = "a harbor at dawn"
+width = 64
+height = 64
+seed = 7
+
+[[jobs]]
+name = "harbor-seed8"
+prompt = "a harbor at dawn"
+width = 64
+height = 64
+seed = 8
+
+[[jobs]]
+name = "wide-xl"
+prompt = "a wide valley"
+model = "builtin:tiny-sdxl"
+scheduler = "dpmpp"
+width = 96
+height = 64
+seed = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """The same batch rendered by one plain process and by 2 MPI ranks."""
+    root = tmp_path_factory.mktemp("batch")
+    manifest = write_manifest(root / "batch.toml", BATCH)
+    one = hpcrender("render", manifest, "--out", root / "one", "--save-latent")
+    two = hpcrender("render", manifest, "--out", root / "two", ranks=2)
+    return root, manifest, one, two
+
+
+def test_batch_renders_every_job_with_contract_outputs(batch):
+    root, _, one, _ = batch
+    assert one.returncode == 0, one.stderr
+    status = status_of(root / "one")
+    assert {name: j["state"] for name, j in status["jobs"].items()} == dict.fromkeys(
+        ["harbor", "harbor-again", "harbor-seed8", "wide-xl"], "done")
+    for job in status["jobs"]:
+        d = root / "one" / job
+        for f in ("meta.json", "tiles.h5", "image.png", "preview.png", "latent.npy"):
+            assert (d / f).is_file(), f"{job}/{f}"
+    img = Image.open(root / "one" / "wide-xl" / "image.png")
+    assert img.size == (96, 64) and img.mode == "RGB"
+    latent = np.load(root / "one" / "wide-xl" / "latent.npy")
+    assert latent.dtype == np.float32 and latent.shape == (4, 8, 12)
+    meta = meta_of(root / "one", "wide-xl")
+    assert meta["layout"]["world_size"] == 1
+    assert len(meta["timings"]["step_seconds"]) == 3
+    assert meta["versions"]["torch"] and meta["job"]["scheduler"] == "dpmpp"
+    assert (root / "one" / "logs" / "rank-0000.log").is_file()
+
+
+def test_same_seed_same_png_bytes_other_seed_other_image(batch):
+    root = batch[0] / "one"
+    a = (root / "harbor" / "image.png").read_bytes()
+    assert a == (root / "harbor-again" / "image.png").read_bytes()
+    x = np.asarray(Image.open(root / "harbor" / "image.png"), dtype=np.int16)
+    y = np.asarray(Image.open(root / "harbor-seed8" / "image.png"), dtype=np.int16)
+    assert np.abs(x - y).mean() > 1.0
+
+
+def test_one_rank_and_two_ranks_give_identical_images(batch):
+    root, _, _, two = batch
+    assert two.returncode == 0, two.stderr
+    ranks_used = set()
+    for job in ("harbor", "harbor-again", "harbor-seed8", "wide-xl"):
+        assert (root / "one" / job / "image.png").read_bytes() == (root / "two" / job / "image.png").read_bytes()
+        meta = meta_of(root / "two", job)
+        assert meta["layout"]["world_size"] == 2
+        ranks_used.update(meta["layout"]["ranks"])
+    assert ranks_used == {0, 1}, "mode none shares the jobs among the ranks"
+    assert (root / "two" / "logs" / "rank-0001.log").is_file()
+
+
+def test_rerun_skips_finished_jobs(batch):
+    root, manifest, _, _ = batch
+    before = (root / "one" / "harbor" / "image.png").stat().st_mtime_ns
+    again = hpcrender("render", manifest, "--out", root / "one")
+    assert again.returncode == 0, again.stderr
+    assert (root / "one" / "harbor" / "image.png").stat().st_mtime_ns == before
+    assert "already done" in (root / "one" / "logs" / "rank-0000.log").read_text()
+
+
+def test_status_and_stitch_commands(batch):
+    root = batch[0]
+    st = hpcrender("status", root / "one")
+    assert st.returncode == 0 and "harbor-seed8" in st.stdout and "done" in st.stdout
+    tif = hpcrender("stitch", root / "one" / "wide-xl", "--format", "tiff", "--out", root / "w.tif")
+    assert tif.returncode == 0, tif.stderr
+    import tifffile
+
+    assert np.array_equal(tifffile.imread(root / "w.tif"), np.asarray(Image.open(root / "one" / "wide-xl" / "image.png")))
+    missing = hpcrender("status", root / "nowhere")
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_a_failing_job_does_not_stop_the_batch(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()  # exists, so it validates; holds no pipeline, so loading fails at render time
+    manifest = write_manifest(tmp_path / "m.toml", f"""
+[defaults]
+model = "builtin:tiny-sd"
+steps = 2
+[defaults.parallel]
+mode = "none"
+[[jobs]]
+name = "bad"
+prompt = "x"
+model = "{broken}"
+width = 64
+height = 64
+[[jobs]]
+name = "good"
+prompt = "y"
+width = 64
+height = 64
+""")
+    r = hpcrender("render", manifest, "--out", tmp_path / "out")
+    assert r.returncode == 1, r.stderr
+    status = status_of(tmp_path / "out")
+    assert status["jobs"]["good"]["state"] == "done"
+    assert status["jobs"]["bad"]["state"] == "failed" and status["jobs"]["bad"]["error"]
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_manifest_exits_2_on_every_rank_and_renders_nothing(tmp_path):
+    manifest = write_manifest(tmp_path / "bad.toml", """
+[defaults]
+steps = 0
+[[jobs]]
+name = "a"
+prompt = "x"
+width = 100
+""")
+    r = hpcrender("render", manifest, "--out", tmp_path / "out", ranks=2)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert any(re.search(r"bad\.toml:3: defaults\.steps", line) for line in lines), r.stderr
+    assert any(re.search(r"bad\.toml:7: jobs\[a\]\.width", line) for line in lines), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "a").exists()
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    manifest = write_manifest(tmp_path / "m.toml", BATCH)
+    r = hpcrender("render", manifest, "--array-index", "1")
+    assert r.returncode == 2 and "--array-count" in r.stderr
+    r = hpcrender("render", manifest, "--only", "harbour")
+    assert r.returncode == 2 and "harbor" in r.stderr  # did-you-mean
+    r = hpcrender("render", tmp_path / "missing.toml")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_array_index_renders_its_share(tmp_path):
+    manifest = write_manifest(tmp_path / "m.toml", BATCH)
+    r = hpcrender("render", manifest, "--out", tmp_path / "out", "--array-index", "1", "--array-count", "3",
+                  "--steps", "1")
+    assert r.returncode == 0, r.stderr
+    assert set(status_of(tmp_path / "out")["jobs"]) == {"harbor-again"}  # job i with i % 3 == 1
+
+
+def test_validate_and_plan(tmp_path):
+    manifest = write_manifest(tmp_path / "m.toml", BATCH)
+    v = hpcrender("validate", manifest)
+    assert v.returncode == 0 and "4 job(s), OK" in v.stdout
+    p = hpcrender("plan", manifest, "--ranks", "2")
+    assert p.returncode == 0, p.stderr
+    assert "2 group(s) of 1 rank(s)" in p.stdout and "wide-xl" in p.stdout
+
+
+def test_a_killed_rank_ends_the_world_within_60s(tmp_path):
+    manifest = write_manifest(tmp_path / "long.toml", """
+[defaults]
+model = "builtin:tiny-sd"
+steps = 1000
+[defaults.parallel]
+mode = "none"
+[[jobs]]
+name = "long-a"
+prompt = "x"
+width = 128
+height = 128
+[[jobs]]
+name = "long-b"
+prompt = "y"
+width = 128
+height = 128
+""")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([str(MPIEXEC), "-n", "2", str(HPCRENDER), "render", str(manifest), "--out", str(out)],
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "logs" / "rank-0001.log"
+    deadline = time.time() + 120
+    pid = None
+    while time.time() < deadline and pid is None:
+        if log.exists():
+            m = re.search(r"pid (\d+)", log.read_text())
+            if m and "long-" in log.read_text():
+                pid = int(m.group(1))
+        time.sleep(0.5)
+    assert pid is not None, "rank 1 never started a job"
+    os.kill(pid, signal.SIGKILL)
+    start = time.time()
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert time.time() - start < 60
