@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from datetime import timedelta
 from typing import Any, NoReturn
 
 from hpcrender.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, BadInput, DoesNotFit, HpcrenderError
+
+ABORT_GRACE_S = 0.5  # for stderr to reach the launcher before MPI_Abort
 
 log = logging.getLogger("hpcrender")
 
@@ -394,6 +397,8 @@ class World:
         if self.env.world_size == 1:
             raise SystemExit(code)  # alone: let files close and the exit code through
         logging.shutdown()  # the per-rank logs keep what led here
+        # Give the launcher's output forwarding a moment: Abort tears the ranks down with their pipes unread.
+        time.sleep(ABORT_GRACE_S)
         try:
             # MPICH repeats the line above in its own words on the aborting rank.
             os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
