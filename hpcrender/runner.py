@@ -252,6 +252,8 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
     log.info("%s: %dx%d, %d steps, mode %s on %d rank(s)", job.name, job.width, job.height, job.steps,
              job.parallel.mode.value, layout.size)
     try:
+        if job.gigapixel is not None:
+            raise NotImplementedError("gigapixel refinement ([jobs.gigapixel]) is not available in this version")
         pipe = models.get(job)
 
         def on_step(done: int, total: int) -> None:

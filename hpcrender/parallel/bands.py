@@ -1,0 +1,188 @@
+"""Band arithmetic of patch parallelism: row bands of the latent, their rows at every feature-map scale, conv halos,
+and the bytes one rank sends per step. Pure: no torch."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from hpcrender.errors import DoesNotFit
+
+GROUPNORM_STAT_BYTES = 3 * 8  # count, sum x, sum x^2 per (batch, group), in float64
+TOKEN_COUNT_BYTES = 8         # a self-attention layer's token count, sent once per image (registration pass)
+MAX_SCALE_EXPONENT = 16       # feature maps from 2**-16 to 2**16 times the input rows
+
+
+@dataclass(frozen=True)
+class Band:
+    """Rows [start, stop) of a feature map."""
+
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def split_rows(rows: int, parts: int) -> tuple[Band, ...]:
+    """`rows` cut into `parts` contiguous bands whose sizes differ by at most one, the larger ones first."""
+    if parts < 1:
+        raise DoesNotFit(f"cannot split rows into {parts} bands: need at least one")
+    if rows < parts:
+        raise DoesNotFit(f"{rows} rows cannot be split into {parts} bands of at least one row")
+    size, extra = divmod(rows, parts)
+    bands, start = [], 0
+    for i in range(parts):
+        stop = start + size + (1 if i < extra else 0)
+        bands.append(Band(start, stop))
+        start = stop
+    return tuple(bands)
+
+
+def latent_bands(latent_rows: int, align: int, parts: int, pixels_per_row: int = 8) -> tuple[Band, ...]:
+    """Bands of latent rows whose boundaries fall on rows of the coarsest feature map (`align` latent rows each).
+
+    The coarse rows are shared out as evenly as `split_rows` does; latent rows past the last whole coarse row
+    (a height that is no multiple of `align`) go to the last band, which ends at the image's edge.
+    """
+    if align < 1:
+        raise DoesNotFit(f"alignment must be at least 1 row, got {align}")
+    coarse = latent_rows // align
+    if coarse < parts:
+        raise DoesNotFit(f"image of {latent_rows * pixels_per_row} px has {coarse} rows at the coarsest level, "
+                         f"fewer than {parts} ranks")
+    bands = [Band(b.start * align, b.stop * align) for b in split_rows(coarse, parts)]
+    bands[-1] = Band(bands[-1].start, latent_rows)
+    return tuple(bands)
+
+
+def unet_alignment(unet_config: Mapping | object) -> int:
+    """Latent rows per row of a UNet's coarsest feature map: 2 ** (number of downsampling blocks).
+
+    Every down block but the last halves the feature map: 8 for SD 1.x/2.x, 4 for SDXL.
+    """
+    if isinstance(unet_config, Mapping):
+        blocks = unet_config["down_block_types"]
+    else:
+        blocks = unet_config.down_block_types
+    return 2 ** (len(blocks) - 1)
+
+
+def conv_halo(kernel: int, stride: int, padding: int, dilation: int = 1) -> tuple[int, int]:
+    """Rows a convolution needs above and below a band of its input (band starts on a multiple of `stride`).
+
+    Output row o reads input rows o*stride - padding ... o*stride - padding + span - 1, so a band [s, e) producing
+    outputs [s/stride, e/stride) reads rows [s - padding, e + span - stride - padding). A negative second value
+    means the band's own last rows are not read.
+    """
+    span = dilation * (kernel - 1) + 1
+    return padding, span - stride - padding
+
+
+def keeps_band_geometry(kernel: int, stride: int, padding: int, dilation: int = 1) -> bool:
+    """True when a convolution maps H rows to ceil(H / stride) for every H ("same" padding).
+
+    Only then do the output's band boundaries sit at the input's boundaries divided by the stride.
+    """
+    span = dilation * (kernel - 1) + 1
+    return span % 2 == 1 and 2 * padding == span - 1
+
+
+def band_rows(bands: Sequence[Band], scale: Fraction) -> tuple[int, ...]:
+    """Rows of every band in a feature map with `scale` rows per input row.
+
+    Interior boundaries scale exactly (bands are aligned); the image's last row scales up to ceil(rows * scale),
+    which is what stride-2 "same" convolutions give.
+    """
+    cuts = [bands[0].start * scale] + [b.stop * scale for b in bands[:-1]]
+    if any(c.denominator != 1 for c in cuts):
+        raise DoesNotFit(f"band boundaries {[b.start for b in bands]} do not fall on rows of a feature map "
+                         f"with {scale} rows per input row")
+    cuts.append(Fraction(math.ceil(bands[-1].stop * scale)))
+    return tuple(int(b - a) for a, b in zip(cuts, cuts[1:]))
+
+
+def layer_scale(bands: Sequence[Band], rank: int, local_rows: int) -> Fraction:
+    """Rows per input row of a feature map in which band `rank` has `local_rows` rows.
+
+    Aligned bands give the ratio exactly; the last band may hold a remainder, so its ratio is rounded to the power
+    of two (feature maps of UNets and VAE decoders halve and double) that reproduces its row count.
+    """
+    band = bands[rank]
+    ratio = Fraction(local_rows, band.size)
+    if rank < len(bands) - 1 or _is_power_of_two(ratio):
+        return ratio
+    for exponent in range(-MAX_SCALE_EXPONENT, MAX_SCALE_EXPONENT + 1):
+        scale = Fraction(2) ** exponent
+        try:
+            if band_rows(bands, scale)[rank] == local_rows:
+                return scale
+        except DoesNotFit:
+            continue
+    return ratio
+
+
+def _is_power_of_two(value: Fraction) -> bool:
+    n, d = value.numerator, value.denominator
+    return n > 0 and n & (n - 1) == 0 and d & (d - 1) == 0
+
+
+class LayerKind(enum.Enum):
+    HALO_CONV = "halo_conv"            # convolution reading rows of the neighbouring bands
+    SELF_ATTENTION = "self_attention"  # keys/values of the whole image
+    GROUP_NORM = "group_norm"          # statistics of the whole image
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one exchanging layer of a model sends, in terms of its feature map.
+
+    scale: its input's rows per latent row; width: its input's columns; channels: input channels (HALO_CONV) or
+    key plus value channels (SELF_ATTENTION); halo: conv_halo of a HALO_CONV; groups: of a GROUP_NORM.
+    """
+
+    kind: LayerKind
+    scale: Fraction
+    width: int
+    channels: int = 0
+    halo: tuple[int, int] = (0, 0)
+    groups: int = 0
+
+
+def layer_bytes(layer: LayerSpec, bands: Sequence[Band], rank: int, batch: int, element_size: int) -> int:
+    """Bytes `rank` sends for one call of `layer`.
+
+    A conv sends its last `above` rows to the band below it and its first `below` rows to the band above it;
+    attention contributes its keys and values padded to the largest band; GroupNorm its statistics.
+    """
+    if layer.kind is LayerKind.HALO_CONV:
+        above, below = layer.halo
+        rows = (above if rank < len(bands) - 1 else 0) + (max(below, 0) if rank > 0 else 0)
+        return rows * batch * layer.channels * layer.width * element_size
+    if layer.kind is LayerKind.SELF_ATTENTION:
+        tokens = max(band_rows(bands, layer.scale)) * layer.width
+        return batch * tokens * layer.channels * element_size
+    return batch * layer.groups * GROUPNORM_STAT_BYTES
+
+
+def expected_bytes(layers: Sequence[LayerSpec], bands: Sequence[Band], rank: int, batch: int, element_size: int,
+                   groupnorm_stats: bool = True, registration: bool = False) -> int:
+    """Bytes `rank` sends in one exchanging step of a model made of `layers` (one call each).
+
+    groupnorm_stats=False for steps whose GroupNorm exchanges nothing (separate statistics after the warm-up);
+    registration=True for an image's first step, where self-attention layers also share their token counts.
+    A group of one band sends nothing.
+    """
+    if len(bands) < 2:
+        return 0
+    total = 0
+    for layer in layers:
+        if groupnorm_stats or layer.kind is not LayerKind.GROUP_NORM:
+            total += layer_bytes(layer, bands, rank, batch, element_size)
+        if registration and layer.kind is LayerKind.SELF_ATTENTION:
+            total += TOKEN_COUNT_BYTES
+    return total

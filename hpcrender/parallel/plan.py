@@ -1,0 +1,297 @@
+"""Patch parallelism put around an unmodified diffusers model and taken off again: `parallelize(model, plan, group)`
+swaps its Conv2d and GroupNorm layers for band-parallel ones and installs band attention processors; `remove()`
+restores the originals. Also the band-parallel VAE decode."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+import torch.distributed as dist
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from hpcrender.config import GroupNormMode, Mode
+from hpcrender.errors import BadInput, DoesNotFit
+from hpcrender.parallel.attention import BandAttnProcessor
+from hpcrender.parallel.bands import (
+    Band, LayerKind, LayerSpec, band_rows, conv_halo, keeps_band_geometry, layer_scale,
+)
+from hpcrender.parallel.conv import BandConv2d, needs_halo
+from hpcrender.parallel.exchange import DEFAULT_BUCKET_BYTES, Exchange
+from hpcrender.parallel.groupnorm import BandGroupNorm
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    """How one rank of a band group runs a model: the exchange mode, GroupNorm mode, warm-up steps, the bands (rows
+    of the model's input feature map, in rank order) and this rank's index among them."""
+
+    mode: Mode
+    groupnorm: GroupNormMode
+    warmup_steps: int
+    bands: tuple[Band, ...]
+    rank: int
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES  # largest flat buffer of one asynchronous collective
+
+    def __post_init__(self):
+        if self.mode is Mode.NONE:
+            raise BadInput("a patch plan needs mode naive, sync or displaced, not none")
+        if self.warmup_steps < 0:
+            raise BadInput(f"warm-up steps must be >= 0, got {self.warmup_steps}")
+        if not self.bands:
+            raise BadInput("a patch plan needs at least one band")
+        stop = 0
+        for band in self.bands:
+            if band.start != stop or band.size < 1:
+                raise BadInput(f"bands must be contiguous, non-empty and start at row 0: {self.bands}")
+            stop = band.stop
+        if not 0 <= self.rank < len(self.bands):
+            raise BadInput(f"rank {self.rank} is outside the plan's {len(self.bands)} bands")
+        if self.bucket_bytes < 1:
+            raise BadInput(f"bucket size must be positive, got {self.bucket_bytes}")
+
+    def sync_step(self, step: int) -> bool:
+        """Whether `step` exchanges fresh activations and waits for them: every step in sync mode; in displaced
+        mode the warm-up, and always the first step (nothing stale exists yet)."""
+        return self.mode is Mode.SYNC or (self.mode is Mode.DISPLACED and step < max(self.warmup_steps, 1))
+
+    def groupnorm_exchanged(self, step: int) -> bool:
+        """Whether GroupNorm sends statistics at `step`."""
+        return self.mode is not Mode.NAIVE and (self.sync_step(step) or self.groupnorm is not GroupNormMode.SEPARATE)
+
+
+class BandContext:
+    """What the band layers of one parallelized model share: the plan, the exchange, and where the image is."""
+
+    def __init__(self, plan: PatchPlan, group):
+        self.plan = plan
+        self.mode = plan.mode
+        self.groupnorm = plan.groupnorm
+        self.bands = plan.bands
+        self.rank = plan.rank
+        self.size = len(plan.bands)
+        self.exchange = Exchange(group, plan.rank, self.size, plan.bucket_bytes)
+        self.step = 0
+        self.sync_step = True
+        self._rows: dict[int, tuple[int, ...]] = {}
+
+    def rows_at(self, local_rows: int) -> tuple[int, ...]:
+        """Rows of every band in a feature map where this rank's band has `local_rows` rows."""
+        rows = self._rows.get(local_rows)
+        if rows is None:
+            rows = band_rows(self.bands, layer_scale(self.bands, self.rank, local_rows))
+            if rows[self.rank] != local_rows:
+                raise DoesNotFit(f"a feature map with {local_rows} rows in band {self.rank} of {self.bands} does "
+                                 "not line up with the bands")
+            self._rows[local_rows] = rows
+        return rows
+
+
+class Parallelized:
+    """A model running patch-parallel; `remove()` gives back the original model."""
+
+    def __init__(self, model: nn.Module, plan: PatchPlan, ctx: BandContext,
+                 swaps: list[tuple[nn.Module, str, nn.Module]], processors: list[tuple[Attention, BandAttnProcessor, list]]):
+        self.model = model
+        self.plan = plan
+        self.ctx = ctx
+        self._swaps = swaps
+        self._processors = processors
+        self._sync_steps: set[int] = set()
+        self._async_steps: set[int] = set()
+        self._removed = False
+
+    def begin_image(self) -> None:
+        """Start an image: step counter, stale buffers and cached text keys/values are reset."""
+        ctx = self.ctx
+        ctx.exchange.begin_image()
+        ctx.step = 0
+        ctx.sync_step = True
+        ctx.exchange.begin_step(0)
+        for _, processor, _ in self._processors:
+            processor.reset()
+        self._sync_steps.clear()
+        self._async_steps.clear()
+
+    def begin_step(self, step: int) -> None:
+        """Before the model's forward of denoising step `step` (0-based): fresh blocking exchange in sync steps,
+        stale activations and asynchronous exchange otherwise."""
+        ctx = self.ctx
+        ctx.step = step
+        # The registration pass (an image's first exchanging step) is synchronous whatever the step number.
+        ctx.sync_step = self.plan.sync_step(step) or not ctx.exchange.slots
+        ctx.exchange.begin_step(step)
+        if self.plan.mode is Mode.DISPLACED and not ctx.sync_step:
+            ctx.exchange.bucket()
+        if self.plan.mode is not Mode.NAIVE and ctx.size > 1:
+            (self._sync_steps if ctx.sync_step else self._async_steps).add(step)
+
+    def stats(self) -> dict:
+        """Per step of the current image: bytes this rank sent and seconds it waited on communication."""
+        exchange = self.ctx.exchange
+        return {
+            "mode": self.plan.mode.value, "groupnorm": self.plan.groupnorm.value, "ranks": self.ctx.size,
+            "rank": self.plan.rank, "warmup_steps": self.plan.warmup_steps,
+            "bytes_sent": list(exchange.bytes_sent), "wait_seconds": [round(s, 6) for s in exchange.wait_seconds],
+            "bytes_total": sum(exchange.bytes_sent), "wait_seconds_total": round(sum(exchange.wait_seconds), 6),
+            "sync_steps": len(self._sync_steps), "async_steps": len(self._async_steps),
+        }
+
+    def remove(self) -> None:
+        """Finish what is in flight and restore the original modules and attention processors."""
+        if self._removed:
+            return
+        self.ctx.exchange.release()
+        for parent, name, original in reversed(self._swaps):
+            parent._modules[name] = original
+        for attn, processor, order in self._processors:
+            attn.set_processor(processor.original)
+            if set(order) == set(attn._modules):  # set_processor may have moved a module processor to the end
+                items = [(key, attn._modules[key]) for key in order]
+                attn._modules.clear()
+                attn._modules.update(items)
+            processor.reset()
+        self._removed = True
+
+
+def _band_layer(module: nn.Module, ctx: BandContext, name: str) -> nn.Module | None:
+    """The band-parallel stand-in for `module`, None when it needs none (it only reads its own rows)."""
+    if isinstance(module, (BandConv2d, BandGroupNorm)):
+        raise BadInput(f"{name} is already band-parallel; remove() the earlier plan first")
+    if isinstance(module, nn.GroupNorm):
+        if type(module) is not nn.GroupNorm:
+            raise DoesNotFit(f"{name}: {type(module).__name__} cannot be split into bands")
+        return BandGroupNorm(module, ctx)
+    if isinstance(module, nn.Conv2d):
+        if not needs_halo(module):
+            return None
+        kernel, stride, padding, dilation = (module.kernel_size[0], module.stride[0], module.padding[0],
+                                             module.dilation[0])
+        if type(module) is not nn.Conv2d or module.padding_mode != "zeros":
+            raise DoesNotFit(f"{name}: {type(module).__name__} with {module.padding_mode} padding cannot be split "
+                             "into bands")
+        if not keeps_band_geometry(kernel, stride, padding, dilation):
+            raise DoesNotFit(f"{name}: a convolution with kernel {kernel}, stride {stride}, padding {padding} does "
+                             "not keep band boundaries on output rows")
+        return BandConv2d(module, ctx, name)
+    if isinstance(module, nn.ConvTranspose2d) and (module.kernel_size[0] != module.stride[0] or module.padding[0]):
+        raise DoesNotFit(f"{name}: an overlapping transposed convolution cannot be split into bands")
+    return None
+
+
+def _swap_layers(model: nn.Module, ctx: BandContext) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap every layer that needs one for its band-parallel stand-in, under every name it is registered as.
+
+    All stand-ins are made before the first swap, so a layer that cannot be split leaves the model untouched."""
+    names = {id(m): n for n, m in model.named_modules()}
+    stand_ins: dict[int, nn.Module | None] = {}
+    places = []
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is None:
+                continue
+            if id(child) not in stand_ins:
+                stand_ins[id(child)] = _band_layer(child, ctx, names.get(id(child), name))
+            if stand_ins[id(child)] is not None:
+                places.append((parent, name, child))
+    for parent, name, child in places:
+        parent._modules[name] = stand_ins[id(child)]
+    return places
+
+
+def _install_processors(model: nn.Module, ctx: BandContext) -> list[tuple[Attention, BandAttnProcessor, list]]:
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    if any(isinstance(m.processor, BandAttnProcessor) for m in attentions):
+        raise BadInput("the model's attention is already band-parallel; remove() the earlier plan first")
+    installed = []
+    for module in attentions:
+        order = list(module._modules)
+        processor = BandAttnProcessor(ctx, module.processor)
+        module.set_processor(processor)
+        installed.append((module, processor, order))
+    return installed
+
+
+def parallelize(model: nn.Module, plan: PatchPlan, group) -> Parallelized:
+    """Run `model` on this rank's band of `plan`, exchanging with the other bands over `group` (the K ranks in band
+    order; None only for a single band). The model is used as before: call begin_image() per image and
+    begin_step(i) before each forward; remove() restores it."""
+    size = len(plan.bands)
+    if group is None:
+        if size != 1:
+            raise DoesNotFit(f"{size} bands need a process group of {size} ranks")
+    else:
+        if dist.get_world_size(group) != size:
+            raise DoesNotFit(f"{size} bands but a process group of {dist.get_world_size(group)} ranks")
+        if dist.get_rank(group) != plan.rank:
+            raise DoesNotFit(f"the plan is for band {plan.rank} but this is rank {dist.get_rank(group)} of its group")
+    ctx = BandContext(plan, group)
+    swaps = _swap_layers(model, ctx)
+    try:
+        processors = _install_processors(model, ctx)
+    except BaseException:
+        for parent, name, original in reversed(swaps):
+            parent._modules[name] = original
+        raise
+    handle = Parallelized(model, plan, ctx, swaps, processors)
+    handle.begin_image()
+    return handle
+
+
+def unet_layers(unet: nn.Module, latent_width: int) -> tuple[LayerSpec, ...]:
+    """The exchanging layers of a diffusers UNet2DConditionModel, each with the scale and width of its input
+    (down block i and its downsampler read level i, up block i level n-1-i, its upsampler's conv one level finer)."""
+    levels = len(unet.down_blocks)
+    widths = [latent_width]
+    for block in unet.down_blocks[:-1]:
+        conv = block.downsamplers[0].conv
+        span = conv.dilation[1] * (conv.kernel_size[1] - 1) + 1
+        widths.append((widths[-1] + 2 * conv.padding[1] - span) // conv.stride[1] + 1)
+    specs = []
+    for path, module in unet.named_modules():
+        level = _unet_level(path, levels)
+        scale, width = Fraction(1, 2 ** level), widths[level]
+        if type(module) is nn.Conv2d and needs_halo(module):
+            halo = conv_halo(module.kernel_size[0], module.stride[0], module.padding[0], module.dilation[0])
+            specs.append(LayerSpec(LayerKind.HALO_CONV, scale, width, channels=module.in_channels, halo=halo))
+        elif type(module) is nn.GroupNorm:
+            specs.append(LayerSpec(LayerKind.GROUP_NORM, scale, width, groups=module.num_groups))
+        elif isinstance(module, Attention) and not module.is_cross_attention:
+            specs.append(LayerSpec(LayerKind.SELF_ATTENTION, scale, width, channels=2 * module.inner_kv_dim))
+    return tuple(specs)
+
+
+def _unet_level(path: str, levels: int) -> int:
+    parts = path.split(".")
+    if parts[0] == "mid_block":
+        return levels - 1
+    if len(parts) < 2:
+        return 0
+    if parts[0] == "down_blocks":
+        return int(parts[1])
+    if parts[0] == "up_blocks":
+        level = levels - 1 - int(parts[1])
+        return level - 1 if "upsamplers" in parts else level
+    return 0
+
+
+def decode_parallel(vae, latent_band: torch.Tensor, bands: Sequence[Band], rank: int, group) -> torch.Tensor:
+    """This rank's band of `vae.decode(latent)` (rows scaled by the VAE's factor), decoded band-parallel with fresh
+    exchanges: equal to the single-device decode. The VAE is left as it was."""
+    bands = tuple(bands)
+    if len(bands) == 1:
+        return vae.decode(latent_band, return_dict=False)[0]
+    post = getattr(vae, "post_quant_conv", None)
+    if post is not None and isinstance(post, nn.Conv2d) and needs_halo(post):
+        raise DoesNotFit("the VAE's post-quantization convolution reads neighbouring rows")
+    plan = PatchPlan(mode=Mode.SYNC, groupnorm=GroupNormMode.SYNC, warmup_steps=0, bands=bands, rank=rank)
+    handle = parallelize(vae.decoder, plan, group)
+    try:
+        handle.begin_step(0)
+        z = post(latent_band) if post is not None else latent_band
+        return vae.decoder(z)
+    finally:
+        handle.remove()

@@ -1,0 +1,170 @@
+"""Band arithmetic: partitions, alignment, rows at every scale, conv halos and the per-step byte count."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from types import SimpleNamespace
+
+import pytest
+
+from hpcrender.errors import DoesNotFit
+from hpcrender.parallel.bands import (
+    GROUPNORM_STAT_BYTES, TOKEN_COUNT_BYTES, Band, LayerKind, LayerSpec, band_rows, conv_halo, expected_bytes,
+    keeps_band_geometry, latent_bands, layer_scale, split_rows, unet_alignment,
+)
+
+
+def test_split_rows_covers_every_row_in_near_equal_contiguous_bands_larger_first():
+    for rows in range(1, 41):
+        for parts in range(1, rows + 1):
+            bands = split_rows(rows, parts)
+            assert len(bands) == parts
+            assert bands[0].start == 0 and bands[-1].stop == rows
+            assert all(a.stop == b.start for a, b in zip(bands, bands[1:]))
+            sizes = [b.size for b in bands]
+            assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+            assert sizes == sorted(sizes, reverse=True)
+
+
+@pytest.mark.parametrize("rows, parts", [(0, 1), (2, 3), (5, 6), (3, 0)])
+def test_split_rows_refuses_fewer_rows_than_parts(rows, parts):
+    with pytest.raises(DoesNotFit):
+        split_rows(rows, parts)
+
+
+def test_latent_bands_start_on_coarse_rows_and_cover_the_whole_latent():
+    for align in (1, 2, 4, 8):
+        for latent_rows in range(1, 80):
+            for parts in range(1, 7):
+                if latent_rows // align < parts:
+                    with pytest.raises(DoesNotFit):
+                        latent_bands(latent_rows, align, parts)
+                    continue
+                bands = latent_bands(latent_rows, align, parts)
+                assert len(bands) == parts
+                assert bands[0].start == 0 and bands[-1].stop == latent_rows
+                assert all(a.stop == b.start for a, b in zip(bands, bands[1:]))
+                assert all(b.start % align == 0 for b in bands)
+                coarse = [b.size // align for b in bands]
+                assert coarse == [s.size for s in split_rows(latent_rows // align, parts)]
+                # only the last band holds rows past the last whole coarse row
+                assert all(b.size % align == 0 for b in bands[:-1])
+                assert bands[-1].size % align == latent_rows % align
+
+
+def test_latent_bands_too_small_an_image_names_pixels_coarse_rows_and_ranks():
+    with pytest.raises(DoesNotFit, match=r"^image of 192 px has 3 rows at the coarsest level, fewer than 4 ranks$"):
+        latent_bands(24, 8, 4)
+
+
+def test_unet_alignment_counts_downsampling_blocks():
+    sd = {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}
+    sdxl = SimpleNamespace(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"))
+    assert unet_alignment(sd) == 8
+    assert unet_alignment(sdxl) == 4
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, halo", [
+    (3, 1, 1, 1, (1, 1)),
+    (3, 2, 1, 1, (1, 0)),
+    (1, 1, 0, 1, (0, 0)),
+    (1, 2, 0, 1, (0, -1)),
+    (5, 1, 2, 1, (2, 2)),
+    (3, 1, 2, 2, (2, 2)),
+    (7, 2, 3, 1, (3, 2)),
+])
+def test_conv_halo_table(kernel, stride, padding, dilation, halo):
+    assert conv_halo(kernel, stride, padding, dilation) == halo
+
+
+def _read_rows(start: int, stop: int, rows: int, kernel: int, stride: int, padding: int, dilation: int):
+    """Input rows (inside the image) that the outputs of band [start, stop) read, by brute force."""
+    out_rows = (rows + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    read = set()
+    for o in range(out_rows):
+        if start <= o * stride < stop:
+            read.update(o * stride - padding + dilation * i for i in range(kernel))
+    return {r for r in read if 0 <= r < rows}
+
+
+def test_conv_halo_is_exactly_what_the_band_reads_beyond_itself():
+    for kernel in range(1, 8):
+        for stride in (1, 2, 3):
+            for dilation in (1, 2):
+                for padding in range(0, 4):
+                    if not keeps_band_geometry(kernel, stride, padding, dilation):
+                        continue
+                    above, below = conv_halo(kernel, stride, padding, dilation)
+                    rows = 12 * stride
+                    start, stop = 4 * stride, 8 * stride  # an interior band, aligned to the stride
+                    read = _read_rows(start, stop, rows, kernel, stride, padding, dilation)
+                    assert min(read) == start - above
+                    assert max(read) == stop - 1 + below
+
+
+def test_keeps_band_geometry_is_exactly_ceil_rows_over_stride():
+    for kernel in range(1, 8):
+        for stride in (1, 2, 3):
+            for dilation in (1, 2):
+                for padding in range(0, 5):
+                    span = dilation * (kernel - 1) + 1
+                    ceil_everywhere = all((h + 2 * padding - span) // stride + 1 == math.ceil(h / stride)
+                                          for h in range(span, 40))
+                    assert keeps_band_geometry(kernel, stride, padding, dilation) == ceil_everywhere
+
+
+def _rows_by_brute_force(bands, level: int, rows: int) -> list[int]:
+    """Rows of each band after `level` stride-2 "same" convolutions of an image of `rows` rows."""
+    total = rows
+    for _ in range(level):
+        total = math.ceil(total / 2)
+    owner = [next(i for i, b in enumerate(bands) if b.start <= o * 2 ** level < b.stop) for o in range(total)]
+    return [owner.count(i) for i in range(len(bands))]
+
+
+def test_band_rows_and_layer_scale_follow_stride_two_levels_including_a_remainder_band():
+    for align in (2, 4, 8):
+        levels = align.bit_length() - 1
+        for latent_rows in range(align, 10 * align):
+            for parts in range(1, 5):
+                if latent_rows // align < parts:
+                    continue
+                bands = latent_bands(latent_rows, align, parts)
+                for level in range(levels + 1):
+                    scale = Fraction(1, 2 ** level)
+                    rows = band_rows(bands, scale)
+                    assert list(rows) == _rows_by_brute_force(bands, level, latent_rows)
+                    for rank in range(parts):
+                        assert layer_scale(bands, rank, rows[rank]) == scale
+                for up in range(1, 4):  # a decoder's feature maps double
+                    scale = Fraction(2 ** up)
+                    rows = band_rows(bands, scale)
+                    assert list(rows) == [b.size * 2 ** up for b in bands]
+                    assert all(layer_scale(bands, r, rows[r]) == scale for r in range(parts))
+
+
+def test_band_rows_refuses_boundaries_between_feature_map_rows():
+    with pytest.raises(DoesNotFit):
+        band_rows((Band(0, 3), Band(3, 8)), Fraction(1, 2))
+
+
+def test_expected_bytes_counts_halo_rows_to_neighbours_padded_keys_values_and_statistics():
+    bands = (Band(0, 8), Band(8, 16), Band(16, 20))
+    conv = LayerSpec(LayerKind.HALO_CONV, Fraction(1), width=10, channels=4, halo=(1, 1))
+    down = LayerSpec(LayerKind.HALO_CONV, Fraction(1), width=10, channels=4, halo=(1, 0))
+    attn = LayerSpec(LayerKind.SELF_ATTENTION, Fraction(1, 2), width=5, channels=8)
+    norm = LayerSpec(LayerKind.GROUP_NORM, Fraction(1), width=10, groups=4)
+    row = 2 * 4 * 10 * 4  # batch 2, 4 channels, 10 columns, float32
+    assert [expected_bytes([conv], bands, r, 2, 4) for r in range(3)] == [row, 2 * row, row]
+    # a stride-2 conv only reads the row above: each band sends its last row down, nothing up
+    assert [expected_bytes([down], bands, r, 2, 4) for r in range(3)] == [row, row, 0]
+    # keys and values padded to the largest band: (4, 4, 2) rows at half scale, 5 columns
+    assert expected_bytes([attn], bands, 2, 2, 4) == 2 * 4 * 5 * 8 * 4
+    assert expected_bytes([norm], bands, 1, 2, 4) == 2 * 4 * GROUPNORM_STAT_BYTES
+    layers = [conv, attn, norm]
+    total = expected_bytes(layers, bands, 1, 2, 4)
+    assert total == 2 * row + 2 * 4 * 5 * 8 * 4 + 2 * 4 * GROUPNORM_STAT_BYTES
+    assert expected_bytes(layers, bands, 1, 2, 4, groupnorm_stats=False) == total - 2 * 4 * GROUPNORM_STAT_BYTES
+    assert expected_bytes(layers, bands, 1, 2, 4, registration=True) == total + TOKEN_COUNT_BYTES
+    assert expected_bytes(layers, (Band(0, 20),), 0, 2, 4) == 0

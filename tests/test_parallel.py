@@ -1,0 +1,254 @@
+"""Patch parallelism: GroupNorm statistics, plans, parallelize/remove on one process, and on 2 and 3 MPI ranks the
+sync/displaced/naive modes against one process, the warm-up, the byte count and the band-parallel VAE decode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.downsampling import Downsample2D
+from torch import nn
+
+from hpcrender.config import GroupNormMode, Mode
+from hpcrender.errors import BadInput, DoesNotFit
+from hpcrender.parallel.bands import Band, LayerKind, latent_bands
+from hpcrender.parallel.groupnorm import band_moments, corrected_moments, mean_var, normalize, pooled_mean_var
+from hpcrender.parallel.plan import PatchPlan, parallelize, unet_layers
+
+SCRIPTS = Path(__file__).parent / "mpi_scripts"
+sys.path.insert(0, str(SCRIPTS))
+from parallel_models import conditioning, noise, sd_unet, sdxl_unet  # noqa: E402
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+def _pooled_groupnorm(x: torch.Tensor, norm: nn.GroupNorm, cuts: list[int]) -> torch.Tensor:
+    """GroupNorm of `x` computed band by band (cut along dim 2) from pooled per-band moments."""
+    parts = torch.tensor_split(x, cuts, dim=2)
+    moments = [band_moments(p, norm.num_groups) for p in parts]
+    full = sum(moments)
+    out = []
+    for p, m in zip(parts, moments):
+        mean, var = pooled_mean_var(full, m)
+        out.append(normalize(p, norm.num_groups, mean, var, norm.eps, norm.weight, norm.bias))
+    return torch.cat(out, dim=2)
+
+
+@pytest.mark.parametrize("shape, cuts", [((2, 16, 11, 7), [3, 5]), ((2, 16, 23), [10]), ((1, 8, 9, 4), [8])])
+def test_pooled_band_statistics_equal_nn_groupnorm(shape, cuts):
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, shape[1])
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(shape) * 3 + 5  # an offset mean: a naive E[x^2] - E[x]^2 in float32 would lose digits
+    with torch.no_grad():
+        expected = norm(x)
+        got = _pooled_groupnorm(x, norm, cuts)
+    assert (got - expected).norm() / expected.norm() < 2e-6
+    assert (got - expected).abs().max() < 1e-5
+
+
+def _moments(count: float, mean: float, var: float) -> torch.Tensor:
+    return torch.tensor([[[count, count * mean, count * (var + mean * mean)]]], dtype=torch.float64)
+
+
+def test_corrected_variance_that_comes_out_negative_falls_back_to_the_local_band():
+    # Another band of a nearly constant map whose E[x^2] rounding left a hair below E[x]^2 ...
+    other = _moments(8, 40.0, -1e-3)
+    stale_local = _moments(8, 39.0, 2.0)
+    fresh = _moments(8, 40.0, 1e-4)  # ... and this band, now nearly constant at the same level
+    corrected = corrected_moments(other + stale_local, stale_local, fresh)
+    _, raw_var = mean_var(corrected)
+    assert raw_var.item() < 0, "the case under test: the corrected variance is negative"
+    mean, var = pooled_mean_var(corrected, fresh)
+    assert var.item() == pytest.approx(1e-4)  # the local band's variance
+    assert mean.item() == pytest.approx(40.0)
+    x = torch.full((1, 4, 2, 2), 40.0) + torch.tensor([0.01, -0.01]).repeat(8).view(1, 4, 2, 2)
+    y = normalize(x, 1, mean.float(), var.float(), 0.0, None, None)
+    assert torch.isfinite(y).all()
+    # with the raw corrected variance the same normalization would produce NaN
+    assert torch.isnan(normalize(x, 1, mean.float(), raw_var.float(), 0.0, None, None)).all()
+
+
+def test_plan_rejects_what_cannot_be_run():
+    bands = (Band(0, 8), Band(8, 16))
+    with pytest.raises(BadInput):
+        PatchPlan(Mode.NONE, GroupNormMode.CORRECTED, 1, bands, 0)
+    with pytest.raises(BadInput):
+        PatchPlan(Mode.SYNC, GroupNormMode.CORRECTED, -1, bands, 0)
+    with pytest.raises(BadInput):
+        PatchPlan(Mode.SYNC, GroupNormMode.CORRECTED, 1, (Band(0, 8), Band(9, 16)), 0)
+    with pytest.raises(BadInput):
+        PatchPlan(Mode.SYNC, GroupNormMode.CORRECTED, 1, bands, 2)
+    with pytest.raises(DoesNotFit):
+        parallelize(nn.Conv2d(1, 1, 3, padding=1), PatchPlan(Mode.SYNC, GroupNormMode.SYNC, 1, bands, 0), None)
+
+
+def test_warmup_and_first_step_are_synchronous_and_separate_groupnorm_then_sends_nothing():
+    bands = (Band(0, 8), Band(8, 16))
+    displaced = PatchPlan(Mode.DISPLACED, GroupNormMode.SEPARATE, 2, bands, 0)
+    assert [displaced.sync_step(i) for i in range(4)] == [True, True, False, False]
+    assert [displaced.groupnorm_exchanged(i) for i in range(4)] == [True, True, False, False]
+    no_warmup = PatchPlan(Mode.DISPLACED, GroupNormMode.CORRECTED, 0, bands, 0)
+    assert [no_warmup.sync_step(i) for i in range(3)] == [True, False, False]
+    assert all(PatchPlan(Mode.SYNC, GroupNormMode.CORRECTED, 0, bands, 0).sync_step(i) for i in range(5))
+    assert not PatchPlan(Mode.NAIVE, GroupNormMode.CORRECTED, 0, bands, 0).groupnorm_exchanged(0)
+
+
+def _snapshot(model: nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [(n, type(m)) for n, m in model.named_modules()],
+            dict(model.attn_processors))
+
+
+@pytest.mark.parametrize("build", [sd_unet, sdxl_unet])
+def test_one_band_runs_the_unet_unchanged_and_remove_restores_it(build):
+    unet = build()
+    cond = conditioning(unet, 2)
+    x = noise(2, 16, 12)
+    state, types, processors = _snapshot(unet)
+    with torch.no_grad():
+        expected = unet(x, 500.0, **cond, return_dict=False)[0]
+        handle = parallelize(unet, PatchPlan(Mode.DISPLACED, GroupNormMode.CORRECTED, 1, (Band(0, 16),), 0), None)
+        assert any(type(m).__name__ == "BandConv2d" for m in unet.modules())
+        # the stand-ins share the original parameters: the state dict is the same while parallel
+        assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
+        for step in range(2):
+            handle.begin_step(step)
+            got = unet(x, 500.0, **cond, return_dict=False)[0]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert handle.stats()["bytes_total"] == 0
+        handle.remove()
+        after = unet(x, 500.0, **cond, return_dict=False)[0]
+    new_state, new_types, new_processors = _snapshot(unet)
+    assert new_state.keys() == state.keys() and all(torch.equal(new_state[k], state[k]) for k in state)
+    assert new_types == types
+    assert new_processors.keys() == processors.keys()
+    assert all(new_processors[k] is processors[k] for k in processors)
+    assert torch.equal(after, expected)
+
+
+def test_a_parallelized_model_is_not_parallelized_twice():
+    unet = sd_unet()
+    plan = PatchPlan(Mode.SYNC, GroupNormMode.SYNC, 1, (Band(0, 16),), 0)
+    handle = parallelize(unet, plan, None)
+    with pytest.raises(BadInput):
+        parallelize(unet, plan, None)
+    handle.remove()
+    parallelize(unet, plan, None).remove()
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"),
+    nn.Conv2d(2, 2, 3, padding=0),
+    Downsample2D(2, use_conv=True, padding=0),  # pads the bottom of every band by hand
+    nn.ConvTranspose2d(2, 2, 4, stride=2, padding=1),
+])
+def test_layers_that_cannot_be_split_into_bands_are_refused(layer):
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), layer)
+    with pytest.raises(DoesNotFit):
+        parallelize(model, PatchPlan(Mode.SYNC, GroupNormMode.SYNC, 1, (Band(0, 8),), 0), None)
+    assert type(model[0]) is nn.Conv2d  # nothing left half-swapped
+
+
+def test_unet_layers_cover_every_exchanging_layer_at_its_scale():
+    unet = sd_unet()
+    layers = unet_layers(unet, 20)
+    kinds = [layer.kind for layer in layers]
+    convs = [m for m in unet.modules() if type(m) is nn.Conv2d and m.kernel_size[0] > 1]
+    assert kinds.count(LayerKind.HALO_CONV) == len(convs)
+    assert kinds.count(LayerKind.GROUP_NORM) == sum(type(m) is nn.GroupNorm for m in unet.modules())
+    assert kinds.count(LayerKind.SELF_ATTENTION) == len(unet.attn_processors) // 2  # attn1 of each block
+    assert {layer.scale for layer in layers} == {Fraction(1, 2 ** i) for i in range(4)}
+    assert {layer.width for layer in layers} == {20, 10, 5, 3}
+
+
+# -- MPI: 2 and 3 ranks, gloo on the CPU ------------------------------------------------------------------------------
+
+def _run_checks(n: int) -> dict:
+    if not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPTS)}
+    args = [] if n == 2 else ["--groupnorm", "corrected"]  # the GroupNorm ablation once is enough
+    result = subprocess.run([str(MPIEXEC), "-n", str(n), sys.executable, str(SCRIPTS / "parallel_checks.py"), *args],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, result.stdout[-3000:]
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def checks(request):
+    report = _run_checks(request.param)
+    assert report["world_size"] == request.param
+    return report
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("shape", ["sd", "sdxl"])
+def test_sync_mode_equals_one_process(checks, shape):
+    sync = checks["unet"][shape]["sync"]
+    assert sync["first_output"] <= 1e-4
+    assert sync["final_latent"] <= 1e-4
+    assert sync["async_steps"] == 0
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("shape", ["sd", "sdxl"])
+def test_displaced_is_much_closer_to_one_process_than_naive(checks, shape):
+    unet = checks["unet"][shape]
+    displaced, naive = unet["displaced_corrected"], unet["naive"]
+    print(shape, checks["world_size"], "ranks: final latent error displaced", displaced["final_latent"],
+          "naive", naive["final_latent"])
+    assert displaced["final_latent"] * 4 < naive["final_latent"]
+    assert displaced["first_output"] <= 1e-4  # its warm-up step is synchronous
+    assert (displaced["sync_steps"], displaced["async_steps"]) == (1, 7)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("shape", ["sd", "sdxl"])
+def test_warmup_steps_equal_sync_steps_exactly(checks, shape):
+    warmup = checks["unet"][shape]["warmup"]
+    diffs = warmup["max_abs_diff_per_step"]
+    assert diffs[:warmup["steps"]] == [0.0] * warmup["steps"]
+    assert diffs[warmup["steps"]] > 0
+    assert (warmup["sync_steps"], warmup["async_steps"]) == (warmup["steps"], len(diffs) - warmup["steps"])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("shape", ["sd", "sdxl"])
+def test_measured_bytes_per_step_equal_the_analytic_count(checks, shape):
+    runs = {k: v for k, v in checks["unet"][shape].items() if isinstance(v, dict) and "bytes_match" in v}
+    assert {"sync", "naive", "displaced_corrected"} <= runs.keys()
+    assert all(run["bytes_match"] for run in runs.values()), {k: v["bytes_per_step"] for k, v in runs.items()}
+    assert runs["naive"]["bytes_per_step"] == [0] * checks["world_size"]
+    assert runs["sync"]["bytes_per_step"] == runs["displaced_corrected"]["bytes_per_step"]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("shape", ["sd", "sdxl"])
+def test_remove_restores_the_unet_bit_for_bit(checks, shape):
+    assert checks["unet"][shape]["removed"] == {"state_dict_equal": True, "module_types_equal": True,
+                                                "processors_identical": True, "output_equal": True}
+
+
+@pytest.mark.mpi
+def test_band_parallel_vae_decode_equals_one_process(checks):
+    vae = checks["vae"]
+    assert vae["error"] <= 1e-4
+    assert vae["vae_restored"]
+    assert sum(vae["rows"]) == (5 * checks["world_size"] + 1) * vae["scale"]
+
+
+def test_latent_bands_of_the_checked_sizes_are_uneven():
+    # the MPI checks rely on these layouts: uneven bands, and for SD a last band past the coarse rows
+    assert [b.size for b in latent_bands(28, 8, 2)] == [16, 12]
+    assert [b.size for b in latent_bands(44, 8, 3)] == [16, 16, 12]
+    assert [b.size for b in latent_bands(12, 4, 2)] == [8, 4]
+    assert [b.size for b in latent_bands(20, 4, 3)] == [8, 8, 4]
