@@ -148,10 +148,11 @@ def plan(manifest, ranks, ranks_per_image):
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--only", "name", required=True, metavar="NAME", help="The job to verify.")
-@click.option("--mode", type=click.Choice([m.value for m in Mode if m is not Mode.NONE]), help="Parallel mode to check.")
+@click.option("--mode", "modes", multiple=True, type=click.Choice([m.value for m in Mode if m is not Mode.NONE]),
+              help="Parallel mode to check (repeatable; default: the job's).")
 @click.option("--debug", is_flag=True)
-def verify(manifest, name, mode, debug):
-    """Render one job single-device and on all ranks; print latent error, PSNR and SSIM."""
+def verify(manifest, name, modes, debug):
+    """Render one job single-device and on all ranks; print latent error, PSNR and SSIM per mode."""
     from hpcrender.environment import guarded
     from hpcrender.verify import run_verify
 
@@ -160,7 +161,8 @@ def verify(manifest, name, mode, debug):
         job, error = None, None
         if world.env.rank == 0:
             try:
-                m = _load(manifest, only=(name,), mode=mode, ranks_per_image=0, warmup_steps=None, steps=None)
+                m = _load(manifest, only=(name,), mode=modes[0] if modes else None, ranks_per_image=0,
+                          warmup_steps=None, steps=None)
                 from hpcrender.runner import check_request
 
                 check_request(m, (0,), world.env.world_size)
@@ -172,7 +174,7 @@ def verify(manifest, name, mode, debug):
             code = _fail(error, debug) if world.env.rank == 0 else error.exit_code
             world.close()
             sys.exit(code)
-        code = run_verify(world, job)
+        code = run_verify(world, job, tuple(Mode(m) for m in modes))
     sys.exit(code)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import sys
+import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -10,13 +11,15 @@ from hpcrender.config import Job, Mode
 from hpcrender.errors import EXIT_OK, BadInput
 
 
-def run_verify(world, job: Job) -> int:
-    """Rank 0 renders the reference alone, then all ranks render together; rank 0 prints the comparison."""
+def run_verify(world, job: Job, modes: Sequence[Mode] = ()) -> int:
+    """Rank 0 renders the reference alone, then all ranks render together once per mode (the job's own mode when
+    none is given); rank 0 prints one comparison block per mode."""
     from hpcrender.metrics import psnr, relative_l2, ssim
     from hpcrender.pipeline import Comms, GroupLayout, render_image
     from hpcrender.runner import _Models, _make_groups
 
-    if job.parallel.mode is Mode.NONE:
+    modes = tuple(modes) or (job.parallel.mode,)
+    if Mode.NONE in modes:
         raise BadInput("verify compares a parallel mode with single-device: use --mode sync|displaced|naive")
     env = world.env
     world.init_torch_distributed()
@@ -29,20 +32,27 @@ def run_verify(world, job: Job) -> int:
     world.barrier()
     size = env.world_size
     comms = _make_groups(world, (tuple(range(size)),), size, job.parallel.split_cfg)[job.parallel.split_cfg]
-    layout = GroupLayout(size=size, rank=env.rank, mode=job.parallel.mode, split_cfg=job.parallel.split_cfg)
-    result = render_image(pipe, job, layout, comms, env.device)
-    if env.rank == 0:
-        bands = ",".join(f"{b.start}-{b.stop}" for b in result.bands)
-        level = int(np.abs(result.image.astype(np.int16) - reference.image.astype(np.int16)).max())
-        lines = [
-            f"verify {job.name}: {size} rank(s), mode {job.parallel.mode.value}, "
-            f"warm-up {job.parallel.warmup_steps}, groupnorm {job.parallel.groupnorm.value}, bands {bands}",
-            f"latent relative L2: {relative_l2(result.latent, reference.latent):.3e}",
-            f"image PSNR: {psnr(result.image, reference.image):.2f} dB",
-            f"image SSIM: {ssim(result.image, reference.image):.6f}",
-            f"image max level difference: {level}",
-        ]
-        print("\n".join(lines), flush=True)
+    for mode in modes:
+        run = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, mode=mode))
+        layout = GroupLayout(size=size, rank=env.rank, mode=mode, split_cfg=job.parallel.split_cfg)
+        result = render_image(pipe, run, layout, comms, env.device)
+        if env.rank == 0:
+            print(_report(run, size, result, reference, relative_l2, psnr, ssim), flush=True)
     world.barrier()
     world.close()
     return EXIT_OK
+
+
+def _report(job: Job, size: int, result, reference, relative_l2, psnr, ssim) -> str:
+    p = job.parallel
+    bands = ",".join(f"{b.start}-{b.stop}" for b in result.bands) or "whole latent per rank"
+    branches = ", split_cfg" if p.split_cfg else ""
+    level = int(np.abs(result.image.astype(np.int16) - reference.image.astype(np.int16)).max())
+    return "\n".join([
+        f"verify {job.name}: {size} rank(s), mode {p.mode.value}{branches}, warm-up {p.warmup_steps}, "
+        f"groupnorm {p.groupnorm.value}, bands {bands}",
+        f"latent relative L2: {relative_l2(result.latent, reference.latent):.3e}",
+        f"image PSNR: {psnr(result.image, reference.image):.2f} dB",
+        f"image SSIM: {ssim(result.image, reference.image):.6f}",
+        f"image max level difference: {level}",
+    ])

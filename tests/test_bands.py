@@ -54,7 +54,8 @@ def test_latent_bands_start_on_coarse_rows_and_cover_the_whole_latent():
 
 
 def test_latent_bands_too_small_an_image_names_pixels_coarse_rows_and_ranks():
-    with pytest.raises(DoesNotFit, match=r"^image of 192 px has 3 rows at the coarsest level, fewer than 4 ranks$"):
+    with pytest.raises(DoesNotFit, match=r"^a height of 192 px gives 3 row\(s\) of the coarsest feature map \(one per "
+                                         r"64 px\), fewer than its 4 ranks: make it at least 256 px high"):
         latent_bands(24, 8, 4)
 
 

@@ -53,8 +53,10 @@ def latent_bands(latent_rows: int, align: int, parts: int, pixels_per_row: int =
         raise DoesNotFit(f"alignment must be at least 1 row, got {align}")
     coarse = latent_rows // align
     if coarse < parts:
-        raise DoesNotFit(f"image of {latent_rows * pixels_per_row} px has {coarse} rows at the coarsest level, "
-                         f"fewer than {parts} ranks")
+        step = align * pixels_per_row
+        raise DoesNotFit(f"a height of {latent_rows * pixels_per_row} px gives {coarse} row(s) of the coarsest feature "
+                         f"map (one per {step} px), fewer than its {parts} ranks: make it at least {parts * step} px "
+                         "high or give it fewer ranks (ranks_per_image)")
     bands = [Band(b.start * align, b.stop * align) for b in split_rows(coarse, parts)]
     bands[-1] = Band(bands[-1].start, latent_rows)
     return tuple(bands)

@@ -1,0 +1,148 @@
+"""Patch parallelism through the commands: `hpcrender verify` against single-device on 2, 3 and 4 ranks (sync,
+displaced, naive, split_cfg), a displaced render's meta.json, and the layouts that must be refused with exit 2."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from clirun import hpcrender, meta_of, write_manifest
+
+pytestmark = pytest.mark.mpi
+
+# tiny-sdxl: 4 latent rows per coarse row; 288 px high = 36 latent rows = 9 coarse rows -> bands of 20 and 16 rows.
+# tiny-sd: 8 latent rows per coarse row; 200 px high = 25 latent rows = 3 coarse rows (+1 row) -> 8, 8, 9.
+JOBS = """
+[defaults]
+prompt = "a lighthouse on a cliff at night"
+steps = 6
+seed = 5
+guidance_scale = 5.0
+[defaults.parallel]
+mode = "displaced"
+warmup_steps = 1
+
+[[jobs]]
+name = "xl"
+model = "builtin:tiny-sdxl"
+width = 256
+height = 288
+
+[[jobs]]
+name = "sd"
+model = "builtin:tiny-sd"
+scheduler = "dpmpp"
+width = 320
+height = 200
+
+[[jobs]]
+name = "xl-split"
+model = "builtin:tiny-sdxl"
+width = 192
+height = 160
+[jobs.parallel]
+mode = "sync"
+split_cfg = true
+
+[[jobs]]
+name = "too-small"
+model = "builtin:tiny-sd"
+width = 64
+height = 64
+
+[[jobs]]
+name = "pairs"
+model = "builtin:tiny-sd"
+width = 128
+height = 128
+[jobs.parallel]
+ranks_per_image = 2
+"""
+
+BLOCK = re.compile(
+    r"verify (?P<job>\S+): (?P<ranks>\d+) rank\(s\), mode (?P<mode>\w+)(?P<split>, split_cfg)?, .*bands (?P<bands>.*)\n"
+    r"latent relative L2: (?P<latent>\S+)\n"
+    r"image PSNR: (?P<psnr>\S+) dB\n"
+    r"image SSIM: (?P<ssim>\S+)\n"
+    r"image max level difference: (?P<level>\d+)")
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return write_manifest(tmp_path_factory.mktemp("verify") / "jobs.toml", JOBS)
+
+
+def verify(manifest, job: str, ranks: int, *modes: str) -> dict[str, dict]:
+    args = [a for m in modes for a in ("--mode", m)]
+    done = hpcrender("verify", manifest, "--only", job, *args, ranks=ranks)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = {m["mode"]: m.groupdict() for m in BLOCK.finditer(done.stdout)}
+    assert list(found) == list(modes), done.stdout
+    for block in found.values():
+        assert int(block["ranks"]) == ranks  # the world size mpiexec gave us
+        for key in ("latent", "psnr", "ssim"):
+            block[key] = float(block[key])
+        block["level"] = int(block["level"])
+    return found
+
+
+@pytest.mark.parametrize("job, ranks, bands", [
+    ("xl", 2, "0-20,20-36"),          # SDXL shape, uneven bands, non-square
+    ("sd", 3, "0-8,8-16,16-25"),      # SD shape, 3 ranks, the last band holds a row past the coarse rows
+])
+def test_sync_equals_single_device_and_displaced_beats_naive(manifest, job, ranks, bands):
+    got = verify(manifest, job, ranks, "sync", "displaced", "naive")
+    sync, displaced, naive = got["sync"], got["displaced"], got["naive"]
+    assert sync["bands"] == bands
+    assert sync["latent"] <= 1e-4
+    assert sync["level"] <= 1
+    assert displaced["psnr"] >= naive["psnr"] + 3, got
+    assert displaced["latent"] < naive["latent"]
+
+
+def test_split_cfg_on_two_ranks_is_one_branch_each(manifest):
+    got = verify(manifest, "xl-split", 2, "sync")["sync"]
+    assert got["split"] and got["bands"] == "whole latent per rank"
+    assert got["latent"] <= 1e-4 and got["level"] <= 1
+
+
+def test_split_cfg_on_four_ranks_is_patch_parallel_in_each_half(manifest):
+    got = verify(manifest, "xl-split", 4, "sync", "displaced")
+    assert got["sync"]["bands"] == "0-12,12-20"  # 5 coarse rows over the two ranks of each branch
+    assert got["sync"]["latent"] <= 1e-4 and got["sync"]["level"] <= 1
+    assert got["displaced"]["latent"] < 0.5
+
+
+def test_displaced_render_records_bands_bytes_waits_and_step_times(manifest, tmp_path):
+    done = hpcrender("render", manifest, "--only", "xl", "--out", tmp_path, ranks=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = meta_of(tmp_path, "xl")
+    assert meta["layout"]["bands"] == [[0, 20], [20, 36]]
+    exchange = meta["exchange"]
+    assert (exchange["mode"], exchange["ranks"], exchange["warmup_steps"]) == ("displaced", 2, 1)
+    assert (exchange["sync_steps"], exchange["async_steps"]) == (1, 5)
+    assert len(exchange["bytes_sent"]) == len(exchange["wait_seconds"]) == 6
+    # the first step also registers the attention layers' token counts: 8 bytes each, more than later steps
+    assert exchange["bytes_sent"][0] > exchange["bytes_sent"][1] == exchange["bytes_sent"][-1] > 0
+    assert len(meta["timings"]["step_seconds"]) == 6
+
+
+def test_too_few_coarse_rows_for_the_ranks_exits_2_before_any_model_is_loaded(manifest, tmp_path):
+    for command in (("render", manifest, "--only", "too-small", "--out", tmp_path / "out"),
+                    ("verify", manifest, "--only", "too-small")):
+        done = hpcrender(*command, ranks=2)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.splitlines() == [
+            f"hpcrender: error: {manifest}: jobs[too-small]: a height of 64 px gives 1 row(s) of the coarsest "
+            "feature map (one per 64 px), fewer than its 2 ranks: make it at least 128 px high or give it fewer "
+            "ranks (ranks_per_image)"]
+        assert "Traceback" not in done.stdout + done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_world_that_does_not_divide_into_the_groups_exits_2(manifest, tmp_path):
+    done = hpcrender("render", manifest, "--only", "pairs", "--out", tmp_path / "out", ranks=3)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == ["hpcrender: error: 3 ranks do not divide into groups of 2"]
+    assert not (tmp_path / "out").exists()
