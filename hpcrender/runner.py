@@ -159,6 +159,8 @@ def run_render(world, manifest: Manifest, options: RenderOptions) -> int:
                                  split_cfg=job.parallel.split_cfg)
             ok = _render_job(world, job, layout, comms[job.parallel.split_cfg], models, progress, options)
             failed += 0 if ok else 1
+            if env.rank == 0:  # the other ranks' jobs show up too: they keep their own state files current
+                merge_status(out, names)
     world.barrier()
     if env.rank == 0:
         status = merge_status(out, names)
