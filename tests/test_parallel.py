@@ -252,3 +252,35 @@ def test_latent_bands_of_the_checked_sizes_are_uneven():
     assert [b.size for b in latent_bands(44, 8, 3)] == [16, 16, 12]
     assert [b.size for b in latent_bands(12, 4, 2)] == [8, 4]
     assert [b.size for b in latent_bands(20, 4, 3)] == [8, 8, 4]
+
+
+@pytest.mark.parametrize("kernel, stride, dilation", [(3, 1, 1), (3, 2, 1), (5, 1, 1), (5, 2, 1), (3, 1, 2), (7, 1, 1)])
+def test_band_convolution_with_halos_equals_the_whole_convolution(kernel, stride, dilation):
+    """Every way of cutting 13 rows (multiples of the stride but the last) into bands, thin bands included: the
+    strips-and-fix-up path and the extended-copy path must both give the whole image's output rows."""
+    from hpcrender.parallel.conv import BandConv2d
+
+    torch.manual_seed(kernel * 10 + stride)
+    pad = dilation * (kernel - 1) // 2
+    conv = nn.Conv2d(3, 4, kernel, stride=stride, padding=pad, dilation=dilation)
+    band_conv = BandConv2d(conv, ctx=None)
+    above, below = band_conv.halo
+    rows = 13
+    x = torch.randn(2, 3, rows, 6)
+    with torch.no_grad():
+        whole = conv(x)
+        cuts_tried = 0
+        for first_cut in range(stride, rows, stride):
+            for second_cut in range(first_cut + stride, rows, stride):
+                edges = [0, first_cut, second_cut, rows]
+                for i in range(3):
+                    lo, hi = edges[i], edges[i + 1]
+                    if (i > 0 and lo < above) or (i < 2 and rows - hi < max(below, 0)):
+                        continue  # a neighbour too thin for the halo: refused by _check
+                    slot = {"from_prev": x[:, :, lo - above:lo].contiguous().view(-1) if i > 0 else None,
+                            "from_next": x[:, :, hi:hi + max(below, 0)].contiguous().view(-1) if i < 2 else None}
+                    got = band_conv._band_conv(x[:, :, lo:hi], slot, first=i == 0, last=i == 2)
+                    expected = whole[:, :, lo // stride:-(-hi // stride)]
+                    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+                    cuts_tried += 1
+    assert cuts_tried > 10

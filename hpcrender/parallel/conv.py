@@ -76,14 +76,42 @@ class BandConv2d(nn.Module):
         if ctx.sync_step:
             self._give(x, slot, sent_up, sent_down)
             ctx.exchange.exchange_now(slot)
+            return self._band_conv(x, slot, first, last)
+        ctx.exchange.wait(slot)
+        out = self._band_conv(x, slot, first, last)  # reads the stale rows before the buffers are reused
+        self._give(x, slot, sent_up, sent_down)
+        ctx.exchange.post(slot)
+        return out
+
+    def _band_conv(self, x: torch.Tensor, slot, first: bool, last: bool) -> torch.Tensor:
+        """The convolution of the band with its halos, without copying the band: the whole band is convolved with
+        zero rows above and below, then the few output rows that read those zeros in place of a neighbour's rows
+        are recomputed from thin strips of the band and the halo."""
+        above, below = self.halo
+        height = x.shape[2]
+        stride, pad = self.stride[0], self.padding[0]
+        span = self.dilation[0] * (self.kernel_size[0] - 1) + 1
+        top = -(-pad // stride) if not first and above > 0 else 0     # outputs reading rows above the band
+        top_end = (top - 1) * stride - pad + span                     # band rows those outputs read
+        bottom = -(-(height + pad - span + 1) // stride) if not last and below > 0 else None  # first output below
+        if (top and top_end > height) or (bottom is not None and (bottom < top or bottom * stride < pad)):
+            # a band too thin for strips: convolve an extended copy instead
             extended = self._extend(x, slot, above, below, first, last)
-        else:
-            ctx.exchange.wait(slot)
-            extended = self._extend(x, slot, above, below, first, last)  # copies the stale rows out
-            self._give(x, slot, sent_up, sent_down)
-            ctx.exchange.post(slot)
-        return F.conv2d(extended, self.weight, self.bias, self.stride, (0, self.padding[1]), self.dilation,
-                        self.groups)
+            return F.conv2d(extended, self.weight, self.bias, self.stride, (0, self.padding[1]), self.dilation,
+                            self.groups)
+        out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        batch, channels, _, width = x.shape
+        rows_only = (0, self.padding[1])
+        if top:
+            strip = torch.cat([slot["from_prev"].view(batch, channels, above, width), x[:, :, :top_end]], dim=2)
+            out[:, :, :top] = F.conv2d(strip, self.weight, self.bias, self.stride, rows_only, self.dilation,
+                                       self.groups)
+        if bottom is not None:
+            strip = torch.cat([x[:, :, bottom * stride - pad:], slot["from_next"].view(batch, channels, below, width)],
+                              dim=2)
+            out[:, :, bottom:] = F.conv2d(strip, self.weight, self.bias, self.stride, rows_only, self.dilation,
+                                          self.groups)
+        return out
 
     @staticmethod
     def _give(x: torch.Tensor, slot, sent_up: int, sent_down: int) -> None:

@@ -39,20 +39,6 @@ def sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
     ).eval()
 
 
-def sdxl_mini_unet(seed: int = 0) -> UNet2DConditionModel:
-    """SDXL's block structure at a quarter of its width (161 M parameters): the CPU benchmark model."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(80, 160, 320), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-        norm_num_groups=8, cross_attention_dim=512, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=320 + 6 * 256,
-    ).eval()
-
-
 def small_vae(seed: int = 0) -> AutoencoderKL:
     """An AutoencoderKL with 3 upsampling levels (8x) and the mid-block self-attention."""
     torch.manual_seed(seed)
