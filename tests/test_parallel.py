@@ -284,3 +284,36 @@ def test_band_convolution_with_halos_equals_the_whole_convolution(kernel, stride
                     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
                     cuts_tried += 1
     assert cuts_tried > 10
+
+
+class _LowRank(nn.Module):
+    """A LoRA-style wrapper as PEFT installs it: the original projection plus a low-rank update."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(base.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.up.weight, std=0.5)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def test_band_attention_uses_wrapped_projections_like_lora():
+    unet = sd_unet()
+    cond = conditioning(unet, 2)
+    x = noise(2, 16, 12)
+    with torch.no_grad():
+        plain = unet(x, 500.0, **cond, return_dict=False)[0]
+        for module in unet.modules():
+            if type(module).__name__ == "Attention":
+                for name in ("to_q", "to_k", "to_v"):
+                    setattr(module, name, _LowRank(getattr(module, name)))
+        expected = unet(x, 500.0, **cond, return_dict=False)[0]
+        assert not torch.allclose(expected, plain, atol=1e-3)  # the update changes the output
+        handle = parallelize(unet, PatchPlan(Mode.SYNC, GroupNormMode.SYNC, 1, (Band(0, 16),), 0), None)
+        handle.begin_step(0)
+        got = unet(x, 500.0, **cond, return_dict=False)[0]
+        handle.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
