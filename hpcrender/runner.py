@@ -264,8 +264,10 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
             log.debug("%s: step %d/%d", job.name, done, total)
 
         result = render_image(pipe, job, layout, comms, env.device, on_step=on_step)
-        peaks = _gather_objects(comms, layout, {"rank": env.rank, "node": env.node,
-                                                "peak_memory_bytes": result.peak_memory_bytes})
+        mine = {"rank": env.rank, "node": env.node, "peak_memory_bytes": result.peak_memory_bytes}
+        if result.exchange:
+            mine["exchange"] = {k: result.exchange[k] for k in ("bytes_sent", "wait_seconds")}
+        peaks = _gather_objects(comms, layout, mine)
         if leader:
             _write_outputs(out, job, result, layout, comms, peaks, options, started, world)
             progress.finish(f"{job.name}: done in {time.time() - started:.1f}s")
@@ -336,6 +338,9 @@ def _meta(job: Job, result, layout, comms, peaks, exported, started, world) -> d
 
     steps = result.step_seconds
     exchange = dict(result.exchange)
+    if exchange:  # every rank's traffic and waits: a slow or overloaded band shows up here
+        exchange["per_rank"] = [{"rank": p["rank"], **p["exchange"]} for p in peaks if "exchange" in p]
+    peaks = [{k: v for k, v in p.items() if k != "exchange"} for p in peaks]
     return {
         "job": job.to_dict(),
         "params_hash": job.params_hash(),

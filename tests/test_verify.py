@@ -126,6 +126,10 @@ def test_displaced_render_records_bands_bytes_waits_and_step_times(manifest, tmp
     # the first step also registers the attention layers' token counts: 8 bytes each, more than later steps
     assert exchange["bytes_sent"][0] > exchange["bytes_sent"][1] == exchange["bytes_sent"][-1] > 0
     assert len(meta["timings"]["step_seconds"]) == 6
+    per_rank = exchange["per_rank"]
+    assert [r["rank"] for r in per_rank] == [0, 1]
+    assert per_rank[0]["bytes_sent"] == exchange["bytes_sent"] and len(per_rank[1]["wait_seconds"]) == 6
+    assert [p["rank"] for p in meta["peak_memory"]] == [0, 1] and "exchange" not in meta["peak_memory"][0]
 
 
 def test_too_few_coarse_rows_for_the_ranks_exits_2_before_any_model_is_loaded(manifest, tmp_path):
