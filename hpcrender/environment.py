@@ -314,6 +314,11 @@ class World:
 
         return self.comm.allreduce(x, op=MPI.MAX)
 
+    def split(self, color: int) -> Any:
+        """The MPI communicator of the ranks that pass the same `color` (collective over the world): small
+        agreements inside a rank group that must not queue behind the group's torch.distributed traffic."""
+        return self.comm.Split(color, self.env.rank)
+
     def _rendezvous(self) -> tuple[str, int | None, str | None]:
         """On rank 0: (address, port or None for any free one, error)."""
         try:

@@ -10,14 +10,18 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from hpcrender.checkpoint import Checkpoint, restore_scheduler, scheduler_state
 from hpcrender.config import DType, Job, Mode, SchedulerName
 from hpcrender.errors import BadInput
+
+if TYPE_CHECKING:
+    from hpcrender.parallel.bands import Band
 
 TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 
@@ -86,6 +90,9 @@ class ImageResult:
     exchange: dict = field(default_factory=dict)
     bands: tuple = ()                 # latent row bands of the UNet (empty: one rank, no bands)
     peak_memory_bytes: int = 0
+    resumed_from: int = 0             # the step a checkpoint let this render start from
+    stopped_at: int | None = None     # steps done when should_stop ended the loop (no image then)
+    checkpoint: Checkpoint | None = None  # with stopped_at, on the group's first rank
 
 
 def make_scheduler(name: SchedulerName, config):
@@ -170,10 +177,14 @@ def _peak_memory(device) -> int:
 
 
 def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
-                 on_step: Callable[[int, int], None] | None = None, decode: bool = True) -> ImageResult:
+                 on_step: Callable[[int, int], None] | None = None, decode: bool = True,
+                 should_stop: Callable[[], bool] | None = None, resume: Checkpoint | None = None) -> ImageResult:
     """Render `job` with this rank's share of the work; the group's first rank gets the image (and the latent).
 
-    decode=False stops after the denoising loop (benchmarks of the UNet alone).
+    decode=False stops after the denoising loop (benchmarks of the UNet alone). should_stop is asked after every
+    step but the last, on every rank of the group alike (it must give the group's common answer): when it says
+    yes, the loop ends there and the group's first rank gets a checkpoint instead of an image. resume continues
+    from such a checkpoint.
     """
     dtype = TORCH_DTYPES[job.dtype]
     guidance = job.guidance_scale > 1.0
@@ -194,16 +205,31 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
     # 2. Timesteps and the latent band.
     scheduler = make_scheduler(job.scheduler, pipe.scheduler.config)
     scheduler.set_timesteps(job.steps, device=device)
-    latent = initial_noise(job, pipe.unet.config.in_channels, vae_scale) * scheduler.init_noise_sigma
+    if resume is not None:
+        if resume.steps != job.steps or resume.step >= len(scheduler.timesteps):
+            raise ValueError(f"a checkpoint after step {resume.step} of {resume.steps} does not fit {job.steps} steps")
+        latent = torch.from_numpy(resume.latent)
+    else:
+        latent = initial_noise(job, pipe.unet.config.in_channels, vae_scale) * scheduler.init_noise_sigma
     bands = ()
     if parallel:
         from hpcrender.parallel.bands import unet_alignment
 
         bands = unet_bands(job, layout, unet_alignment(pipe.unet.config), vae_scale)
-        mine = bands[layout.patch_rank]
-        latent = latent[:, :, mine.start:mine.stop]
+
+    def band_of(whole: torch.Tensor) -> torch.Tensor:
+        if bands:
+            mine = bands[layout.patch_rank]
+            whole = whole[:, :, mine.start:mine.stop]
+        return whole.to(device=device, dtype=dtype)
+
     result.bands = bands
-    latent = latent.to(device=device, dtype=dtype)
+    latent = band_of(latent)
+    start = 0
+    if resume is not None:
+        start = result.resumed_from = resume.step
+        restore_scheduler(scheduler, resume.scalars,
+                          tuple(None if h is None else band_of(torch.from_numpy(h)) for h in resume.history))
 
     # 3. The denoising loop, with the parallel plan around the UNet for its duration.
     handle = None
@@ -216,10 +242,11 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
         handle.begin_image()
     try:
         with torch.no_grad():
-            for i, t in enumerate(scheduler.timesteps):
+            for i in range(start, len(scheduler.timesteps)):
+                t = scheduler.timesteps[i]
                 t_start = time.perf_counter()
-                if handle is not None:
-                    handle.begin_step(i)
+                if handle is not None:  # counted from the (re)start: a resumed displaced run warms up again
+                    handle.begin_step(i - start)
                 batch = 2 if guidance and not layout.split_cfg else 1
                 model_in = scheduler.scale_model_input(torch.cat([latent] * batch), t)
                 noise = pipe.unet(model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added,
@@ -234,10 +261,17 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
                 result.step_seconds.append(time.perf_counter() - t_start)
                 if on_step is not None:
                     on_step(i + 1, job.steps)
+                if should_stop is not None and i + 1 < job.steps and should_stop():
+                    result.stopped_at = i + 1
+                    break
     finally:
         if handle is not None:
             result.exchange = handle.stats()
             handle.remove()
+
+    if result.stopped_at is not None:
+        result.checkpoint = _checkpoint(latent, scheduler, result.stopped_at, job.steps, bands, layout, comms)
+        return result
 
     # 4. The whole latent on every rank of the group (it is small), then a band-parallel exact VAE decode.
     if not decode:
@@ -256,6 +290,22 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
         result.image = image
     result.peak_memory_bytes = _peak_memory(device)
     return result
+
+
+def _checkpoint(latent: torch.Tensor, scheduler, step: int, steps: int, bands: tuple, layout: GroupLayout,
+                comms: Comms) -> Checkpoint | None:
+    """The whole latent and sampler history after `step`, gathered from the bands; on the group's first rank."""
+    def whole(band: torch.Tensor) -> np.ndarray:
+        band = band.float()
+        if bands:
+            band = _gather_rows(band, bands, comms.patch_group, dim=2)
+        return band.cpu().numpy()
+
+    scalars, history = scheduler_state(scheduler)
+    arrays = (whole(latent),) + tuple(None if h is None else whole(h) for h in history)
+    if layout.rank != 0:
+        return None
+    return Checkpoint(step=step, steps=steps, latent=arrays[0], scalars=scalars, history=arrays[1:])
 
 
 def _decode(pipe, latent: torch.Tensor, layout: GroupLayout, comms: Comms, device) -> np.ndarray | None:

@@ -82,7 +82,7 @@ def record_job_state(
     if state is JobState.RUNNING:
         record["attempt"] = int(record.get("attempt", 0)) + 1
         record["started"] = _iso(now)
-        for key in ("finished", "seconds"):
+        for key in ("finished", "seconds", "checkpoint_step", "steps"):  # of an earlier attempt
             record.pop(key, None)
     elif state in (JobState.DONE, JobState.FAILED):
         record["finished"] = _iso(now)
@@ -126,7 +126,10 @@ def format_status(status: dict) -> str:
         seconds = job.get("seconds")
         error = (job.get("error") or "").strip().splitlines()
         seconds_text = "" if seconds is None else f"{float(seconds):.1f}"
-        rows.append((name, job.get("state", ""), seconds_text, error[0] if error else ""))
+        state = job.get("state", "")
+        if state == JobState.PENDING.value and job.get("checkpoint_step"):
+            state += f" (checkpoint after step {job['checkpoint_step']}/{job.get('steps', '?')})"
+        rows.append((name, state, seconds_text, error[0] if error else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [
         f"{name:<{widths[0]}}  {state:<{widths[1]}}  {seconds:>{widths[2]}}  {error}".rstrip()

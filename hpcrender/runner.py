@@ -13,7 +13,9 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -120,11 +122,9 @@ class _Models:
 
 def run_render(world, manifest: Manifest, options: RenderOptions) -> int:
     """Render this rank's share; returns the contract's exit code (the same on every rank)."""
-    import torch.distributed as dist
-
-    from hpcrender.pipeline import Comms, GroupLayout
+    from hpcrender.pipeline import GroupLayout
     from hpcrender.progress import Progress, setup_rank_logging
-    from hpcrender.records import JobState, merge_status, record_job_state
+    from hpcrender.records import merge_status
 
     env = world.env
     out = options.out
@@ -148,19 +148,26 @@ def run_render(world, manifest: Manifest, options: RenderOptions) -> int:
         groups = rank_groups(env.world_size, size)
         comms = _make_groups(world, groups, size, any(manifest.jobs[i].parallel.split_cfg for i in members))
         g = env.rank // size
+        agree = world.split(g)
+        group_any = partial(_group_any, agree)
         shares = assign_jobs([_cost(manifest.jobs[i]) for i in members], len(groups))
         for pos in shares[g]:
             job = manifest.jobs[members[pos]]
             # The group agrees on stopping, so that no rank waits in a collective for a rank that left.
-            if _group_any(comms[job.parallel.split_cfg].group, stop.signum is not None, size):
+            if group_any(stop.signum is not None):
                 interrupted = True
                 break
             layout = GroupLayout(size=size, rank=env.rank % size, mode=job.parallel.mode,
                                  split_cfg=job.parallel.split_cfg)
-            ok = _render_job(world, job, layout, comms[job.parallel.split_cfg], models, progress, options)
-            failed += 0 if ok else 1
+            outcome = _render_job(world, job, layout, comms[job.parallel.split_cfg], models, progress, options,
+                                  stop, group_any)
+            failed += outcome == "failed"
+            if outcome == "stopped":
+                interrupted = True
+                break
             if env.rank == 0:  # the other ranks' jobs show up too: they keep their own state files current
                 merge_status(out, names)
+        agree.Free()  # every rank goes through every phase: the world-wide collectives above stay matched
     world.barrier()
     if env.rank == 0:
         status = merge_status(out, names)
@@ -202,15 +209,12 @@ def _make_groups(world, groups, size: int, split: bool) -> dict:
     return out
 
 
-def _group_any(group, flag: bool, size: int) -> bool:
-    if size == 1 or group is None:
-        return flag
-    import torch
-    import torch.distributed as dist
+def _group_any(agree, flag: bool) -> bool:
+    """Whether any rank of the group (the MPI communicator `agree`) passed True; over MPI, so that the check
+    between denoising steps does not wait behind the group's asynchronous exchanges in torch.distributed."""
+    from mpi4py import MPI
 
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    return bool(agree.allreduce(int(flag), op=MPI.MAX))
 
 
 def _store_path(out: Path, job: Job) -> Path:
@@ -236,8 +240,13 @@ def _already_done(out: Path, job: Job) -> bool:
         store.close()
 
 
-def _render_job(world, job: Job, layout, comms, models: _Models, progress, options: RenderOptions) -> bool:
-    """Render one job on this rank's group; the group's first rank writes everything. False if it failed."""
+def _render_job(world, job: Job, layout, comms, models: _Models, progress, options: RenderOptions,
+                stop: StopFlag, group_any: Callable[[bool], bool]) -> str:
+    """Render one job on this rank's group; the group's first rank writes everything.
+
+    Returns "done", "failed" or "stopped" (a signal came during the job: its finished steps are in a checkpoint).
+    """
+    from hpcrender.checkpoint import checkpoint_path, remove_checkpoint, write_checkpoint
     from hpcrender.pipeline import render_image
     from hpcrender.records import JobState, record_job_state
 
@@ -246,11 +255,19 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
     leader = layout.rank == 0
     if options.resume and _broadcast_flag(comms, layout, _already_done(out, job) if leader else False):
         log.info("%s: already done, skipped", job.name)
-        return True
+        return "done"
     started = time.time()
+    saved = checkpoint_path(out / job.name)
     if leader:
         record_job_state(out, job.name, JobState.RUNNING, rank=env.rank, node=env.node, started=started)
-        progress.start(job.name, job.steps)
+    resume = _agreed_checkpoint(comms, layout, saved, job, group_any) if options.resume else None
+    if leader:
+        progress.start(job.name, job.steps - (resume.step if resume else 0))
+    if resume is not None:
+        log.info("%s: resuming after step %d of %d", job.name, resume.step, job.steps)
+
+    def should_stop() -> bool:  # the whole group stops after the same step
+        return group_any(stop.signum is not None)
     log.info("%s: %dx%d, %d steps, mode %s on %d rank(s)", job.name, job.width, job.height, job.steps,
              job.parallel.mode.value, layout.size)
     try:
@@ -263,18 +280,29 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
                 progress.update(1)
             log.debug("%s: step %d/%d", job.name, done, total)
 
-        result = render_image(pipe, job, layout, comms, env.device, on_step=on_step)
+        result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, should_stop=should_stop,
+                              resume=resume)
+        if result.stopped_at is not None:
+            if leader:
+                write_checkpoint(saved, result.checkpoint, job.params_hash())
+                record_job_state(out, job.name, JobState.PENDING, rank=env.rank, node=env.node,
+                                 checkpoint_step=result.stopped_at, steps=job.steps)
+                progress.finish(f"{job.name}: stopped after step {result.stopped_at}/{job.steps}, checkpoint saved")
+            log.warning("%s: stopped after step %d of %d; the checkpoint resumes it", job.name, result.stopped_at,
+                        job.steps)
+            return "stopped"
         mine = {"rank": env.rank, "node": env.node, "peak_memory_bytes": result.peak_memory_bytes}
         if result.exchange:
             mine["exchange"] = {k: result.exchange[k] for k in ("bytes_sent", "wait_seconds")}
         peaks = _gather_objects(comms, layout, mine)
         if leader:
             _write_outputs(out, job, result, layout, comms, peaks, options, started, world)
+            remove_checkpoint(saved)
             progress.finish(f"{job.name}: done in {time.time() - started:.1f}s")
             record_job_state(out, job.name, JobState.DONE, rank=env.rank, node=env.node, started=started,
                              finished=time.time(), seconds=round(time.time() - started, 3))
         log.info("%s: done in %.1fs", job.name, time.time() - started)
-        return True
+        return "done"
     except Exception as e:  # a job's failure is recorded; the batch goes on
         message = f"{type(e).__name__}: {e}".splitlines()[0]
         log.error("%s: failed: %s", job.name, message)
@@ -285,18 +313,40 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
                              started=started, finished=time.time(), seconds=round(time.time() - started, 3))
         if options.debug:
             traceback.print_exc()
-        return False
+        return "failed"
+
+
+def _agreed_checkpoint(comms, layout, path: Path, job: Job, group_any: Callable[[bool], bool]):
+    """The job's checkpoint when the group's first rank finds one of these parameters; every rank then reads the
+    same file (OUT is on a file system every rank sees), and the group uses it only if every rank read that step."""
+    from hpcrender.checkpoint import read_checkpoint
+
+    found = read_checkpoint(path, job.params_hash()) if layout.rank == 0 else None
+    step = _broadcast_int(comms, layout, found.step if found else 0)
+    if step == 0:
+        return None
+    if layout.rank != 0:
+        found = read_checkpoint(path, job.params_hash())
+    if group_any(found is None or found.step != step):
+        log.warning("%s: the ranks of the group read different checkpoints; starting from the first step", path)
+        return None
+    return found
 
 
 def _broadcast_flag(comms, layout, flag: bool) -> bool:
+    return bool(_broadcast_int(comms, layout, int(flag)))
+
+
+def _broadcast_int(comms, layout, value: int) -> int:
+    """The group's first rank's value, on every rank of the group."""
     if layout.size == 1:
-        return flag
+        return value
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([value], dtype=torch.int64)
     dist.broadcast(t, src=comms.global_ranks[0], group=comms.group)
-    return bool(t.item())
+    return int(t.item())
 
 
 def _gather_objects(comms, layout, obj) -> list:
@@ -355,6 +405,7 @@ def _meta(job: Job, result, layout, comms, peaks, exported, started, world) -> d
                    "nodes": sorted({p["node"] for p in peaks}), "device": world.env.device},
         "timings": {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 3),
                     "encode_seconds": round(result.encode_seconds, 4),
+                    "resumed_after_step": result.resumed_from,  # step_seconds are the steps after it
                     "step_seconds": [round(s, 4) for s in steps],
                     "decode_seconds": round(result.decode_seconds, 4)},
         "exchange": exchange,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import configparser
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 

@@ -164,6 +164,16 @@ def test_format_status_is_a_table_with_a_summary(tmp_path, clock):
     assert format_status({"jobs": {}}).splitlines()[-1] == "0 jobs"
 
 
+def test_a_stopped_job_shows_its_checkpoint_until_it_runs_again(tmp_path, clock):
+    record_job_state(tmp_path, "big", JobState.RUNNING)
+    record_job_state(tmp_path, "big", JobState.PENDING, checkpoint_step=12, steps=40)
+    assert format_status(merge_status(tmp_path, ["big"])).splitlines()[1].split() == [
+        "big", "pending", "(checkpoint", "after", "step", "12/40)"]
+    record_job_state(tmp_path, "big", JobState.RUNNING)
+    job = merge_status(tmp_path, ["big"])["jobs"]["big"]
+    assert job["state"] == "running" and job["attempt"] == 2 and "checkpoint_step" not in job and "steps" not in job
+
+
 class _Colour(str, enum.Enum):
     RED = "red"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -245,3 +246,86 @@ height = 128
             proc.kill()
     assert proc.returncode != 0
     assert time.time() - start < 60
+
+
+LONG = """
+[defaults]
+model = "{model}"
+steps = {steps}
+scheduler = "dpmpp"
+width = 64
+height = 128
+[defaults.parallel]
+mode = "{mode}"
+[[jobs]]
+name = "long"
+prompt = "a long night"
+seed = 5
+"""
+
+
+def stop_mid_image(args: list[str], out: Path, ranks: int | None, after_step: int) -> subprocess.CompletedProcess:
+    """Run `hpcrender render ARGS --debug`, send SIGUSR1 to every rank once rank 0 has logged `after_step`."""
+    cmd = [str(HPCRENDER), *args, "--out", str(out), "--debug"]
+    if ranks is not None:
+        cmd = [str(MPIEXEC), "-n", str(ranks), *cmd]
+    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = [out / "logs" / f"rank-{r:04d}.log" for r in range(ranks or 1)]
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        text = logs[0].read_text() if logs[0].exists() else ""
+        if f"step {after_step}/" in text:
+            pids = [int(re.search(r"pid (\d+)", log.read_text()).group(1)) for log in logs]
+            for pid in pids:
+                os.kill(pid, signal.SIGUSR1)
+            break
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("model, mode, ranks, steps", [("builtin:tiny-sdxl", "none", None, 120),
+                                                       ("builtin:tiny-sd", "sync", 2, 16)])
+def test_a_signal_mid_image_checkpoints_exits_3_and_the_rerun_resumes_bit_for_bit(tmp_path, model, mode, ranks,
+                                                                                  steps):
+    manifest = write_manifest(tmp_path / "long.toml", LONG.format(model=model, mode=mode, steps=steps))
+    whole = hpcrender("render", manifest, "--out", tmp_path / "whole", ranks=ranks)
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "stopped"
+    stopped = stop_mid_image(["render", str(manifest)], out, ranks, after_step=3)
+    assert stopped.returncode == 3, stopped.stderr
+    job = status_of(out)["jobs"]["long"]
+    assert job["state"] == "pending" and 3 <= job["checkpoint_step"] < steps, job
+    assert (out / "long" / "checkpoint.h5").exists() and not (out / "long" / "image.png").exists()
+    assert f"checkpoint after step {job['checkpoint_step']}/{steps}" in hpcrender("status", out).stdout
+
+    if ranks is None:  # --no-resume starts from the first step and overwrites the checkpoint's job
+        fresh = tmp_path / "fresh"
+        shutil.copytree(out, fresh)
+        again = hpcrender("render", manifest, "--out", fresh, "--no-resume")
+        assert again.returncode == 0, again.stderr
+        assert meta_of(fresh, "long")["timings"]["resumed_after_step"] == 0
+        assert not (fresh / "long" / "checkpoint.h5").exists()
+
+    resumed = hpcrender("render", manifest, "--out", out, ranks=ranks)
+    assert resumed.returncode == 0, resumed.stderr
+    meta = meta_of(out, "long")
+    assert meta["timings"]["resumed_after_step"] == job["checkpoint_step"]
+    assert len(meta["timings"]["step_seconds"]) == steps - job["checkpoint_step"]
+    assert (out / "long" / "image.png").read_bytes() == (tmp_path / "whole" / "long" / "image.png").read_bytes()
+    assert not (out / "long" / "checkpoint.h5").exists()
+
+
+def test_a_resumed_displaced_render_warms_up_again(tmp_path):
+    manifest = write_manifest(tmp_path / "long.toml", LONG.format(model="builtin:tiny-sd", mode="displaced", steps=16)
+                              + "[jobs.parallel]\nwarmup_steps = 2\n")
+    out = tmp_path / "out"
+    assert stop_mid_image(["render", str(manifest)], out, 2, after_step=4).returncode == 3
+    step = status_of(out)["jobs"]["long"]["checkpoint_step"]
+    resumed = hpcrender("render", manifest, "--out", out, ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    exchange = meta_of(out, "long")["exchange"]
+    # The stale activations of the stopped run are gone: 2 warm-up steps again, then displaced ones.
+    assert (exchange["sync_steps"], exchange["async_steps"]) == (2, 16 - step - 2)
+

@@ -1,0 +1,132 @@
+"""A denoising loop stopped between steps: the whole latent, the step reached and the sampler's state.
+
+A long image stopped by a signal (Slurm's time-limit warning, a preemption) keeps the steps it finished: the
+group's first rank writes `OUT/JOB/checkpoint.h5` and the next run carries on from that step. Restored exactly,
+the sampler continues as if never stopped, so `none` and `sync` renders resume bit for bit; `displaced` re-runs
+its warm-up steps after a resume (the stale activations of the stopped run are gone), like a fresh start does.
+
+The file is written beside its final name and renamed onto it, so a kill while writing leaves the previous
+checkpoint (or none), never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FILE_NAME = "checkpoint.h5"
+FORMAT_VERSION = 1
+# The state of diffusers' euler, ddim and dpmpp (multistep) samplers that changes from step to step; everything
+# else follows from set_timesteps. A multistep sampler's history is a list of the last model outputs.
+SCHEDULER_SCALARS = ("_step_index", "_begin_index", "lower_order_nums")
+SCHEDULER_HISTORY = "model_outputs"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """After `step` of `steps` denoising steps: the whole latent (1, C, h, w) and the sampler's history, float32.
+
+    history holds one entry per slot of the sampler's list of past model outputs (None for an empty slot), or is
+    empty for samplers without one. Latent-shaped arrays are whole images, not bands: a resume may use another
+    number of ranks.
+    """
+
+    step: int
+    steps: int
+    latent: np.ndarray
+    scalars: dict
+    history: tuple
+
+    def __post_init__(self):
+        if not 0 < self.step < self.steps:
+            raise ValueError(f"a checkpoint lies strictly between the first and the last step, got {self.step}"
+                             f" of {self.steps}")
+
+
+def scheduler_state(scheduler) -> tuple[dict, tuple]:
+    """(scalars, history) of a diffusers sampler: what must be put back for it to continue exactly."""
+    scalars = {name: getattr(scheduler, name) for name in SCHEDULER_SCALARS if hasattr(scheduler, name)}
+    history = tuple(getattr(scheduler, SCHEDULER_HISTORY, None) or ())
+    return scalars, history
+
+
+def restore_scheduler(scheduler, scalars: dict, history: tuple) -> None:
+    """Put a state from scheduler_state back into a sampler on which set_timesteps was called."""
+    for name, value in scalars.items():
+        if not hasattr(scheduler, name):
+            raise ValueError(f"{type(scheduler).__name__} has no {name}: the checkpoint is of another sampler")
+        setattr(scheduler, name, value)
+    if history:
+        current = getattr(scheduler, SCHEDULER_HISTORY, None)
+        if current is None or len(current) != len(history):
+            raise ValueError(f"{type(scheduler).__name__} keeps {0 if current is None else len(current)} past "
+                             f"outputs, the checkpoint {len(history)}")
+        setattr(scheduler, SCHEDULER_HISTORY, list(history))
+
+
+def checkpoint_path(job_dir: str | os.PathLike) -> Path:
+    return Path(job_dir) / FILE_NAME
+
+
+def write_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint, params_hash: str) -> None:
+    """Write atomically: a temporary file beside `path`, flushed, then renamed onto it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["params_hash"] = params_hash
+            f.attrs["step"] = checkpoint.step
+            f.attrs["steps"] = checkpoint.steps
+            for name, value in checkpoint.scalars.items():
+                if value is not None:  # an absent attribute reads back as None
+                    f.attrs[f"scalar.{name}"] = int(value)
+                else:
+                    f.attrs[f"none.{name}"] = 1
+            f.create_dataset("latent", data=np.asarray(checkpoint.latent, dtype=np.float32))
+            f.attrs["history_length"] = len(checkpoint.history)
+            for i, entry in enumerate(checkpoint.history):
+                if entry is not None:
+                    f.create_dataset(f"history/{i}", data=np.asarray(entry, dtype=np.float32))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: str | os.PathLike, params_hash: str) -> Checkpoint | None:
+    """The checkpoint at `path` when it belongs to a job with these parameters; None when there is none, it is of
+    other parameters (the job was changed since) or it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format_version") != FORMAT_VERSION or f.attrs.get("params_hash") != params_hash:
+                return None
+            scalars = {}
+            for key, value in f.attrs.items():
+                if key.startswith("scalar."):
+                    scalars[key.removeprefix("scalar.")] = int(value)
+                elif key.startswith("none."):
+                    scalars[key.removeprefix("none.")] = None
+            history = tuple(f[f"history/{i}"][...] if f"history/{i}" in f else None
+                            for i in range(int(f.attrs["history_length"])))
+            return Checkpoint(step=int(f.attrs["step"]), steps=int(f.attrs["steps"]), latent=f["latent"][...],
+                              scalars=scalars, history=history)
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    Path(path).unlink(missing_ok=True)
