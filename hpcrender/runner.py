@@ -25,6 +25,9 @@ from hpcrender.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, Hpcrend
 from hpcrender.schedule import array_shard, assign_jobs, job_cost, rank_groups
 
 log = logging.getLogger("hpcrender")
+# How long ranks that failed wait for the rest of their group to fail as well before ending the world (a failure
+# that every rank meets, such as a model that cannot be loaded, arrives everywhere within this).
+FAIL_TOGETHER_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ def run_render(world, manifest: Manifest, options: RenderOptions) -> int:
         groups = rank_groups(env.world_size, size)
         comms = _make_groups(world, groups, size, any(manifest.jobs[i].parallel.split_cfg for i in members))
         g = env.rank // size
-        agree = world.split(g)
+        agree = world.split(g)  # an MPI communicator of the group, beside its torch.distributed one
         group_any = partial(_group_any, agree)
         shares = assign_jobs([_cost(manifest.jobs[i]) for i in members], len(groups))
         for pos in shares[g]:
@@ -160,7 +163,7 @@ def run_render(world, manifest: Manifest, options: RenderOptions) -> int:
             layout = GroupLayout(size=size, rank=env.rank % size, mode=job.parallel.mode,
                                  split_cfg=job.parallel.split_cfg)
             outcome = _render_job(world, job, layout, comms[job.parallel.split_cfg], models, progress, options,
-                                  stop, group_any)
+                                  stop, agree)
             failed += outcome == "failed"
             if outcome == "stopped":
                 interrupted = True
@@ -241,10 +244,12 @@ def _already_done(out: Path, job: Job) -> bool:
 
 
 def _render_job(world, job: Job, layout, comms, models: _Models, progress, options: RenderOptions,
-                stop: StopFlag, group_any: Callable[[bool], bool]) -> str:
+                stop: StopFlag, agree) -> str:
     """Render one job on this rank's group; the group's first rank writes everything.
 
     Returns "done", "failed" or "stopped" (a signal came during the job: its finished steps are in a checkpoint).
+    A failure is the job's alone when every rank of the group fails with it; when only some ranks fail, the others
+    wait for them inside a collective, and the failing ranks end the world (see _fail_together).
     """
     from hpcrender.checkpoint import checkpoint_path, remove_checkpoint, write_checkpoint
     from hpcrender.pipeline import render_image
@@ -253,6 +258,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
     env = world.env
     out = options.out
     leader = layout.rank == 0
+    group_any = partial(_group_any, agree)
     if options.resume and _broadcast_flag(comms, layout, _already_done(out, job) if leader else False):
         log.info("%s: already done, skipped", job.name)
         return "done"
@@ -270,6 +276,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
         return group_any(stop.signum is not None)
     log.info("%s: %dx%d, %d steps, mode %s on %d rank(s)", job.name, job.width, job.height, job.steps,
              job.parallel.mode.value, layout.size)
+    together = True  # until the group's last collective of the job: the ranks must fail or succeed together
     try:
         if job.gigapixel is not None:
             raise NotImplementedError("gigapixel refinement ([jobs.gigapixel]) is not available in this version")
@@ -295,6 +302,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
         if result.exchange:
             mine["exchange"] = {k: result.exchange[k] for k in ("bytes_sent", "wait_seconds")}
         peaks = _gather_objects(comms, layout, mine)
+        together = False  # what follows is the first rank's alone; the others have gone on to the next job
         if leader:
             _write_outputs(out, job, result, layout, comms, peaks, options, started, world)
             remove_checkpoint(saved)
@@ -307,13 +315,34 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
         message = f"{type(e).__name__}: {e}".splitlines()[0]
         log.error("%s: failed: %s", job.name, message)
         log.debug("%s", traceback.format_exc())
-        if leader:
-            progress.finish(f"{job.name}: FAILED: {message}")
+        alone = together and layout.size > 1 and not _fail_together(agree, FAIL_TOGETHER_S)
+        if leader or alone:
+            if leader:
+                progress.finish(f"{job.name}: FAILED: {message}")
             record_job_state(out, job.name, JobState.FAILED, error=message, rank=env.rank, node=env.node,
                              started=started, finished=time.time(), seconds=round(time.time() - started, 3))
         if options.debug:
             traceback.print_exc()
+        if alone:
+            world.abort(f"{job.name}: {message} (on this rank only: the rest of its group waits for it in a "
+                        "collective, so the run stops here; finished jobs are kept and a rerun resumes)")
         return "failed"
+
+
+def _fail_together(agree, grace_s: float) -> bool:
+    """After a failure inside the group's collective work: whether every rank of the group failed too.
+
+    Ranks that failed together all arrive here within moments and go on to their next job in step. A rank that did
+    not fail is blocked in a collective that waits for this one and never arrives: after grace_s the failing ranks
+    must end the world, or that rank would hang until the collective's timeout and then run out of step.
+    """
+    request = agree.Ibarrier()
+    deadline = time.monotonic() + grace_s
+    while not request.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _agreed_checkpoint(comms, layout, path: Path, job: Job, group_any: Callable[[bool], bool]):

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hpcrender.records import read_status
+
 from clirun import MPIEXEC, HPCRENDER, hpcrender, meta_of, status_of, clean_env, write_manifest
 
 pytestmark = pytest.mark.mpi
@@ -329,3 +331,53 @@ def test_a_resumed_displaced_render_warms_up_again(tmp_path):
     # The stale activations of the stopped run are gone: 2 warm-up steps again, then displaced ones.
     assert (exchange["sync_steps"], exchange["async_steps"]) == (2, 16 - step - 2)
 
+
+
+FAULTS = """
+[defaults]
+model = "builtin:tiny-sd"
+steps = 4
+width = 64
+height = 128
+[defaults.parallel]
+mode = "sync"
+[[jobs]]
+name = "first"
+prompt = "one"
+[[jobs]]
+name = "bad"
+prompt = "two"
+[[jobs]]
+name = "last"
+prompt = "three"
+"""
+
+
+def render_with_fault(tmp_path, failing_ranks: str) -> tuple[subprocess.CompletedProcess, float, Path]:
+    manifest = write_manifest(tmp_path / "faults.toml", FAULTS)
+    out = tmp_path / "out"
+    script = Path(__file__).parent / "mpi_scripts" / "render_fault.py"
+    cmd = [str(MPIEXEC), "-n", "2", str(HPCRENDER.parent / "python"), str(script), "bad", "2", failing_ranks,
+           "--", "hpcrender", "render", str(manifest), "--out", str(out)]
+    start = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env())
+    return done, time.time() - start, out
+
+
+def test_a_job_that_fails_on_every_rank_of_its_group_does_not_stop_the_batch(tmp_path):
+    done, _, out = render_with_fault(tmp_path, "0,1")
+    assert done.returncode == 1, done.stderr
+    jobs = status_of(out)["jobs"]
+    assert {name: job["state"] for name, job in jobs.items()} == {"first": "done", "bad": "failed", "last": "done"}
+    assert jobs["bad"]["error"] == "RuntimeError: injected fault on rank 0"
+
+
+def test_a_job_that_fails_on_one_rank_of_its_group_ends_the_world_instead_of_hanging(tmp_path):
+    done, seconds, out = render_with_fault(tmp_path, "1")
+    # Rank 0 waits in a collective for rank 1, which ends the world once the others have not failed with it.
+    assert done.returncode != 0 and seconds < 120, (done.returncode, seconds)
+    assert "injected fault on rank 1" in done.stderr and "on this rank only" in done.stderr, done.stderr
+    # The world ended before rank 0 could refresh status.json: what `hpcrender status` reads is current.
+    jobs = {name: job["state"] for name, job in read_status(out)["jobs"].items()}
+    assert jobs["bad"] == "failed" and "failed" not in {jobs["first"], jobs["last"]}, jobs
+    assert jobs["first"] == "done" or jobs["last"] == "done", jobs

@@ -1,0 +1,32 @@
+"""`hpcrender render` with a fault injected into one job's denoising loop on some ranks only.
+
+usage: render_fault.py JOB STEP RANKS(comma-separated global ranks) -- hpcrender render ARGS...
+The listed ranks raise RuntimeError after STEP steps of JOB; every other rank renders normally.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mpi4py import MPI
+
+import hpcrender.pipeline
+from hpcrender.cli import cli
+
+job_name, fail_step, ranks = sys.argv[1], int(sys.argv[2]), {int(r) for r in sys.argv[3].split(",")}
+args = sys.argv[sys.argv.index("--") + 2:]
+original = hpcrender.pipeline.render_image
+
+
+def render_image(pipe, job, *a, on_step=None, **kw):
+    def faulty(done, total):
+        if on_step is not None:
+            on_step(done, total)
+        if job.name == job_name and done == fail_step and MPI.COMM_WORLD.rank in ranks:
+            raise RuntimeError(f"injected fault on rank {MPI.COMM_WORLD.rank}")
+
+    return original(pipe, job, *a, on_step=faulty, **kw)
+
+
+hpcrender.pipeline.render_image = render_image
+cli.main(args=args, prog_name="hpcrender")
