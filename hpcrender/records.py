@@ -82,15 +82,25 @@ def record_job_state(
     if state is JobState.RUNNING:
         record["attempt"] = int(record.get("attempt", 0)) + 1
         record["started"] = _iso(now)
-        for key in ("finished", "seconds", "checkpoint_step", "steps"):  # of an earlier attempt
+        for key in ("finished", "seconds", "checkpoint_step", "step", "steps"):  # of an earlier attempt
             record.pop(key, None)
     elif state in (JobState.DONE, JobState.FAILED):
         record["finished"] = _iso(now)
         started = _parse_iso(record.get("started"))
         if started is not None:
             record["seconds"] = round(now - started, 3)
+    if state in (JobState.DONE, JobState.PENDING):  # a failed job keeps the step it failed at
+        record.pop("step", None)
     record["updated"] = _iso(now)
     record.update(timings)
+    write_json_atomic(path, record)
+
+
+def record_progress(out_dir: str | os.PathLike, name: str, step: int, steps: int) -> None:
+    """Steps done by a running job, in its state file (state, attempt and times unchanged)."""
+    path = state_path(out_dir, name)
+    record = _read_json(path) or {"name": name, "state": JobState.RUNNING.value, "error": None}
+    record.update(step=int(step), steps=int(steps), updated=_iso(_now()))
     write_json_atomic(path, record)
 
 
@@ -129,6 +139,8 @@ def format_status(status: dict) -> str:
         state = job.get("state", "")
         if state == JobState.PENDING.value and job.get("checkpoint_step"):
             state += f" (checkpoint after step {job['checkpoint_step']}/{job.get('steps', '?')})"
+        elif state == JobState.RUNNING.value and job.get("step") is not None:
+            state += f" (step {job['step']}/{job.get('steps', '?')})"
         rows.append((name, state, seconds_text, error[0] if error else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [

@@ -28,6 +28,8 @@ log = logging.getLogger("hpcrender")
 # How long ranks that failed wait for the rest of their group to fail as well before ending the world (a failure
 # that every rank meets, such as a model that cannot be loaded, arrives everywhere within this).
 FAIL_TOGETHER_S = 20.0
+# How often a group's first rank writes its steps done into the job's state file.
+PROGRESS_RECORD_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
     """
     from hpcrender.checkpoint import checkpoint_path, remove_checkpoint, write_checkpoint
     from hpcrender.pipeline import render_image
-    from hpcrender.records import JobState, record_job_state
+    from hpcrender.records import JobState, record_job_state, record_progress
 
     env = world.env
     out = options.out
@@ -282,9 +284,15 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
             raise NotImplementedError("gigapixel refinement ([jobs.gigapixel]) is not available in this version")
         pipe = models.get(job)
 
+        last_record = time.monotonic()
+
         def on_step(done: int, total: int) -> None:
+            nonlocal last_record
             if leader:
                 progress.update(1)
+                if time.monotonic() - last_record >= PROGRESS_RECORD_S:  # what `hpcrender status` shows
+                    record_progress(out, job.name, done, total)
+                    last_record = time.monotonic()
             log.debug("%s: step %d/%d", job.name, done, total)
 
         result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, should_stop=should_stop,

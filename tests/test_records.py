@@ -18,6 +18,7 @@ from hpcrender.records import (
     merge_status,
     read_status,
     record_job_state,
+    record_progress,
     state_path,
     write_json_atomic,
     write_meta,
@@ -172,6 +173,19 @@ def test_a_stopped_job_shows_its_checkpoint_until_it_runs_again(tmp_path, clock)
     record_job_state(tmp_path, "big", JobState.RUNNING)
     job = merge_status(tmp_path, ["big"])["jobs"]["big"]
     assert job["state"] == "running" and job["attempt"] == 2 and "checkpoint_step" not in job and "steps" not in job
+
+
+def test_a_running_job_shows_its_steps_done(tmp_path, clock):
+    record_job_state(tmp_path, "big", JobState.RUNNING, rank=3)
+    clock[0] += 7
+    record_progress(tmp_path, "big", 12, 40)
+    job = merge_status(tmp_path, ["big"])["jobs"]["big"]
+    assert (job["state"], job["attempt"], job["rank"], job["step"], job["steps"]) == ("running", 1, 3, 12, 40)
+    assert job["updated"] == "2023-11-14T22:13:27.000Z"
+    assert format_status(merge_status(tmp_path, ["big"])).splitlines()[1].split() == [
+        "big", "running", "(step", "12/40)"]
+    record_job_state(tmp_path, "big", JobState.DONE)
+    assert "step" not in merge_status(tmp_path, ["big"])["jobs"]["big"]
 
 
 class _Colour(str, enum.Enum):
