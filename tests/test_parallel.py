@@ -317,3 +317,34 @@ def test_band_attention_uses_wrapped_projections_like_lora():
         got = unet(x, 500.0, **cond, return_dict=False)[0]
         handle.remove()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_attention_computes_the_text_keys_and_values_once_per_image():
+    unet = sd_unet()
+    cond = conditioning(unet, 2)
+    x = noise(2, 16, 12)
+    cross = [m for name, m in unet.named_modules() if name.endswith("attn2")]
+    calls = {"k": 0, "v": 0}
+    for attn in cross:
+        attn.to_k.register_forward_hook(lambda *_: calls.__setitem__("k", calls["k"] + 1))
+        attn.to_v.register_forward_hook(lambda *_: calls.__setitem__("v", calls["v"] + 1))
+    with torch.no_grad():
+        expected = [unet(x + s, 500.0 - 100 * s, **cond, return_dict=False)[0] for s in range(3)]
+        assert calls == {"k": 3 * len(cross), "v": 3 * len(cross)}  # unmodified: every call projects the text
+        calls.update(k=0, v=0)
+        handle = parallelize(unet, PatchPlan(Mode.DISPLACED, GroupNormMode.CORRECTED, 1, (Band(0, 16),), 0), None)
+        handle.begin_image()
+        for s in range(3):
+            handle.begin_step(s)
+            torch.testing.assert_close(unet(x + s, 500.0 - 100 * s, **cond, return_dict=False)[0], expected[s],
+                                       rtol=1e-5, atol=1e-6)
+        assert calls == {"k": len(cross), "v": len(cross)}  # once per layer for the whole image
+        cond["encoder_hidden_states"].mul_(2)  # other text in the same tensor: projected afresh
+        handle.begin_step(3)
+        unet(x, 500.0, **cond, return_dict=False)
+        assert calls == {"k": 2 * len(cross), "v": 2 * len(cross)}
+        handle.begin_image()  # a new image: nothing carried over
+        handle.begin_step(0)
+        unet(x, 500.0, **cond, return_dict=False)
+        handle.remove()
+    assert calls == {"k": 3 * len(cross), "v": 3 * len(cross)}
