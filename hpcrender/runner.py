@@ -89,7 +89,8 @@ def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int)
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1/SIGINT; checked between jobs so that a stop never loses a finished image."""
+    """Set by SIGTERM/SIGUSR1/SIGINT; checked between denoising steps and between jobs, so that a stop loses neither a
+    finished image nor the finished steps of the current one. A second SIGINT stops at once."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -99,8 +100,10 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         self.signum = signum
-        log.warning("signal %s received: stopping after the current job", signal.Signals(signum).name)
+        log.warning("signal %s received: stopping after the current denoising step", signal.Signals(signum).name)
 
 
 @dataclass

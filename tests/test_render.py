@@ -309,6 +309,15 @@ def test_a_signal_mid_image_checkpoints_exits_3_and_the_rerun_resumes_bit_for_bi
         assert again.returncode == 0, again.stderr
         assert meta_of(fresh, "long")["timings"]["resumed_after_step"] == 0
         assert not (fresh / "long" / "checkpoint.h5").exists()
+    else:  # the checkpoint holds the whole latent: one process can finish what 2 ranks started
+        alone = tmp_path / "alone"
+        shutil.copytree(out, alone)
+        finished = hpcrender("render", manifest, "--out", alone)
+        assert finished.returncode == 0, finished.stderr
+        assert meta_of(alone, "long")["timings"]["resumed_after_step"] == job["checkpoint_step"]
+        a = np.asarray(Image.open(alone / "long" / "image.png"), dtype=int)
+        b = np.asarray(Image.open(tmp_path / "whole" / "long" / "image.png"), dtype=int)
+        assert np.abs(a - b).max() <= 1
 
     resumed = hpcrender("render", manifest, "--out", out, ranks=ranks)
     assert resumed.returncode == 0, resumed.stderr
@@ -381,3 +390,17 @@ def test_a_job_that_fails_on_one_rank_of_its_group_ends_the_world_instead_of_han
     jobs = {name: job["state"] for name, job in read_status(out)["jobs"].items()}
     assert jobs["bad"] == "failed" and "failed" not in {jobs["first"], jobs["last"]}, jobs
     assert jobs["first"] == "done" or jobs["last"] == "done", jobs
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from hpcrender.runner import StopFlag
+
+    flag = StopFlag()
+    flag._handle(signal.SIGTERM, None)
+    flag._handle(signal.SIGUSR1, None)  # more requests to stop: still the graceful stop
+    assert flag.signum == signal.SIGUSR1
+    with pytest.raises(KeyboardInterrupt):
+        flag._handle(signal.SIGINT, None)
+    first = StopFlag()
+    first._handle(signal.SIGINT, None)
+    assert first.signum == signal.SIGINT
