@@ -279,6 +279,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
 
     def should_stop() -> bool:  # the whole group stops after the same step
         return group_any(stop.signum is not None)
+
     log.info("%s: %dx%d, %d steps, mode %s on %d rank(s)", job.name, job.width, job.height, job.steps,
              job.parallel.mode.value, layout.size)
     together = True  # until the group's last collective of the job: the ranks must fail or succeed together
@@ -301,6 +302,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
         result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, should_stop=should_stop,
                               resume=resume)
         if result.stopped_at is not None:
+            together = False  # the checkpoint is gathered: writing it is the first rank's alone
             if leader:
                 write_checkpoint(saved, result.checkpoint, job.params_hash())
                 record_job_state(out, job.name, JobState.PENDING, rank=env.rank, node=env.node,
