@@ -12,12 +12,13 @@ checkpoint (or none), never a torn one.
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from hpcrender.records import write_atomic
 
 FILE_NAME = "checkpoint.h5"
 FORMAT_VERSION = 1
@@ -74,11 +75,8 @@ def checkpoint_path(job_dir: str | os.PathLike) -> Path:
 
 
 def write_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint, params_hash: str) -> None:
-    """Write atomically: a temporary file beside `path`, flushed, then renamed onto it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
+    """Write atomically (records.write_atomic): a kill while writing leaves the previous checkpoint or none."""
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["params_hash"] = params_hash
@@ -94,14 +92,8 @@ def write_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint, params_has
             for i, entry in enumerate(checkpoint.history):
                 if entry is not None:
                     f.create_dataset(f"history/{i}", data=np.asarray(entry, dtype=np.float32))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(path, write)
 
 
 def read_checkpoint(path: str | os.PathLike, params_hash: str) -> Checkpoint | None:

@@ -12,7 +12,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,25 +31,36 @@ class JobState(str, enum.Enum):
     FAILED = "failed"
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary file beside `path`, fsync it, then rename it onto `path`.
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Have `write` create a temporary file beside `path`, fsync it, then rename it onto `path`.
 
     Readers see the old file or the new one, never a torn one, even if the writer is killed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique name per writer (pid + random) so concurrent writers never share a temporary file;
-    # created with open() rather than mkstemp so the file gets the user's umask, not 0600.
+    # created by `write` rather than mkstemp so the file gets the user's umask, not 0600.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, default=_jsonable)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """JSON, written with write_atomic."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, default=_jsonable)
+            fh.write("\n")
+
+    write_atomic(path, write)
 
 
 def state_path(out_dir: str | os.PathLike, name: str) -> Path:

@@ -13,9 +13,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -156,13 +154,14 @@ def run_render(world, manifest: Manifest, options: RenderOptions) -> int:
         groups = rank_groups(env.world_size, size)
         comms = _make_groups(world, groups, size, any(manifest.jobs[i].parallel.split_cfg for i in members))
         g = env.rank // size
-        agree = world.split(g)  # an MPI communicator of the group, beside its torch.distributed one
-        group_any = partial(_group_any, agree)
+        # The group's MPI communicator, for its small agreements (stop, skip, resume, records); tensors go through
+        # torch.distributed. Ranks are consecutive, so rank r of `agree` is rank r of the group.
+        agree = world.split(g)
         shares = assign_jobs([_cost(manifest.jobs[i]) for i in members], len(groups))
         for pos in shares[g]:
             job = manifest.jobs[members[pos]]
             # The group agrees on stopping, so that no rank waits in a collective for a rank that left.
-            if group_any(stop.signum is not None):
+            if _group_any(agree, stop.signum is not None):
                 interrupted = True
                 break
             layout = GroupLayout(size=size, rank=env.rank % size, mode=job.parallel.mode,
@@ -256,29 +255,29 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
     A failure is the job's alone when every rank of the group fails with it; when only some ranks fail, the others
     wait for them inside a collective, and the failing ranks end the world (see _fail_together).
     """
-    from hpcrender.checkpoint import checkpoint_path, remove_checkpoint, write_checkpoint
+    from hpcrender.checkpoint import checkpoint_path, read_checkpoint, remove_checkpoint, write_checkpoint
     from hpcrender.pipeline import render_image
     from hpcrender.records import JobState, record_job_state, record_progress
 
     env = world.env
     out = options.out
     leader = layout.rank == 0
-    group_any = partial(_group_any, agree)
-    if options.resume and _broadcast_flag(comms, layout, _already_done(out, job) if leader else False):
+    if options.resume and agree.bcast(_already_done(out, job) if leader else None):
         log.info("%s: already done, skipped", job.name)
         return "done"
     started = time.time()
     saved = checkpoint_path(out / job.name)
     if leader:
         record_job_state(out, job.name, JobState.RUNNING, rank=env.rank, node=env.node, started=started)
-    resume = _agreed_checkpoint(comms, layout, saved, job, group_any) if options.resume else None
+    # The first rank reads the checkpoint and hands it to the others: one read, and one answer for the whole group.
+    resume = agree.bcast(read_checkpoint(saved, job.params_hash()) if leader and options.resume else None)
     if leader:
         progress.start(job.name, job.steps - (resume.step if resume else 0))
     if resume is not None:
         log.info("%s: resuming after step %d of %d", job.name, resume.step, job.steps)
 
     def should_stop() -> bool:  # the whole group stops after the same step
-        return group_any(stop.signum is not None)
+        return _group_any(agree, stop.signum is not None)
 
     log.info("%s: %dx%d, %d steps, mode %s on %d rank(s)", job.name, job.width, job.height, job.steps,
              job.parallel.mode.value, layout.size)
@@ -314,7 +313,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
         mine = {"rank": env.rank, "node": env.node, "peak_memory_bytes": result.peak_memory_bytes}
         if result.exchange:
             mine["exchange"] = {k: result.exchange[k] for k in ("bytes_sent", "wait_seconds")}
-        peaks = _gather_objects(comms, layout, mine)
+        peaks = agree.allgather(mine)
         together = False  # what follows is the first rank's alone; the others have gone on to the next job
         if leader:
             _write_outputs(out, job, result, layout, comms, peaks, options, started, world)
@@ -356,49 +355,6 @@ def _fail_together(agree, grace_s: float) -> bool:
             return False
         time.sleep(0.01)
     return True
-
-
-def _agreed_checkpoint(comms, layout, path: Path, job: Job, group_any: Callable[[bool], bool]):
-    """The job's checkpoint when the group's first rank finds one of these parameters; every rank then reads the
-    same file (OUT is on a file system every rank sees), and the group uses it only if every rank read that step."""
-    from hpcrender.checkpoint import read_checkpoint
-
-    found = read_checkpoint(path, job.params_hash()) if layout.rank == 0 else None
-    step = _broadcast_int(comms, layout, found.step if found else 0)
-    if step == 0:
-        return None
-    if layout.rank != 0:
-        found = read_checkpoint(path, job.params_hash())
-    if group_any(found is None or found.step != step):
-        log.warning("%s: the ranks of the group read different checkpoints; starting from the first step", path)
-        return None
-    return found
-
-
-def _broadcast_flag(comms, layout, flag: bool) -> bool:
-    return bool(_broadcast_int(comms, layout, int(flag)))
-
-
-def _broadcast_int(comms, layout, value: int) -> int:
-    """The group's first rank's value, on every rank of the group."""
-    if layout.size == 1:
-        return value
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.broadcast(t, src=comms.global_ranks[0], group=comms.group)
-    return int(t.item())
-
-
-def _gather_objects(comms, layout, obj) -> list:
-    if layout.size == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    got = [None] * layout.size
-    dist.all_gather_object(got, obj, group=comms.group)
-    return got
 
 
 def _write_outputs(out: Path, job: Job, result, layout, comms, peaks, options: RenderOptions, started, world):
