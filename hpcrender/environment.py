@@ -399,9 +399,12 @@ class World:
         """One line to stderr, then every rank of the world ends at once with `code`."""
         sys.stdout.flush()
         print(f"hpcrender: rank {self.env.rank} on {self.env.node}: {message}", file=sys.stderr, flush=True)
-        if self.env.world_size == 1:
-            raise SystemExit(code)  # alone: let files close and the exit code through
         logging.shutdown()  # the per-rank logs keep what led here
+        if self.env.world_size == 1:
+            # Alone: no interpreter teardown either. An HDF5 file that could not be closed (a full disk) would
+            # crash the library's exit handler; the stores are flushed tile by tile and need no close.
+            sys.stderr.flush()
+            os._exit(code)
         # Give the launcher's output forwarding a moment: Abort tears the ranks down with their pipes unread.
         time.sleep(ABORT_GRACE_S)
         try:

@@ -49,6 +49,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, f"{path}: {e.strerror}") from e  # a full disk says which file it stopped
     finally:
         tmp.unlink(missing_ok=True)
 

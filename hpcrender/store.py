@@ -8,13 +8,16 @@ flushes after every tile, so the file stays readable when the writer is killed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import logging
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import h5py
@@ -163,13 +166,14 @@ class TileStore:
         if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.shape != (y1 - y0, x1 - x0, 3):
             got = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
             raise ValueError(f"tile ({row}, {col}) needs uint8 {(y1 - y0, x1 - x0, 3)}, got {got}")
-        self._image[y0:y1, x0:x1] = rgb
-        # Pixels reach the file before the done mark does: a kill between the two flushes
-        # leaves a tile that is rendered again, never one marked done with missing pixels.
-        self._file.flush()
-        self._done_ds[row, col] = 1
+        with self._writing():
+            self._image[y0:y1, x0:x1] = rgb
+            # Pixels reach the file before the done mark does: a kill between the two flushes
+            # leaves a tile that is rendered again, never one marked done with missing pixels.
+            self._file.flush()
+            self._done_ds[row, col] = 1
+            self._file.flush()
         self._done[row, col] = True
-        self._file.flush()
 
     def write_region(self, y0: int, x0: int, rgb: np.ndarray) -> None:
         """Write a region made of whole tiles (clipped at the image edge), tile by tile."""
@@ -243,26 +247,49 @@ class TileStore:
         merged = self.attrs
         merged.update(kv)
         data = np.frombuffer(json.dumps(merged, sort_keys=True).encode(), np.uint8)
-        self._meta_ds.resize(data.shape)
-        self._meta_ds[...] = data
-        self._file.flush()
+        with self._writing():
+            self._meta_ds.resize(data.shape)
+            self._meta_ds[...] = data
+            self._file.flush()
 
     # -- lifetime ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._file.id.valid:
-            if self.writable:
-                self._file.flush()
-            self._file.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing releases the flock
-            self._lock_fd = None
+        """Flush and close; the file is closed and the lock released even when the flush fails (a full disk), so
+        that the error reaches the caller instead of a half-open HDF5 file at interpreter exit."""
+        try:
+            if self._file.id.valid and self.writable:
+                with self._writing():
+                    self._file.flush()
+        finally:
+            try:
+                if self._file.id.valid:
+                    with self._writing():
+                        self._file.close()
+            finally:
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)  # closing releases the flock
+                    self._lock_fd = None
 
     def __enter__(self) -> TileStore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except OSError:
+            if exc is None:
+                raise  # otherwise the first failure (say, a full disk) is the one worth reporting
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """HDF5's write failures as one readable OSError naming the store (its own text spans lines)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            found = re.search(r"errno = (\d+), error message = '([^']*)'", str(e))
+            code, reason = (int(found[1]), found[2]) if found else (getattr(e, "errno", None), str(e).splitlines()[0])
+            raise OSError(code, f"{self.path}: cannot write the tile store: {reason}") from e
 
     def __repr__(self) -> str:
         mode = "w" if self.writable else "r"

@@ -404,3 +404,52 @@ def test_a_second_ctrl_c_stops_at_once():
     first = StopFlag()
     first._handle(signal.SIGINT, None)
     assert first.signum == signal.SIGINT
+
+
+FULL_DISK = """
+[defaults]
+model = "builtin:tiny-sd"
+steps = 2
+[defaults.parallel]
+mode = "none"
+[[jobs]]
+name = "small"
+prompt = "x"
+width = 64
+height = 64
+[[jobs]]
+name = "big"
+prompt = "y"
+width = 512
+height = 512
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KiB file system (a tmpfs; needs root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_ends_with_one_line_naming_the_file_and_keeps_finished_images(tmp_path, small_disk):
+    manifest = write_manifest(tmp_path / "disk.toml", FULL_DISK)
+    out = small_disk / "out"
+    first = hpcrender("render", manifest, "--out", out, "--only", "small")
+    assert first.returncode == 0, first.stderr
+    image = (out / "small" / "image.png").read_bytes()
+
+    full = hpcrender("render", manifest, "--out", out)
+    assert full.returncode == 1, full.stderr  # no crash in HDF5's exit handler
+    lines = [line for line in full.stderr.splitlines() if "step/s, ETA" not in line]
+    assert "Traceback" not in full.stderr, full.stderr
+    assert f"big: FAILED: OSError: [Errno 28] {out / 'big' / 'tiles.h5'}: cannot write the tile store: " \
+           "No space left on device" in lines[0], full.stderr
+    assert lines[-1].startswith("hpcrender: rank 0 on ") and "No space left on device" in lines[-1], full.stderr
+    assert (out / "small" / "image.png").read_bytes() == image
