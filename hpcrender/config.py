@@ -21,10 +21,15 @@ class Mode(str, enum.Enum):
 
 
 class GroupNormMode(str, enum.Enum):
-    CORRECTED = "corrected"  # stale full stats corrected by the fresh local band
-    STALE = "stale"          # stale full stats
+    CORRECTED = "corrected"  # stale whole-image mean and E[x^2], moved by the fresh local band's change
+    STALE = "stale"          # the other bands' stats from the previous step, this band's fresh
     SYNC = "sync"            # fresh full stats every step (blocking)
     SEPARATE = "separate"    # each band its own stats
+
+
+class StaleMode(str, enum.Enum):
+    CORRECTED = "corrected"  # other bands' keys/values and halo rows moved by this band's mean change since then
+    PLAIN = "plain"          # the previous step's activations as they are (DistriFusion)
 
 
 class SchedulerName(str, enum.Enum):
@@ -44,6 +49,7 @@ class ParallelConfig:
     mode: Mode = Mode.DISPLACED
     warmup_steps: int = 4
     groupnorm: GroupNormMode = GroupNormMode.CORRECTED
+    stale: StaleMode = StaleMode.CORRECTED
     split_cfg: bool = False
     ranks_per_image: int = 0  # 0: all ranks render each image together
 

@@ -237,7 +237,8 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
         from hpcrender.parallel.plan import PatchPlan, parallelize
 
         plan = PatchPlan(mode=job.parallel.mode, groupnorm=job.parallel.groupnorm,
-                         warmup_steps=job.parallel.warmup_steps, bands=bands, rank=layout.patch_rank)
+                         warmup_steps=job.parallel.warmup_steps, bands=bands, rank=layout.patch_rank,
+                         stale=job.parallel.stale)
         handle = parallelize(pipe.unet, plan, comms.patch_group)
         handle.begin_image()
     try:

@@ -62,13 +62,13 @@ def test_corrected_variance_that_comes_out_negative_falls_back_to_the_local_band
     # Another band of a nearly constant map whose E[x^2] rounding left a hair below E[x]^2 ...
     other = _moments(8, 40.0, -1e-3)
     stale_local = _moments(8, 39.0, 2.0)
-    fresh = _moments(8, 40.0, 1e-4)  # ... and this band, now nearly constant at the same level
+    fresh = _moments(8, 40.0, 1e-4)  # ... and this band, now nearly constant one level up
     corrected = corrected_moments(other + stale_local, stale_local, fresh)
     _, raw_var = mean_var(corrected)
     assert raw_var.item() < 0, "the case under test: the corrected variance is negative"
     mean, var = pooled_mean_var(corrected, fresh)
     assert var.item() == pytest.approx(1e-4)  # the local band's variance
-    assert mean.item() == pytest.approx(40.0)
+    assert mean.item() == pytest.approx(40.5)  # the whole image's mean 39.5, moved as this band's
     x = torch.full((1, 4, 2, 2), 40.0) + torch.tensor([0.01, -0.01]).repeat(8).view(1, 4, 2, 2)
     y = normalize(x, 1, mean.float(), var.float(), 0.0, None, None)
     assert torch.isfinite(y).all()

@@ -26,10 +26,16 @@ def _row_padding(conv: nn.Conv2d) -> int:
 
 
 class BandConv2d(nn.Module):
-    """Stands in for an nn.Conv2d (sharing its parameters) on a band of its input's rows."""
+    """Stands in for an nn.Conv2d (sharing its parameters) on a band of its input's rows.
 
-    def __init__(self, conv: nn.Conv2d, ctx, name: str = ""):
+    `fresh`: the halo is exchanged blocking in every step, displaced ones included. For the model's input
+    convolution: its input is the sampler's latent, which every band has fresh after the step; its halo is a few
+    rows of a few channels, and a stale one there is the largest single error of displaced steps.
+    """
+
+    def __init__(self, conv: nn.Conv2d, ctx, name: str = "", fresh: bool = False):
         super().__init__()
+        self.fresh = fresh
         self.weight = conv.weight
         self.bias = conv.bias
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
@@ -43,7 +49,7 @@ class BandConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, halo={self.halo}, band-parallel")
+                f"padding={self.padding}, halo={self.halo}, band-parallel{', fresh' if self.fresh else ''}")
 
     def _check(self, rows: tuple[int, ...]) -> None:
         """The neighbours hold enough rows for the halo, and every band starts on a multiple of the stride."""
@@ -71,13 +77,15 @@ class BandConv2d(nn.Module):
         sent_up, sent_down = max(below, 0), above  # rows this band gives the band above / below it
         per_row = batch * channels * width
         slot = ctx.exchange.slot(self, SlotSpec(SlotKind.HALO, sent_up * per_row, sent_down * per_row, x.dtype,
-                                                x.device))
+                                                x.device, fresh=self.fresh))
         first, last = ctx.rank == 0, ctx.rank == ctx.size - 1
-        if ctx.sync_step:
+        if ctx.sync_step or self.fresh:
             self._give(x, slot, sent_up, sent_down)
             ctx.exchange.exchange_now(slot)
             return self._band_conv(x, slot, first, last)
         ctx.exchange.wait(slot)
+        if ctx.correct_stale:
+            self._correct_stale(x, slot, sent_up, sent_down)
         out = self._band_conv(x, slot, first, last)  # reads the stale rows before the buffers are reused
         self._give(x, slot, sent_up, sent_down)
         ctx.exchange.post(slot)
@@ -112,6 +120,21 @@ class BandConv2d(nn.Module):
             out[:, :, bottom:] = F.conv2d(strip, self.weight, self.bias, self.stride, rows_only, self.dilation,
                                           self.groups)
         return out
+
+    def _correct_stale(self, x: torch.Tensor, slot, sent_up: int, sent_down: int) -> None:
+        """Move the neighbours' stale halo rows by the change, per channel, of this band's own rows that border
+        them: what those rows sent last step (still in the send buffers) against what they hold now. Costs no
+        communication; measured closer to single-device than the stale rows alone (BENCHMARKS.md)."""
+        above, below = self.halo
+        batch, channels, _, width = x.shape
+        if above and sent_up == above:
+            sent = slot["to_prev"].view(batch, channels, above, width)
+            drift = (x[:, :, :above] - sent).mean(dim=(2, 3), keepdim=True)
+            slot["from_prev"].view(batch, channels, above, width).add_(drift)
+        if below > 0 and sent_down == below:
+            sent = slot["to_next"].view(batch, channels, below, width)
+            drift = (x[:, :, -below:] - sent).mean(dim=(2, 3), keepdim=True)
+            slot["from_next"].view(batch, channels, below, width).add_(drift)
 
     @staticmethod
     def _give(x: torch.Tensor, slot, sent_up: int, sent_down: int) -> None:

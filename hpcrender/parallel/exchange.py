@@ -32,6 +32,7 @@ class SlotSpec:
     down: int
     dtype: torch.dtype
     device: torch.device
+    fresh: bool = False  # exchanged blocking in every step, never bucketed (a layer that reads the model's input)
 
 
 @dataclass(eq=False)
@@ -145,12 +146,15 @@ class Exchange:
         return found
 
     def bucket(self) -> None:
-        """Lay every slot out in flat per-bucket buffers, keeping what the slots hold (the last exchange's data)."""
+        """Lay every slot out in flat per-bucket buffers, keeping what the slots hold (the last exchange's data).
+        Fresh slots keep their own buffers."""
         if self.buckets:
             return
         open_buckets: dict[tuple, tuple[Bucket, int]] = {}
         for slot in self.slots.values():
             spec = slot.spec
+            if spec.fresh:
+                continue
             key = (spec.kind, spec.dtype, spec.device)
             nbytes = (spec.up + spec.down) * spec.dtype.itemsize
             current = open_buckets.get(key)

@@ -1,6 +1,6 @@
 """GroupNorm over one band with statistics of the whole image: per-band (count, sum x, sum x^2) in float64, pooled
-over the bands fresh (sync), from the previous step (stale), stale corrected by the fresh local band (corrected),
-or not at all (separate)."""
+over the bands fresh (sync), the other bands' from the previous step with this band's fresh (stale), the previous
+step's whole-image means moved by this band's change of its own (corrected), or not at all (separate)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,18 @@ def mean_var(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def corrected_moments(stale_full: torch.Tensor, stale_local: torch.Tensor, fresh_local: torch.Tensor) -> torch.Tensor:
-    """The whole image's moments now, estimated as the previous step's plus this band's change since then."""
+    """The whole image's moments now: the previous step's mean and E[x^2], each moved by this band's change of its
+    own mean and E[x^2] since then, i.e. every other band is assumed to drift as this one does (DistriFusion's
+    corrected GroupNorm). Correcting the pooled *sums* instead would move only this band's share: the same as
+    stale statistics for the other bands, measurably further from single-device."""
+    count = stale_full[..., :1]
+    local_count = fresh_local[..., :1]
+    means = stale_full[..., 1:] / count + (fresh_local[..., 1:] - stale_local[..., 1:]) / local_count
+    return torch.cat([count, count * means], dim=-1)
+
+
+def stale_moments(stale_full: torch.Tensor, stale_local: torch.Tensor, fresh_local: torch.Tensor) -> torch.Tensor:
+    """The other bands' moments of the previous step pooled with this band's fresh ones."""
     return stale_full + (fresh_local - stale_local)
 
 
@@ -102,10 +113,8 @@ class BandGroupNorm(nn.Module):
         else:
             ctx.exchange.wait(slot)
             stale_full = slot["buf"].view_as(fresh)
-            if ctx.groupnorm is GroupNormMode.CORRECTED:
-                full = corrected_moments(stale_full, slot["local"].view_as(fresh), fresh)
-            else:
-                full = stale_full.clone()
+            pool = corrected_moments if ctx.groupnorm is GroupNormMode.CORRECTED else stale_moments
+            full = pool(stale_full, slot["local"].view_as(fresh), fresh)
             slot["buf"].copy_(fresh.view(-1))
             ctx.exchange.post(slot)
         slot["local"].copy_(fresh.view(-1))

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from hpcrender.config import GroupNormMode, Mode
+from hpcrender.config import GroupNormMode, Mode, StaleMode
 from hpcrender.errors import BadInput, DoesNotFit
 from hpcrender.parallel.attention import BandAttnProcessor
 from hpcrender.parallel.bands import (
@@ -27,7 +27,8 @@ from hpcrender.parallel.groupnorm import BandGroupNorm
 @dataclass(frozen=True)
 class PatchPlan:
     """How one rank of a band group runs a model: the exchange mode, GroupNorm mode, warm-up steps, the bands (rows
-    of the model's input feature map, in rank order) and this rank's index among them."""
+    of the model's input feature map, in rank order) and this rank's index among them, and what displaced steps do
+    with the other bands' stale keys/values and halo rows."""
 
     mode: Mode
     groupnorm: GroupNormMode
@@ -35,6 +36,7 @@ class PatchPlan:
     bands: tuple[Band, ...]
     rank: int
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # largest flat buffer of one asynchronous collective
+    stale: StaleMode = StaleMode.CORRECTED
 
     def __post_init__(self):
         if self.mode is Mode.NONE:
@@ -70,6 +72,7 @@ class BandContext:
         self.plan = plan
         self.mode = plan.mode
         self.groupnorm = plan.groupnorm
+        self.correct_stale = plan.stale is StaleMode.CORRECTED
         self.bands = plan.bands
         self.rank = plan.rank
         self.size = len(plan.bands)
@@ -133,7 +136,8 @@ class Parallelized:
         """Per step of the current image: bytes this rank sent and seconds it waited on communication."""
         exchange = self.ctx.exchange
         return {
-            "mode": self.plan.mode.value, "groupnorm": self.plan.groupnorm.value, "ranks": self.ctx.size,
+            "mode": self.plan.mode.value, "groupnorm": self.plan.groupnorm.value, "stale": self.plan.stale.value,
+            "ranks": self.ctx.size,
             "rank": self.plan.rank, "warmup_steps": self.plan.warmup_steps,
             "bytes_sent": list(exchange.bytes_sent), "wait_seconds": [round(s, 6) for s in exchange.wait_seconds],
             "bytes_total": sum(exchange.bytes_sent), "wait_seconds_total": round(sum(exchange.wait_seconds), 6),
@@ -157,6 +161,10 @@ class Parallelized:
         self._removed = True
 
 
+# The model's input convolution (UNet and VAE alike): it reads the sampler's latent, so its halo is always fresh.
+INPUT_CONV = "conv_in"
+
+
 def _band_layer(module: nn.Module, ctx: BandContext, name: str) -> nn.Module | None:
     """The band-parallel stand-in for `module`, None when it needs none (it only reads its own rows)."""
     if isinstance(module, (BandConv2d, BandGroupNorm)):
@@ -176,7 +184,7 @@ def _band_layer(module: nn.Module, ctx: BandContext, name: str) -> nn.Module | N
         if not keeps_band_geometry(kernel, stride, padding, dilation):
             raise DoesNotFit(f"{name}: a convolution with kernel {kernel}, stride {stride}, padding {padding} does "
                              "not keep band boundaries on output rows")
-        return BandConv2d(module, ctx, name)
+        return BandConv2d(module, ctx, name, fresh=name == INPUT_CONV)
     if isinstance(module, nn.ConvTranspose2d) and (module.kernel_size[0] != module.stride[0] or module.padding[0]):
         raise DoesNotFit(f"{name}: an overlapping transposed convolution cannot be split into bands")
     return None
