@@ -429,3 +429,20 @@ def test_real_sdxl_config_folder_pads_the_second_tokenizer_like_openclip(tmp_pat
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
     assert json.loads((tmp_path / "text_encoder_2" / "config.json").read_text())["hidden_size"] == 1280
+
+
+@pytest.mark.parametrize("name", ["euler", "ddim", "dpmpp"])
+def test_builtin_schedulers_do_not_clip_the_predicted_sample_like_real_sdxl(name):
+    # DDIM's own default clips x0 to [-1, 1]; real SD/SDXL configs turn it off, and so must the builtin one.
+    from diffusers import EulerDiscreteScheduler
+
+    from hpcrender.config import SchedulerName
+    from hpcrender.pipeline import make_scheduler
+
+    base = EulerDiscreteScheduler.from_config(builtin.SCHEDULER_CONFIG)
+    scheduler = make_scheduler(SchedulerName(name), base.config)
+    assert scheduler.config.get("clip_sample", False) is False
+    assert scheduler.config.get("thresholding", False) is False
+    assert scheduler.config.steps_offset == 1 and scheduler.config.timestep_spacing == "leading"
+    if name == "ddim":
+        assert scheduler.config.set_alpha_to_one is False

@@ -20,15 +20,24 @@ import torch
 
 from hpcrender.models.reference import BUILTIN_NAMES, Family
 
-# SD's training noise schedule; the renderer builds euler/ddim/dpmpp from this config.
+# The scheduler config of the real SDXL base checkpoint (SD 1.5's differs only in keys Euler ignores): the renderer
+# builds euler/ddim/dpmpp from it, so DDIM, too, must not clip the predicted x0 (clip_sample is off in real configs;
+# DDIM's default clips to [-1, 1]). Build with from_config, which keeps the keys Euler itself does not take.
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
+    "trained_betas": None,
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
     "steps_offset": 1,
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "clip_sample": False,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
 }
 
 MAX_TOKENS = 77  # CLIP's context length, which SD and SDXL pipelines pad to
@@ -302,7 +311,7 @@ def build_builtin(name: str, dtype: torch.dtype = torch.float32, device: str | t
         raise KeyError(name)
     arch = architecture(name)
     parts = build_components(arch, dtype, torch.device(device))
-    scheduler = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    scheduler = EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
     if arch.family is Family.SD:
         return StableDiffusionPipeline(
             **parts, tokenizer=build_tokenizer(), scheduler=scheduler,

@@ -215,7 +215,7 @@ def write_pipeline_config(arch: Architecture, folder: Path, tokenizer) -> None:
         (folder / name / "config.json").write_text(
             json.dumps({"_class_name": class_name, "_diffusers_version": version, **config})
         )
-    EulerDiscreteScheduler(**SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+    EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
     for index, config in enumerate(arch.text_encoders):
         suffix = "" if index == 0 else f"_{index + 1}"
         CLIPTextConfig(**config).save_pretrained(folder / f"text_encoder{suffix}")
