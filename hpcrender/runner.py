@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcrender.config import Job, Manifest, Mode
+from hpcrender.environment import Backend, torch_backend
 from hpcrender.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, HpcrenderError
 from hpcrender.schedule import array_shard, assign_jobs, job_cost, rank_groups
 
@@ -84,6 +85,15 @@ def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int)
     if problems:
         from hpcrender.errors import DoesNotFit
         raise DoesNotFit("\n".join(problems))
+
+
+def failure_ends_world(device: str, collective_issued: bool) -> bool:
+    """Whether a job that failed on every rank of its group must end the run instead of letting the group go on.
+
+    gloo completes each collective on the host, so ranks that all failed are in step again. NCCL's wait() does not
+    block the host: once the job's first collective is issued, the failed ranks (out of memory, typically) may have
+    queued different numbers of them, and the next job would hang on a communicator out of step."""
+    return collective_issued and torch_backend(device) is Backend.NCCL
 
 
 class StopFlag:
@@ -282,6 +292,12 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
     log.info("%s: %dx%d, %d steps, mode %s on %d rank(s)", job.name, job.width, job.height, job.steps,
              job.parallel.mode.value, layout.size)
     together = True  # until the group's last collective of the job: the ranks must fail or succeed together
+    issued = False   # whether the group's first collective of the job has been issued
+
+    def on_collective() -> None:
+        nonlocal issued
+        issued = True
+
     try:
         if job.gigapixel is not None:
             raise NotImplementedError("gigapixel refinement ([jobs.gigapixel]) is not available in this version")
@@ -299,7 +315,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
             log.debug("%s: step %d/%d", job.name, done, total)
 
         result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, should_stop=should_stop,
-                              resume=resume)
+                              resume=resume, on_collective=on_collective)
         if result.stopped_at is not None:
             together = False  # the checkpoint is gathered: writing it is the first rank's alone
             if leader:
@@ -328,6 +344,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
         log.error("%s: failed: %s", job.name, message)
         log.debug("%s", traceback.format_exc())
         alone = together and layout.size > 1 and not _fail_together(agree, FAIL_TOGETHER_S)
+        out_of_step = together and not alone and failure_ends_world(env.device, issued)
         if leader or alone:
             if leader:
                 progress.finish(f"{job.name}: FAILED: {message}")
@@ -338,6 +355,9 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
         if alone:
             world.abort(f"{job.name}: {message} (on this rank only: the rest of its group waits for it in a "
                         "collective, so the run stops here; finished jobs are kept and a rerun resumes)")
+        if out_of_step:
+            world.abort(f"{job.name}: {message} (after the group's first NCCL collective: its communicator may be "
+                        "out of step, so the run stops here; finished jobs are kept and a rerun resumes)")
         return "failed"
 
 

@@ -362,14 +362,14 @@ prompt = "three"
 """
 
 
-def render_with_fault(tmp_path, failing_ranks: str) -> tuple[subprocess.CompletedProcess, float, Path]:
+def render_with_fault(tmp_path, failing_ranks: str, **env: str) -> tuple[subprocess.CompletedProcess, float, Path]:
     manifest = write_manifest(tmp_path / "faults.toml", FAULTS)
     out = tmp_path / "out"
     script = Path(__file__).parent / "mpi_scripts" / "render_fault.py"
     cmd = [str(MPIEXEC), "-n", "2", str(HPCRENDER.parent / "python"), str(script), "bad", "2", failing_ranks,
            "--", "hpcrender", "render", str(manifest), "--out", str(out)]
     start = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env())
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env(**env))
     return done, time.time() - start, out
 
 
@@ -379,6 +379,15 @@ def test_a_job_that_fails_on_every_rank_of_its_group_does_not_stop_the_batch(tmp
     jobs = status_of(out)["jobs"]
     assert {name: job["state"] for name, job in jobs.items()} == {"first": "done", "bad": "failed", "last": "done"}
     assert jobs["bad"]["error"] == "RuntimeError: injected fault on rank 0"
+
+
+def test_under_nccl_a_job_that_fails_on_every_rank_after_a_collective_ends_the_run(tmp_path):
+    done, _, out = render_with_fault(tmp_path, "0,1", FAULT_AS_NCCL="1")
+    assert done.returncode == 1, done.stderr
+    assert "communicator may be out of step" in done.stderr, done.stderr
+    jobs = {name: job["state"] for name, job in read_status(out)["jobs"].items()}
+    # The group did not go on to its next job on a communicator that may be out of step.
+    assert jobs == {"first": "done", "bad": "failed", "last": "pending"}, jobs
 
 
 def test_a_job_that_fails_on_one_rank_of_its_group_ends_the_world_instead_of_hanging(tmp_path):
