@@ -104,3 +104,82 @@ def test_a_step_on_the_cpu_waits_for_nothing(monkeypatch):
 def test_only_a_failure_after_an_nccl_collective_ends_the_run(device, issued):
     # gloo's collectives complete on the host; NCCL's may still be queued, in different numbers per rank.
     assert failure_ends_world(device, issued) is (issued and device.startswith("cuda"))
+
+
+# --- wait times in meta.json ---------------------------------------------------------------------------------
+
+class FakeEvent:
+    """A CUDA event on a stream that stalled `stall_ms` between the two records."""
+
+    made: list = []
+    stall_ms = 250.0
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.recorded = self.synchronized = False
+        FakeEvent.made.append(self)
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    def synchronize(self):
+        self.synchronized = True
+
+    def elapsed_time(self, end):
+        assert self.recorded and end.recorded and end.synchronized
+        return FakeEvent.stall_ms
+
+
+def ticking_clock(step_s: float):
+    now = [0.0]
+
+    def clock():
+        now[0] += step_s
+        return now[0]
+
+    return clock
+
+
+def test_a_wait_on_cuda_is_timed_by_the_stream_and_read_without_a_sync_inside_the_step(monkeypatch):
+    from hpcrender.parallel import exchange as exchange_module
+
+    monkeypatch.setattr(FakeEvent, "made", [])
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(exchange_module.time, "perf_counter", ticking_clock(0.001))  # NCCL: the host waits ~0
+    ex = exchange_module.Exchange(None, 0, 1)
+    ex.begin_step(0)
+    ex._timed(lambda: None, torch.device("cuda:0"))
+    ex.begin_step(1)
+    ex._timed(lambda: None, torch.device("cuda:0"))
+    ex._timed(lambda: None, torch.device("cuda:0"))
+    assert len(FakeEvent.made) == 6 and not any(e.synchronized for e in FakeEvent.made)
+    assert ex.wait_seconds == pytest.approx([0.25, 0.5])
+    assert ex.wait_seconds == pytest.approx([0.25, 0.5])  # read once
+
+
+def test_a_wait_that_blocks_the_host_on_cuda_counts_the_host_time(monkeypatch):
+    from hpcrender.parallel import exchange as exchange_module
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(FakeEvent, "stall_ms", 0.0)
+    monkeypatch.setattr(exchange_module.time, "perf_counter", ticking_clock(2.0))  # gloo carrying CUDA tensors
+    ex = exchange_module.Exchange(None, 0, 1)
+    ex.begin_step(0)
+    ex._timed(lambda: None, torch.device("cuda:0"))
+    assert ex.wait_seconds == pytest.approx([2.0])
+
+
+def test_a_wait_on_the_cpu_is_host_time(monkeypatch):
+    from hpcrender.parallel import exchange as exchange_module
+
+    def no_events(*args, **kwargs):
+        raise AssertionError("no CUDA events on a CPU")
+
+    monkeypatch.setattr(torch.cuda, "Event", no_events)
+    monkeypatch.setattr(exchange_module.time, "perf_counter", ticking_clock(0.5))
+    ex = exchange_module.Exchange(None, 0, 1)
+    ex.begin_step(0)
+    ex._timed(lambda: None, torch.device("cpu"))
+    assert ex.wait_seconds == pytest.approx([0.5])
+    ex.begin_image()
+    assert ex.wait_seconds == []
