@@ -145,7 +145,8 @@ def run_render(world, manifest: Manifest, options: RenderOptions) -> int:
     env = world.env
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
-    setup_rank_logging(out, env.rank, env.node, debug=options.debug)
+    setup_rank_logging(out, env.rank, env.node, debug=options.debug,
+                       array_task=options.array[0] if options.array is not None else None)
     indices = selected_jobs(manifest, options.array)
     names = [manifest.jobs[i].name for i in indices]
     if env.rank == 0:

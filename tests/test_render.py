@@ -197,6 +197,8 @@ def test_array_index_renders_its_share(tmp_path):
                   "--steps", "1")
     assert r.returncode == 0, r.stderr
     assert set(status_of(tmp_path / "out")["jobs"]) == {"harbor-again"}  # job i with i % 3 == 1
+    # Tasks of one array may share OUT from different nodes: each its own log.
+    assert [p.name for p in (tmp_path / "out" / "logs").iterdir()] == ["rank-0000.task-1.log"]
 
 
 def test_validate_and_plan(tmp_path):
