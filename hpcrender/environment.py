@@ -9,6 +9,7 @@ import enum
 import ipaddress
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -30,6 +31,8 @@ CONNECT_TIMEOUT_S = 30.0
 # denoising step or model load seen so far, shorter than the rendezvous: a dead node should not cost 10 minutes.
 DEFAULT_COLLECTIVE_TIMEOUT_S = 180.0
 COLLECTIVE_TIMEOUT_VAR = "HPCRENDER_COLLECTIVE_TIMEOUT"
+MAX_MEMORY_VAR = "HPCRENDER_MAX_MEMORY"
+_BINARY_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 log = logging.getLogger("hpcrender")
 
@@ -214,6 +217,45 @@ def ranks_sharing_a_device(devices: Sequence[str]) -> tuple[int, ...]:
         if len(owners) > 1:
             return owners
     return ()
+
+
+def max_memory_bytes(environ: Mapping[str, str]) -> int | None:
+    """HPCRENDER_MAX_MEMORY: the memory one rank may use ("40G", "512MiB", a number of bytes), or None."""
+    value = environ.get(MAX_MEMORY_VAR, "").strip()
+    if not value:
+        return None
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", value, re.IGNORECASE)
+    size = int(float(found[1]) * _BINARY_UNITS[found[2].lower()]) if found else 0
+    if size < 1:
+        raise BadInput(f"{MAX_MEMORY_VAR}={value!r}: expected a size such as 40G, 512M or a number of bytes")
+    return size
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    bytes: int
+    source: str  # what sets it, for the message that refuses a job
+
+
+def memory_limit(device: str, device_total: int | None, max_memory: int | None) -> MemoryLimit | None:
+    """What one rank may use: the smaller of its GPU's memory and HPCRENDER_MAX_MEMORY; None when neither is known
+    (a CPU without the variable: nothing is refused)."""
+    known = []
+    if device_total is not None:
+        known.append(MemoryLimit(device_total, f"the memory of {device}"))
+    if max_memory is not None:
+        known.append(MemoryLimit(max_memory, MAX_MEMORY_VAR))
+    return min(known, key=lambda limit: limit.bytes) if known else None
+
+
+def rank_memory_limit(device: str, environ: Mapping[str, str]) -> MemoryLimit | None:
+    """memory_limit for this rank's device (ranks are assumed alike: rank 0 checks for all of them)."""
+    total = None
+    if torch_backend(device) is Backend.NCCL:
+        import torch
+
+        total = int(torch.cuda.get_device_properties(device).total_memory)
+    return memory_limit(device, total, max_memory_bytes(environ))
 
 
 def gpu_identity(index: int, uuid: str | None, visible: str | None,

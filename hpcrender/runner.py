@@ -6,6 +6,7 @@ through their share of the jobs independently, and a failed job is recorded with
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -62,8 +63,9 @@ def phases(manifest: Manifest, indices: tuple[int, ...], world_size: int) -> lis
     return list(out.items())
 
 
-def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int) -> None:
-    """Everything that can be known wrong before a model is loaded: group sizes, band fits, split_cfg."""
+def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int, limit=None) -> None:
+    """Everything that can be known wrong before a model is loaded: group sizes, band fits, split_cfg, and with a
+    memory `limit` (environment.MemoryLimit) whether a rank can hold the job's weights and exchange buffers."""
     from hpcrender.models import unet_config_of
     from hpcrender.pipeline import check_layout
 
@@ -80,11 +82,57 @@ def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int)
                     from hpcrender.parallel.bands import latent_bands, unet_alignment
 
                     latent_bands(job.height // 8, unet_alignment(config), patch)
+                need = job_memory(job, size) if limit is not None else None
+                if need is not None and need.total > limit.bytes:
+                    problems.append(f"{manifest.path}: jobs[{job.name}]: does not fit: a rank needs at least "
+                                    f"{describe_memory(need)} but {limit.source} is {_size(limit.bytes)}")
             except HpcrenderError as e:
                 problems.append(f"{manifest.path}: jobs[{job.name}]: {e}")
     if problems:
         from hpcrender.errors import DoesNotFit
         raise DoesNotFit("\n".join(problems))
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_unet(model: str):
+    """The model's UNet on the meta device (shapes, no memory), or None when only a download could tell."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from hpcrender.models import unet_config_of
+
+    config = unet_config_of(model)
+    if config is None:
+        return None
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def job_memory(job: Job, size: int):
+    """bands.MemoryEstimate of one rank of a group of `size` for `job`, from the UNet's shapes before anything is
+    loaded; None for a model not in the local cache."""
+    from hpcrender.parallel.bands import latent_bands, memory_estimate, unet_alignment
+    from hpcrender.parallel.plan import unet_layers
+    from hpcrender.pipeline import TORCH_DTYPES
+
+    unet = _meta_unet(job.model)
+    if unet is None:
+        return None
+    patch = size // (2 if job.parallel.split_cfg else 1)
+    exchanging = job.parallel.mode in (Mode.SYNC, Mode.DISPLACED) and patch > 1
+    bands = latent_bands(job.height // 8, unet_alignment(unet.config), patch) if exchanging else ()
+    batch = 2 if job.guidance_scale > 1.0 and not job.parallel.split_cfg else 1
+    return memory_estimate(unet_layers(unet, job.width // 8), sum(p.numel() for p in unet.parameters()), bands,
+                           batch, TORCH_DTYPES[job.dtype].itemsize)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def describe_memory(need) -> str:
+    return (f"{_size(need.total)} (UNet weights {_size(need.weights)}, exchange buffers {_size(need.buffers.total)} "
+            f"of which stale keys/values {_size(need.buffers.keys_values)})")
 
 
 def failure_ends_world(device: str, collective_issued: bool) -> bool:
@@ -433,13 +481,14 @@ def _meta(job: Job, result, layout, comms, peaks, exported, started, world) -> d
     }
 
 
-def describe_plan(manifest: Manifest, world_size: int) -> str:
-    """`hpcrender plan`: which group renders which job, and each job's bands, for a world of `world_size`."""
+def describe_plan(manifest: Manifest, world_size: int, limit=None) -> str:
+    """`hpcrender plan`: which group renders which job, each job's bands and the memory a rank needs at least, for a
+    world of `world_size` (refused like render does when a job does not fit `limit`)."""
     from hpcrender.models import unet_config_of
     from hpcrender.parallel.bands import latent_bands, unet_alignment
 
     indices = selected_jobs(manifest, None)
-    check_request(manifest, indices, world_size)
+    check_request(manifest, indices, world_size, limit)
     lines = [f"{manifest.path}: {len(indices)} job(s) on {world_size} rank(s)"]
     for size, members in phases(manifest, indices, world_size):
         groups = rank_groups(world_size, size)
@@ -458,4 +507,7 @@ def describe_plan(manifest: Manifest, world_size: int) -> str:
                 cfg = " split_cfg" if job.parallel.split_cfg else ""
                 lines.append(f"  {job.name:<24} group {g} (rank {ranks})  {job.width}x{job.height}  "
                              f"{job.steps} steps  {job.parallel.mode.value}{cfg}  latent bands {bands}")
+                need = job_memory(job, size)
+                if need is not None:
+                    lines.append(f"  {'':<24} memory per rank: at least {describe_memory(need)}")
     return "\n".join(lines)

@@ -16,8 +16,8 @@ import pytest
 from hpcrender.environment import (
     CONNECT_TIMEOUT_S, DEFAULT_COLLECTIVE_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S, Backend, Launcher, SlurmInfo,
     check_master_addr, check_world_size, collective_timeout_s, connect_store, detect_launcher, first_host,
-    gpu_identity, is_loopback, launched_size, master_candidate, node_indices, pick_device, ranks_sharing_a_device,
-    slurm_info, threads_per_rank, torch_backend,
+    MemoryLimit, gpu_identity, is_loopback, launched_size, master_candidate, max_memory_bytes, memory_limit,
+    node_indices, pick_device, ranks_sharing_a_device, slurm_info, threads_per_rank, torch_backend,
 )
 from hpcrender.errors import BadInput, HpcrenderError
 
@@ -224,6 +224,30 @@ def test_a_device_visible_devices_cannot_map_is_not_named(index, visible):
 
 def test_a_gpu_nvml_cannot_answer_for_is_not_named():
     assert gpu_identity(0, None, "5", nvml({0: "GPU-0"})) is None
+
+
+# --- memory a rank may use -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,size", [
+    ("", None), ("1048576", 2**20), ("512M", 512 * 2**20), ("40G", 40 * 2**30), ("40GiB", 40 * 2**30),
+    ("40gb", 40 * 2**30), ("1.5T", int(1.5 * 2**40)), (" 64k ", 64 * 2**10),
+])
+def test_max_memory_reads_sizes_in_binary_units(value, size):
+    assert max_memory_bytes({"HPCRENDER_MAX_MEMORY": value}) == size
+
+
+@pytest.mark.parametrize("value", ["0", "lots", "-4G", "4X", "G"])
+def test_a_bad_max_memory_is_refused_naming_the_variable(value):
+    with pytest.raises(BadInput, match=f"HPCRENDER_MAX_MEMORY='{value}'"):
+        max_memory_bytes({"HPCRENDER_MAX_MEMORY": value})
+
+
+def test_memory_limit_is_the_smaller_of_the_gpu_and_the_setting_and_none_on_a_bare_cpu():
+    assert memory_limit("cpu", None, None) is None
+    assert memory_limit("cpu", None, 8 << 30) == MemoryLimit(8 << 30, "HPCRENDER_MAX_MEMORY")
+    assert memory_limit("cuda:1", 80 << 30, None) == MemoryLimit(80 << 30, "the memory of cuda:1")
+    assert memory_limit("cuda:1", 80 << 30, 40 << 30).source == "HPCRENDER_MAX_MEMORY"
+    assert memory_limit("cuda:1", 80 << 30, 100 << 30).bytes == 80 << 30
 
 
 # --- timeouts and the rendezvous store ---------------------------------------------------------------------

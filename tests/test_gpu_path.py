@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import hpcrender.pipeline as pipeline
-from hpcrender.config import Mode
+from hpcrender.config import DType, Job, Mode, ParallelConfig
 from hpcrender.pipeline import Comms, GroupLayout, branch_partner
-from hpcrender.runner import failure_ends_world
+from hpcrender.runner import failure_ends_world, job_memory
 
 
 # --- split_cfg's partner exchange ---------------------------------------------------------------------------
@@ -183,3 +183,27 @@ def test_a_wait_on_the_cpu_is_host_time(monkeypatch):
     assert ex.wait_seconds == pytest.approx([0.5])
     ex.begin_image()
     assert ex.wait_seconds == []
+
+
+# --- memory a rank needs, before anything is loaded -----------------------------------------------------------
+
+def sdxl_job(side: int, mode: Mode = Mode.DISPLACED, split_cfg: bool = False) -> Job:
+    return Job(name="x", prompt="x", width=side, height=side, seed=0, model="builtin:sdxl", dtype=DType.FLOAT16,
+               parallel=ParallelConfig(mode=mode, split_cfg=split_cfg))
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_sdxl_at_4096_in_fp16_holds_the_whole_image_s_keys_and_values_on_every_rank(ranks):
+    need = job_memory(sdxl_job(4096), ranks)
+    received = need.buffers.keys_values * ranks / (ranks + 1)  # the rest is this band's own send buffer
+    assert 13.0e9 < received < 14.0e9  # 60 layers at 128^2 tokens and 10 at 256^2, x 2 for CFG
+    assert 5.0e9 < need.weights < 5.3e9  # 2.6 G parameters
+    assert need.total > need.weights + received
+
+
+def test_split_cfg_halves_the_keys_and_values_and_naive_or_one_rank_holds_none():
+    full = job_memory(sdxl_job(4096), 4)
+    assert job_memory(sdxl_job(4096, split_cfg=True), 8).buffers.keys_values * 2 == full.buffers.keys_values
+    assert job_memory(sdxl_job(4096, Mode.NAIVE), 4).buffers.total == 0
+    assert job_memory(sdxl_job(4096, Mode.NONE), 1).buffers.total == 0
+    assert job_memory(sdxl_job(4096, Mode.SYNC), 4) == full

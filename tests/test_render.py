@@ -210,6 +210,32 @@ def test_validate_and_plan(tmp_path):
     assert "2 group(s) of 1 rank(s)" in p.stdout and "wide-xl" in p.stdout
 
 
+def test_plan_shows_the_memory_a_rank_needs_and_refuses_what_does_not_fit(tmp_path):
+    manifest = write_manifest(tmp_path / "m.toml", BATCH)
+    p = hpcrender("plan", manifest)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("memory per rank: at least") == 4
+    refused = hpcrender("plan", manifest, HPCRENDER_MAX_MEMORY="1M")
+    assert refused.returncode == 2
+    lines = refused.stderr.splitlines()
+    assert len(lines) == 4 and all("does not fit" in line and "HPCRENDER_MAX_MEMORY is 1.0 MiB" in line
+                                   for line in lines), refused.stderr
+    assert lines[0].startswith(f"hpcrender: error: {manifest}: jobs[harbor]: does not fit: a rank needs at least")
+    assert hpcrender("plan", manifest, HPCRENDER_MAX_MEMORY="lots").returncode == 2
+
+
+def test_render_refuses_a_job_that_does_not_fit_before_loading_anything(tmp_path):
+    manifest = write_manifest(tmp_path / "m.toml", BATCH)
+    out = tmp_path / "out"
+    r = hpcrender("render", manifest, "--out", out, "--only", "harbor", HPCRENDER_MAX_MEMORY="2M")
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [line for line in r.stderr.splitlines() if "jobs[harbor]: does not fit" in line]
+    assert len(r.stderr.splitlines()) == 1
+    assert not (out / "harbor").exists()
+    fits = hpcrender("render", manifest, "--out", out, "--only", "harbor", HPCRENDER_MAX_MEMORY="1G")
+    assert fits.returncode == 0, fits.stderr
+
+
 def test_a_killed_rank_ends_the_world_within_60s(tmp_path):
     manifest = write_manifest(tmp_path / "long.toml", """
 [defaults]
