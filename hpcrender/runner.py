@@ -95,17 +95,21 @@ def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int,
 
 @functools.lru_cache(maxsize=4)
 def _meta_unet(model: str):
-    """The model's UNet on the meta device (shapes, no memory), or None when only a download could tell."""
+    """The model's UNet on the meta device (shapes, no memory), or None when its shapes cannot be read here (a hub id
+    not in the cache; a model that does not load is the job's failure, reported when it is loaded)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from hpcrender.models import unet_config_of
 
-    config = unet_config_of(model)
-    if config is None:
+    try:
+        config = unet_config_of(model)
+        if config is None:
+            return None
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+    except Exception:  # noqa: BLE001 - see above
         return None
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
 
 
 def job_memory(job: Job, size: int):
