@@ -67,7 +67,7 @@ def cli():
 def render(manifest, out, only, mode, ranks_per_image, warmup_steps, steps, no_resume, save_latent,
            array_index, array_count, debug):
     """Render the jobs of MANIFEST (under mpiexec/srun the ranks share the work)."""
-    from hpcrender.environment import guarded
+    from hpcrender.environment import guarded, rank_memory_limit
     from hpcrender.runner import RenderOptions, check_request, run_render, selected_jobs
 
     world = _start_world(debug)
@@ -78,7 +78,8 @@ def render(manifest, out, only, mode, ranks_per_image, warmup_steps, steps, no_r
                 m = _load(manifest, only=only, mode=mode, ranks_per_image=ranks_per_image,
                           warmup_steps=warmup_steps, steps=steps)
                 array = _array(world.env, array_index, array_count)
-                check_request(m, selected_jobs(m, array), world.env.world_size)
+                check_request(m, selected_jobs(m, array), world.env.world_size,
+                              rank_memory_limit(world.env.device, os.environ))
                 request = (m, array)
             except HpcrenderError as e:
                 error = e
@@ -135,12 +136,13 @@ def validate(manifest):
 @click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True, help="World size to plan for.")
 @click.option("--ranks-per-image", type=click.IntRange(min=0), help="Override ranks per image (0: all).")
 def plan(manifest, ranks, ranks_per_image):
-    """Show how MANIFEST's jobs would be spread over RANKS ranks: groups, bands, exchange volume."""
+    """Show how MANIFEST's jobs would be spread over RANKS ranks: groups, bands, memory per rank."""
+    from hpcrender.environment import memory_limit, max_memory_bytes
     from hpcrender.runner import describe_plan
 
     try:
         m = _load(manifest, only=(), mode=None, ranks_per_image=ranks_per_image, warmup_steps=None, steps=None)
-        click.echo(describe_plan(m, ranks))
+        click.echo(describe_plan(m, ranks, memory_limit("cpu", None, max_memory_bytes(os.environ))))
     except HpcrenderError as e:
         sys.exit(_fail(e, False))
 

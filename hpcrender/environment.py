@@ -6,8 +6,10 @@ The one place SLURM_* variables are read and mpi4py is imported; everything else
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -16,11 +18,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 from hpcrender.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, BadInput, DoesNotFit, HpcrenderError
 
 ABORT_GRACE_S = 0.5  # for stderr to reach the launcher before MPI_Abort
+# Ranks meeting at start-up wait this long for each other (a slow node, a busy file system).
+RENDEZVOUS_TIMEOUT_S = 600.0
+# A client connects after rank 0 opened the store and said where: only an unreachable address takes longer.
+CONNECT_TIMEOUT_S = 30.0
+# A collective waiting for a rank that died ends the run after this (unless Slurm ends it first). Longer than any
+# denoising step or model load seen so far, shorter than the rendezvous: a dead node should not cost 10 minutes.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 180.0
+COLLECTIVE_TIMEOUT_VAR = "HPCRENDER_COLLECTIVE_TIMEOUT"
+MAX_MEMORY_VAR = "HPCRENDER_MAX_MEMORY"
+_BINARY_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 log = logging.getLogger("hpcrender")
 
@@ -61,6 +73,32 @@ class Environment:
     device: str                 # "cpu" or "cuda:N"
     slurm: SlurmInfo | None
     threads: int                # torch intra-op threads of this rank
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+
+
+class Backend(str, enum.Enum):
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
+def torch_backend(device: str) -> Backend:
+    """NCCL alone on GPUs: every tensor a group exchanges lives on its device and small agreements go over MPI, so a
+    gloo mesh beside it would be unused, and it binds the hostname's address (127.0.1.1 on many hosts)."""
+    return Backend.NCCL if device.split(":")[0] == "cuda" else Backend.GLOO
+
+
+def collective_timeout_s(environ: Mapping[str, str]) -> float:
+    """Seconds a collective may wait for the other ranks: HPCRENDER_COLLECTIVE_TIMEOUT, else the default."""
+    value = environ.get(COLLECTIVE_TIMEOUT_VAR, "").strip()
+    if not value:
+        return DEFAULT_COLLECTIVE_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise BadInput(f"{COLLECTIVE_TIMEOUT_VAR}={value!r}: expected a number of seconds > 0")
+    return seconds
 
 
 def _env_int(environ: Mapping[str, str], *names: str) -> int | None:
@@ -181,6 +219,87 @@ def ranks_sharing_a_device(devices: Sequence[str]) -> tuple[int, ...]:
     return ()
 
 
+def max_memory_bytes(environ: Mapping[str, str]) -> int | None:
+    """HPCRENDER_MAX_MEMORY: the memory one rank may use ("40G", "512MiB", a number of bytes), or None."""
+    value = environ.get(MAX_MEMORY_VAR, "").strip()
+    if not value:
+        return None
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", value, re.IGNORECASE)
+    size = int(float(found[1]) * _BINARY_UNITS[found[2].lower()]) if found else 0
+    if size < 1:
+        raise BadInput(f"{MAX_MEMORY_VAR}={value!r}: expected a size such as 40G, 512M or a number of bytes")
+    return size
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    bytes: int
+    source: str  # what sets it, for the message that refuses a job
+
+
+def memory_limit(device: str, device_total: int | None, max_memory: int | None) -> MemoryLimit | None:
+    """What one rank may use: the smaller of its GPU's memory and HPCRENDER_MAX_MEMORY; None when neither is known
+    (a CPU without the variable: nothing is refused)."""
+    known = []
+    if device_total is not None:
+        known.append(MemoryLimit(device_total, f"the memory of {device}"))
+    if max_memory is not None:
+        known.append(MemoryLimit(max_memory, MAX_MEMORY_VAR))
+    return min(known, key=lambda limit: limit.bytes) if known else None
+
+
+def rank_memory_limit(device: str, environ: Mapping[str, str]) -> MemoryLimit | None:
+    """memory_limit for this rank's device (ranks are assumed alike: rank 0 checks for all of them)."""
+    total = None
+    if torch_backend(device) is Backend.NCCL:
+        import torch
+
+        total = int(torch.cuda.get_device_properties(device).total_memory)
+    return memory_limit(device, total, max_memory_bytes(environ))
+
+
+def gpu_identity(index: int, uuid: str | None, visible: str | None,
+                 nvml_uuid: Callable[[int], str | None] | None) -> str | None:
+    """What names the physical GPU behind torch's device `index` alike in every process that uses it; None when
+    nothing can tell (older torch without device UUIDs, no NVML).
+
+    Never the bare index: with one GPU per task every task calls its own GPU device 0. CUDA_VISIBLE_DEVICES maps
+    the index to the driver's name for the device: a UUID already, or an index that NVML turns into one.
+    """
+    if uuid:
+        return uuid
+    entries = [e.strip() for e in visible.split(",")] if visible is not None else None
+    if entries is not None:
+        if index >= len(entries) or not entries[index]:
+            return None
+        entry = entries[index]
+        if entry.startswith(("GPU-", "MIG-")):
+            return entry
+        if not entry.isdigit():
+            return None
+        index = int(entry)
+    return nvml_uuid(index) if nvml_uuid is not None else None
+
+
+def _nvml_uuid() -> Callable[[int], str | None] | None:
+    """NVML's UUID of a device by its driver index, when pynvml is installed and the driver answers."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no NVML of any kind: the caller skips the check
+        return None
+
+    def uuid(index: int) -> str | None:
+        try:
+            value = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index))
+        except Exception:  # noqa: BLE001
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    return uuid
+
+
 def first_host(nodelist: str) -> str:
     """First host of a Slurm hostlist: "node[01-04,07],gpu3" -> "node01"; "rack[2-3]-n[5-6]" -> "rack2-n5"."""
     out: list[str] = []
@@ -222,6 +341,41 @@ def master_candidate(n_nodes: int, rank0_host: str, nodelist: str | None) -> str
         if _short(host) == _short(rank0_host):
             return host
     return None
+
+
+def is_loopback(address: str) -> bool:
+    """A literal loopback address or a name that only ever means this host."""
+    if address.strip().lower() in ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"):
+        return True
+    try:
+        return ipaddress.ip_address(address.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_master_addr(address: str, n_nodes: int) -> None:
+    """A MASTER_ADDR inherited from a login shell (127.0.0.1, localhost) cannot bring several nodes together: the
+    other nodes would try to reach the store on their own loopback until the rendezvous timeout."""
+    if n_nodes > 1 and is_loopback(address):
+        raise BadInput(f"MASTER_ADDR={address} is a loopback address but the job spans {n_nodes} nodes: unset "
+                       "MASTER_ADDR (hpcrender then meets at the job's first host) or give an address every node "
+                       "reaches")
+
+
+def connect_store(address: str, port: int, world_size: int, connect_s: float, timeout_s: float, store_cls=None):
+    """A client of rank 0's rendezvous store: a short connect timeout (rank 0 opened the store before it sent the
+    address), then the rendezvous timeout for what is waited for in it."""
+    import torch.distributed as dist
+
+    cls = store_cls or dist.TCPStore
+    try:
+        store = cls(address, port, world_size, is_master=False, timeout=timedelta(seconds=connect_s))
+    except (RuntimeError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HpcrenderError(f"cannot reach the rendezvous store at {address}:{port} within {connect_s:g} s "
+                             f"(MASTER_ADDR, or the interface hpcrender chose): {first}") from None
+    store.set_timeout(timedelta(seconds=timeout_s))
+    return store
 
 
 def _routable_address(host: str, peers: Sequence[str]) -> str:
@@ -292,7 +446,7 @@ class World:
         env = Environment(
             launcher=launcher, world_size=size, rank=rank, local_rank=local_rank, local_size=local_size,
             node=node, node_index=node_indices(leaders)[rank], device=pick_device(local_rank, cuda_count),
-            slurm=slurm_info(environ), threads=threads,
+            slurm=slurm_info(environ), threads=threads, collective_timeout_s=collective_timeout_s(environ),
         )
         return cls(env, comm, hosts, leaders)
 
@@ -319,39 +473,58 @@ class World:
         agreements inside a rank group that must not queue behind the group's torch.distributed traffic."""
         return self.comm.Split(color, self.env.rank)
 
-    def _rendezvous(self) -> tuple[str, int | None, str | None]:
+    def _rendezvous(self) -> tuple[str, int | None, HpcrenderError | None]:
         """On rank 0: (address, port or None for any free one, error)."""
         try:
-            address = os.environ.get("MASTER_ADDR") or master_candidate(
+            given = os.environ.get("MASTER_ADDR")
+            if given:
+                check_master_addr(given, self.n_nodes)
+            address = given or master_candidate(
                 self.n_nodes, self._hosts[0], self.env.slurm.nodelist if self.env.slurm else None)
             if address is None:
                 address = _routable_address(self._hosts[0], [h for h in self._hosts if h != self._hosts[0]])
             port = os.environ.get("MASTER_PORT")
             return address, int(port) if port else None, None
+        except BadInput as e:
+            return "", None, e
         except (ValueError, HpcrenderError) as e:
-            return "", None, f"cannot choose the rendezvous address: {e}"
+            return "", None, BadInput(f"cannot choose the rendezvous address: {e}")
 
-    def init_torch_distributed(self, timeout_s: float = 600) -> None:
-        """Start torch.distributed over this world: nccl for GPU tensors, gloo for CPU ones; a world of one too."""
+    def _check_own_gpus(self) -> None:
+        """Refuse ranks that share a GPU (NCCL would fail later, at the first collective, and less clearly); skip
+        the check, saying so, where the GPUs cannot be told apart."""
+        import torch
+
+        env = self.env
+        props = torch.cuda.get_device_properties(env.device)
+        uuid = getattr(props, "uuid", None)
+        identity = gpu_identity(torch.device(env.device).index or 0, str(uuid) if uuid else None,
+                                os.environ.get("CUDA_VISIBLE_DEVICES"), None if uuid else _nvml_uuid())
+        gpus = self.comm.allgather(None if identity is None else f"{env.node}/{identity}")
+        if None in gpus:
+            if env.rank == 0:
+                log.warning("cannot tell which GPU ranks %s use (torch without device UUIDs, no NVML): the check "
+                            "for ranks sharing a GPU is skipped", ", ".join(str(r) for r, g in enumerate(gpus)
+                                                                          if g is None))
+            return
+        sharing = ranks_sharing_a_device(gpus)
+        if sharing:
+            raise DoesNotFit(f"ranks {', '.join(map(str, sharing))} share {env.device} on "
+                             f"{gpus[sharing[0]].split('/')[0]}: NCCL needs a GPU of its own for each rank; "
+                             "start no more ranks per node than it has GPUs")
+
+    def init_torch_distributed(self) -> None:
+        """Start torch.distributed over this world (NCCL on GPUs, gloo on CPUs); a world of one too."""
         import torch
         import torch.distributed as dist
 
         if dist.is_initialized():
             return
-        env, timeout = self.env, timedelta(seconds=timeout_s)
-        if env.device.startswith("cuda"):
+        env, timeout = self.env, timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
+        backend = torch_backend(env.device)
+        if backend is Backend.NCCL:
             torch.cuda.set_device(env.device)
-            props = torch.cuda.get_device_properties(env.device)
-            gpus = self.comm.allgather(f"{env.node}/{getattr(props, 'uuid', env.device)}")
-            sharing = ranks_sharing_a_device(gpus)
-            if sharing:  # NCCL would fail later, at the first collective, and less clearly
-                raise DoesNotFit(f"ranks {', '.join(map(str, sharing))} share {env.device} on "
-                                 f"{gpus[sharing[0]].split('/')[0]}: NCCL needs a GPU of its own for each rank; "
-                                 "start no more ranks per node than it has GPUs")
-            # Small CPU-side collectives (objects, timings) keep working beside NCCL's GPU ones.
-            backend = "cpu:gloo,cuda:nccl"
-        else:
-            backend = "gloo"
+            self._check_own_gpus()
         if env.world_size == 1:
             store = dist.HashStore()
         else:
@@ -365,18 +538,20 @@ class World:
                                               timeout=timeout, wait_for_workers=False)
                         port = store.port
                     except (RuntimeError, OSError) as e:
-                        error = f"cannot open the rendezvous store on {address}:{port or 0}: {e}"
+                        error = HpcrenderError(f"cannot open the rendezvous store on {address}:{port or 0}: {e}")
                 offer = (address, port, error)
             else:
                 offer = None
             # Every rank learns of a failure on rank 0 and raises, instead of waiting in the store forever.
             address, port, error = self.comm.bcast(offer, root=0)
             if error is not None:
-                raise HpcrenderError(error)
+                raise error
             if store is None:
-                store = dist.TCPStore(address, port, env.world_size, is_master=False, timeout=timeout)
-        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
-        log.debug("torch.distributed %s: rank %d of %d", backend, env.rank, env.world_size)
+                store = connect_store(address, port, env.world_size, CONNECT_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S)
+        dist.init_process_group(backend.value, store=store, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(seconds=env.collective_timeout_s))
+        log.debug("torch.distributed %s: rank %d of %d, collectives time out after %g s", backend.value, env.rank,
+                  env.world_size, env.collective_timeout_s)
 
     def new_groups(self, groups: Sequence[Sequence[int]]) -> list:
         """A torch.distributed group for each list of ranks, created on every rank in the same order.
@@ -390,8 +565,10 @@ class World:
                     0 <= r < self.env.world_size for r in members):
                 raise BadInput(f"ranks {list(members)} do not form a group of a world of {self.env.world_size}")
         handles = []
+        # A new group does not inherit the world's timeout: without it, torch's default (10 or 30 minutes).
+        timeout = timedelta(seconds=self.env.collective_timeout_s)
         for members in groups:
-            handle = dist.new_group(ranks=sorted(members))
+            handle = dist.new_group(ranks=sorted(members), timeout=timeout)
             handles.append(handle if self.env.rank in members else None)
         return handles
 

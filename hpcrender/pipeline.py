@@ -139,8 +139,11 @@ def initial_noise(job: Job, channels: int, vae_scale: int) -> torch.Tensor:
 
 
 def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+    """Wait for this rank's compute stream only: torch.cuda.synchronize would also wait for NCCL's streams, so a
+    displaced exchange posted late in a step could not overlap the next one."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _select_branch(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
@@ -160,11 +163,21 @@ def _gather_rows(band: torch.Tensor, bands: tuple[Band, ...], group, dim: int, s
     return torch.cat([p.narrow(dim, 0, b.size * scale) for p, b in zip(parts, bands)], dim=dim)
 
 
+def branch_partner(layout: GroupLayout) -> int:
+    """split_cfg: the group rank that runs the other branch over the same band."""
+    return (layout.rank + layout.patch_ranks) % layout.size
+
+
 def _exchange_branch(noise: torch.Tensor, layout: GroupLayout, comms: Comms) -> torch.Tensor:
-    """split_cfg: swap this rank's branch prediction with its partner's; returns [uncond, cond]."""
-    partner = comms.global_ranks[(layout.rank + layout.patch_ranks) % layout.size]
+    """split_cfg: swap this rank's branch prediction with its partner's; returns [uncond, cond].
+
+    On the image group's own communicator, where every rank swaps at once: NCCL wants the first batched
+    point-to-point on a communicator to involve all its ranks, and the world holds other groups' ranks that never
+    take part."""
+    partner = comms.global_ranks[branch_partner(layout)]
     other = torch.empty_like(noise)
-    ops = [dist.P2POp(dist.isend, noise.contiguous(), partner), dist.P2POp(dist.irecv, other, partner)]
+    ops = [dist.P2POp(dist.isend, noise.contiguous(), partner, comms.group),
+           dist.P2POp(dist.irecv, other, partner, comms.group)]
     for req in dist.batch_isend_irecv(ops):
         req.wait()
     return torch.cat([noise, other]) if layout.branch == 0 else torch.cat([other, noise])
@@ -178,13 +191,15 @@ def _peak_memory(device) -> int:
 
 def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
                  on_step: Callable[[int, int], None] | None = None, decode: bool = True,
-                 should_stop: Callable[[], bool] | None = None, resume: Checkpoint | None = None) -> ImageResult:
+                 should_stop: Callable[[], bool] | None = None, resume: Checkpoint | None = None,
+                 on_collective: Callable[[], None] | None = None) -> ImageResult:
     """Render `job` with this rank's share of the work; the group's first rank gets the image (and the latent).
 
     decode=False stops after the denoising loop (benchmarks of the UNet alone). should_stop is asked after every
     step but the last, on every rank of the group alike (it must give the group's common answer): when it says
     yes, the loop ends there and the group's first rank gets a checkpoint instead of an image. resume continues
-    from such a checkpoint.
+    from such a checkpoint. on_collective is called before the group's first torch.distributed collective (never
+    on a group of one): a failure after it may leave the group's communicator out of step.
     """
     dtype = TORCH_DTYPES[job.dtype]
     guidance = job.guidance_scale > 1.0
@@ -232,6 +247,8 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
                           tuple(None if h is None else band_of(torch.from_numpy(h)) for h in resume.history))
 
     # 3. The denoising loop, with the parallel plan around the UNet for its duration.
+    if layout.size > 1 and on_collective is not None:  # the loop's exchanges, or the gather and decode after it
+        on_collective()
     handle = None
     if parallel:
         from hpcrender.parallel.plan import PatchPlan, parallelize

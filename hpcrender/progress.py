@@ -123,8 +123,14 @@ class _RankLogHandler(logging.FileHandler):
     """The per-rank log file; a marker type so a second setup replaces it instead of adding one."""
 
 
-def setup_rank_logging(out_dir: str | Path, rank: int, node: str, *, debug: bool = False) -> logging.Logger:
-    """Send the `hpcrender` loggers of this process to OUT/logs/rank-NNNN.log (appended, UTC stamps)."""
+def rank_log_name(rank: int, array_task: int | None = None) -> str:
+    """rank-NNNN.log; rank-NNNN.task-I.log for task I of a job array, whose tasks may share OUT from other nodes."""
+    return f"rank-{rank:04d}.log" if array_task is None else f"rank-{rank:04d}.task-{array_task}.log"
+
+
+def setup_rank_logging(out_dir: str | Path, rank: int, node: str, *, debug: bool = False,
+                       array_task: int | None = None) -> logging.Logger:
+    """Send the `hpcrender` loggers of this process to OUT/logs/rank_log_name(...) (appended, UTC stamps)."""
     logs = Path(out_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("hpcrender")
@@ -133,7 +139,7 @@ def setup_rank_logging(out_dir: str | Path, rank: int, node: str, *, debug: bool
             logger.removeHandler(handler)
             handler.close()
     level = logging.DEBUG if debug else logging.INFO
-    handler = _RankLogHandler(logs / f"rank-{rank:04d}.log", mode="a", encoding="utf-8")
+    handler = _RankLogHandler(logs / rank_log_name(rank, array_task), mode="a", encoding="utf-8")
     formatter = logging.Formatter(
         f"%(asctime)s.%(msecs)03dZ rank {rank} {node} %(levelname)s %(name)s: %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S",

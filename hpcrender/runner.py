@@ -6,6 +6,7 @@ through their share of the jobs independently, and a failed job is recorded with
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcrender.config import Job, Manifest, Mode
+from hpcrender.environment import Backend, torch_backend
 from hpcrender.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, HpcrenderError
 from hpcrender.schedule import array_shard, assign_jobs, job_cost, rank_groups
 
@@ -61,8 +63,9 @@ def phases(manifest: Manifest, indices: tuple[int, ...], world_size: int) -> lis
     return list(out.items())
 
 
-def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int) -> None:
-    """Everything that can be known wrong before a model is loaded: group sizes, band fits, split_cfg."""
+def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int, limit=None) -> None:
+    """Everything that can be known wrong before a model is loaded: group sizes, band fits, split_cfg, and with a
+    memory `limit` (environment.MemoryLimit) whether a rank can hold the job's weights and exchange buffers."""
     from hpcrender.models import unet_config_of
     from hpcrender.pipeline import check_layout
 
@@ -79,11 +82,70 @@ def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int)
                     from hpcrender.parallel.bands import latent_bands, unet_alignment
 
                     latent_bands(job.height // 8, unet_alignment(config), patch)
+                need = job_memory(job, size) if limit is not None else None
+                if need is not None and need.total > limit.bytes:
+                    problems.append(f"{manifest.path}: jobs[{job.name}]: does not fit: a rank needs at least "
+                                    f"{describe_memory(need)} but {limit.source} is {_size(limit.bytes)}")
             except HpcrenderError as e:
                 problems.append(f"{manifest.path}: jobs[{job.name}]: {e}")
     if problems:
         from hpcrender.errors import DoesNotFit
         raise DoesNotFit("\n".join(problems))
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_unet(model: str):
+    """The model's UNet on the meta device (shapes, no memory), or None when its shapes cannot be read here (a hub id
+    not in the cache; a model that does not load is the job's failure, reported when it is loaded)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from hpcrender.models import unet_config_of
+
+    try:
+        config = unet_config_of(model)
+        if config is None:
+            return None
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+    except Exception:  # noqa: BLE001 - see above
+        return None
+
+
+def job_memory(job: Job, size: int):
+    """bands.MemoryEstimate of one rank of a group of `size` for `job`, from the UNet's shapes before anything is
+    loaded; None for a model not in the local cache."""
+    from hpcrender.parallel.bands import latent_bands, memory_estimate, unet_alignment
+    from hpcrender.parallel.plan import unet_layers
+    from hpcrender.pipeline import TORCH_DTYPES
+
+    unet = _meta_unet(job.model)
+    if unet is None:
+        return None
+    patch = size // (2 if job.parallel.split_cfg else 1)
+    exchanging = job.parallel.mode in (Mode.SYNC, Mode.DISPLACED) and patch > 1
+    bands = latent_bands(job.height // 8, unet_alignment(unet.config), patch) if exchanging else ()
+    batch = 2 if job.guidance_scale > 1.0 and not job.parallel.split_cfg else 1
+    return memory_estimate(unet_layers(unet, job.width // 8), sum(p.numel() for p in unet.parameters()), bands,
+                           batch, TORCH_DTYPES[job.dtype].itemsize)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def describe_memory(need) -> str:
+    return (f"{_size(need.total)} (UNet weights {_size(need.weights)}, exchange buffers {_size(need.buffers.total)} "
+            f"of which stale keys/values {_size(need.buffers.keys_values)})")
+
+
+def failure_ends_world(device: str, collective_issued: bool) -> bool:
+    """Whether a job that failed on every rank of its group must end the run instead of letting the group go on.
+
+    gloo completes each collective on the host, so ranks that all failed are in step again. NCCL's wait() does not
+    block the host: once the job's first collective is issued, the failed ranks (out of memory, typically) may have
+    queued different numbers of them, and the next job would hang on a communicator out of step."""
+    return collective_issued and torch_backend(device) is Backend.NCCL
 
 
 class StopFlag:
@@ -135,7 +197,8 @@ def run_render(world, manifest: Manifest, options: RenderOptions) -> int:
     env = world.env
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
-    setup_rank_logging(out, env.rank, env.node, debug=options.debug)
+    setup_rank_logging(out, env.rank, env.node, debug=options.debug,
+                       array_task=options.array[0] if options.array is not None else None)
     indices = selected_jobs(manifest, options.array)
     names = [manifest.jobs[i].name for i in indices]
     if env.rank == 0:
@@ -282,6 +345,12 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
     log.info("%s: %dx%d, %d steps, mode %s on %d rank(s)", job.name, job.width, job.height, job.steps,
              job.parallel.mode.value, layout.size)
     together = True  # until the group's last collective of the job: the ranks must fail or succeed together
+    issued = False   # whether the group's first collective of the job has been issued
+
+    def on_collective() -> None:
+        nonlocal issued
+        issued = True
+
     try:
         if job.gigapixel is not None:
             raise NotImplementedError("gigapixel refinement ([jobs.gigapixel]) is not available in this version")
@@ -299,7 +368,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
             log.debug("%s: step %d/%d", job.name, done, total)
 
         result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, should_stop=should_stop,
-                              resume=resume)
+                              resume=resume, on_collective=on_collective)
         if result.stopped_at is not None:
             together = False  # the checkpoint is gathered: writing it is the first rank's alone
             if leader:
@@ -328,6 +397,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
         log.error("%s: failed: %s", job.name, message)
         log.debug("%s", traceback.format_exc())
         alone = together and layout.size > 1 and not _fail_together(agree, FAIL_TOGETHER_S)
+        out_of_step = together and not alone and failure_ends_world(env.device, issued)
         if leader or alone:
             if leader:
                 progress.finish(f"{job.name}: FAILED: {message}")
@@ -338,6 +408,9 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
         if alone:
             world.abort(f"{job.name}: {message} (on this rank only: the rest of its group waits for it in a "
                         "collective, so the run stops here; finished jobs are kept and a rerun resumes)")
+        if out_of_step:
+            world.abort(f"{job.name}: {message} (after the group's first NCCL collective: its communicator may be "
+                        "out of step, so the run stops here; finished jobs are kept and a rerun resumes)")
         return "failed"
 
 
@@ -412,13 +485,14 @@ def _meta(job: Job, result, layout, comms, peaks, exported, started, world) -> d
     }
 
 
-def describe_plan(manifest: Manifest, world_size: int) -> str:
-    """`hpcrender plan`: which group renders which job, and each job's bands, for a world of `world_size`."""
+def describe_plan(manifest: Manifest, world_size: int, limit=None) -> str:
+    """`hpcrender plan`: which group renders which job, each job's bands and the memory a rank needs at least, for a
+    world of `world_size` (refused like render does when a job does not fit `limit`)."""
     from hpcrender.models import unet_config_of
     from hpcrender.parallel.bands import latent_bands, unet_alignment
 
     indices = selected_jobs(manifest, None)
-    check_request(manifest, indices, world_size)
+    check_request(manifest, indices, world_size, limit)
     lines = [f"{manifest.path}: {len(indices)} job(s) on {world_size} rank(s)"]
     for size, members in phases(manifest, indices, world_size):
         groups = rank_groups(world_size, size)
@@ -437,4 +511,7 @@ def describe_plan(manifest: Manifest, world_size: int) -> str:
                 cfg = " split_cfg" if job.parallel.split_cfg else ""
                 lines.append(f"  {job.name:<24} group {g} (rank {ranks})  {job.width}x{job.height}  "
                              f"{job.steps} steps  {job.parallel.mode.value}{cfg}  latent bands {bands}")
+                need = job_memory(job, size)
+                if need is not None:
+                    lines.append(f"  {'':<24} memory per rank: at least {describe_memory(need)}")
     return "\n".join(lines)

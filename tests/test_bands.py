@@ -10,8 +10,9 @@ import pytest
 
 from hpcrender.errors import DoesNotFit
 from hpcrender.parallel.bands import (
-    GROUPNORM_STAT_BYTES, TOKEN_COUNT_BYTES, Band, LayerKind, LayerSpec, band_rows, conv_halo, expected_bytes,
-    keeps_band_geometry, latent_bands, layer_scale, split_rows, unet_alignment,
+    GROUPNORM_STAT_BYTES, TOKEN_COUNT_BYTES, Band, BufferBytes, LayerKind, LayerSpec, band_rows, conv_halo,
+    exchange_buffers, expected_bytes, keeps_band_geometry, latent_bands, layer_scale, memory_estimate, split_rows,
+    unet_alignment,
 )
 
 
@@ -169,3 +170,41 @@ def test_expected_bytes_counts_halo_rows_to_neighbours_padded_keys_values_and_st
     assert expected_bytes(layers, bands, 1, 2, 4, groupnorm_stats=False) == total - 2 * 4 * GROUPNORM_STAT_BYTES
     assert expected_bytes(layers, bands, 1, 2, 4, registration=True) == total + TOKEN_COUNT_BYTES
     assert expected_bytes(layers, (Band(0, 20),), 0, 2, 4) == 0
+
+
+def test_exchange_buffers_hold_both_halos_every_band_s_keys_values_and_statistics_twice():
+    bands = (Band(0, 8), Band(8, 16), Band(16, 20))
+    conv = LayerSpec(LayerKind.HALO_CONV, Fraction(1), width=10, channels=4, halo=(1, 1))
+    down = LayerSpec(LayerKind.HALO_CONV, Fraction(1), width=10, channels=4, halo=(1, 0))
+    wide = LayerSpec(LayerKind.HALO_CONV, Fraction(1), width=10, channels=4, halo=(2, 2))
+    attn = LayerSpec(LayerKind.SELF_ATTENTION, Fraction(1, 2), width=5, channels=8)
+    norm = LayerSpec(LayerKind.GROUP_NORM, Fraction(1), width=10, groups=4)
+    row = 2 * 4 * 10 * 4  # batch 2, 4 channels, 10 columns, float32
+    # rows to send and to receive, up and down, on every rank (the image's edges keep theirs unused)
+    assert exchange_buffers([conv], bands, 2, 4) == BufferBytes(halos=4 * row)
+    assert exchange_buffers([down], bands, 2, 4) == BufferBytes(halos=2 * row)
+    assert exchange_buffers([wide], bands, 2, 4) == BufferBytes(halos=8 * row)
+    # 3 bands received + 1 sent, each padded to the largest: 4 rows at half scale, 5 columns
+    assert exchange_buffers([attn], bands, 2, 4) == BufferBytes(keys_values=4 * 2 * 4 * 5 * 8 * 4)
+    assert exchange_buffers([norm], bands, 2, 4) == BufferBytes(statistics=2 * 2 * 4 * GROUPNORM_STAT_BYTES)
+    # float64 statistics whatever the activations' type
+    assert exchange_buffers([norm], bands, 2, 2) == exchange_buffers([norm], bands, 2, 4)
+    both = exchange_buffers([conv, attn, norm, attn], bands, 2, 4)
+    assert both.total == 4 * row + 2 * 4 * 2 * 4 * 5 * 8 * 4 + 2 * 2 * 4 * GROUPNORM_STAT_BYTES
+    assert exchange_buffers([conv, attn, norm], (Band(0, 20),), 2, 4) == BufferBytes()
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4, 8])
+def test_stale_keys_values_are_the_whole_image_s_whatever_the_number_of_bands(ranks):
+    attn = LayerSpec(LayerKind.SELF_ATTENTION, Fraction(1), width=64, channels=16)
+    bands = latent_bands(64, 1, ranks)
+    received = exchange_buffers([attn], bands, 2, 2).keys_values * ranks // (ranks + 1)
+    assert received == 2 * (ranks * max(b.size for b in bands)) * 64 * 16 * 2 >= 2 * 64 * 64 * 16 * 2
+
+
+def test_memory_estimate_adds_the_weights_to_the_buffers():
+    norm = LayerSpec(LayerKind.GROUP_NORM, Fraction(1), width=10, groups=4)
+    bands = (Band(0, 8), Band(8, 16))
+    estimate = memory_estimate([norm], 1000, bands, 1, 2)
+    assert (estimate.weights, estimate.total) == (2000, 2000 + 2 * 4 * GROUPNORM_STAT_BYTES)
+    assert memory_estimate([norm], 1000, (), 1, 2).total == 2000

@@ -66,8 +66,25 @@ def test_sbatch_template_directives_all_come_before_the_first_command(template: 
     text = template.read_text()
     assert text.startswith("#!/bin/bash")
     assert sbatch_directives_after_commands(text) == []
-    # One GPU per rank: each task sees its own device.
-    assert "#SBATCH --gpus-per-task=1" in text
+    assert gpu_layout(text) is not None
+
+
+def gpu_layout(text: str) -> int | None:
+    """N when a template asks for N tasks and N GPUs per node and nothing per task (each task then sees all of its
+    node's GPUs and takes the one of its local rank, and NCCL can use NVLink between them); else None."""
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
+    if "gpus-per-task" in directives or "gres" in directives:
+        return None
+    tasks, gpus = directives.get("ntasks-per-node"), directives.get("gpus-per-node")
+    return int(tasks) if tasks is not None and tasks == gpus and tasks.isdigit() else None
+
+
+def test_gpu_layout_wants_as_many_gpus_as_tasks_per_node_and_none_per_task():
+    assert gpu_layout("#SBATCH --ntasks-per-node=4\n#SBATCH --gpus-per-node=4\n") == 4
+    assert gpu_layout("#SBATCH --ntasks=4\n#SBATCH --gpus-per-task=1\n") is None
+    assert gpu_layout("#SBATCH --ntasks-per-node=4\n#SBATCH --gpus-per-node=4\n#SBATCH --gpus-per-task=1\n") is None
+    assert gpu_layout("#SBATCH --ntasks-per-node=4\n#SBATCH --gpus-per-node=2\n") is None
+    assert gpu_layout("#SBATCH --ntasks-per-node=2\n") is None
 
 
 def test_overnight_template_asks_for_the_warning_signal_requeue_and_an_appended_log():

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from hpcrender.environment import (
-    Launcher, SlurmInfo, check_world_size, detect_launcher, first_host, launched_size, master_candidate,
-    node_indices, pick_device, ranks_sharing_a_device, slurm_info, threads_per_rank,
+    CONNECT_TIMEOUT_S, DEFAULT_COLLECTIVE_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S, Backend, Launcher, SlurmInfo,
+    check_master_addr, check_world_size, collective_timeout_s, connect_store, detect_launcher, first_host,
+    MemoryLimit, gpu_identity, is_loopback, launched_size, master_candidate, max_memory_bytes, memory_limit,
+    node_indices, pick_device, ranks_sharing_a_device, slurm_info, threads_per_rank, torch_backend,
 )
-from hpcrender.errors import BadInput
+from hpcrender.errors import BadInput, HpcrenderError
 
 SCRIPTS = Path(__file__).parent / "mpi_scripts"
 BIN = Path(sys.executable).parent
@@ -167,6 +169,150 @@ def test_ranks_sharing_a_gpu_are_found(devices, sharing):
     assert ranks_sharing_a_device(devices) == sharing
 
 
+@pytest.mark.parametrize("device,backend", [("cpu", Backend.GLOO), ("cuda:0", Backend.NCCL), ("cuda:3", Backend.NCCL),
+                                            ("cuda", Backend.NCCL)])
+def test_gpus_use_nccl_alone_and_cpus_gloo(device, backend):
+    assert torch_backend(device) is backend
+
+
+def nvml(uuids: dict[int, str]):
+    """A stand-in for NVML: UUIDs by driver index; records what it was asked."""
+    asked = []
+
+    def uuid(index: int) -> str | None:
+        asked.append(index)
+        return uuids.get(index)
+
+    uuid.asked = asked
+    return uuid
+
+
+def test_torch_s_own_uuid_names_the_gpu_before_anything_else():
+    fake = nvml({0: "GPU-nvml"})
+    assert gpu_identity(0, "GPU-torch", "3", fake) == "GPU-torch"
+    assert fake.asked == []
+
+
+def test_without_torch_uuids_one_gpu_per_task_is_told_apart_through_visible_devices_and_nvml():
+    # --gpus-per-task=1 on a 4-GPU node: every task's only device is torch's cuda:0.
+    fake = nvml({i: f"GPU-{i}" for i in range(4)})
+    names = [gpu_identity(0, None, visible, fake) for visible in ("0", "1", "2", "3")]
+    assert names == ["GPU-0", "GPU-1", "GPU-2", "GPU-3"]
+    assert len(set(ranks_sharing_a_device([f"n1/{n}" for n in names]))) == 0
+
+
+def test_without_torch_uuids_ranks_on_one_gpu_still_share_it():
+    fake = nvml({i: f"GPU-{i}" for i in range(4)})
+    names = [f"n1/{gpu_identity(r % 2, None, None, fake)}" for r in range(4)]  # 4 ranks, 2 GPUs
+    assert ranks_sharing_a_device(names) == (0, 2)
+
+
+def test_visible_devices_given_as_uuids_name_the_gpu_without_nvml():
+    assert gpu_identity(1, None, "GPU-aa, GPU-bb", None) == "GPU-bb"
+    assert gpu_identity(0, None, "MIG-cc", None) == "MIG-cc"
+
+
+@pytest.mark.parametrize("visible", [None, "0", "0,1"])
+def test_without_torch_uuids_or_nvml_nothing_names_the_gpu_and_the_check_is_skipped(visible):
+    assert gpu_identity(0, None, visible, None) is None
+
+
+@pytest.mark.parametrize("index,visible", [(2, "0,1"), (0, ""), (0, "weird")])
+def test_a_device_visible_devices_cannot_map_is_not_named(index, visible):
+    assert gpu_identity(index, None, visible, nvml({0: "GPU-0"})) is None
+
+
+def test_a_gpu_nvml_cannot_answer_for_is_not_named():
+    assert gpu_identity(0, None, "5", nvml({0: "GPU-0"})) is None
+
+
+# --- memory a rank may use -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,size", [
+    ("", None), ("1048576", 2**20), ("512M", 512 * 2**20), ("40G", 40 * 2**30), ("40GiB", 40 * 2**30),
+    ("40gb", 40 * 2**30), ("1.5T", int(1.5 * 2**40)), (" 64k ", 64 * 2**10),
+])
+def test_max_memory_reads_sizes_in_binary_units(value, size):
+    assert max_memory_bytes({"HPCRENDER_MAX_MEMORY": value}) == size
+
+
+@pytest.mark.parametrize("value", ["0", "lots", "-4G", "4X", "G"])
+def test_a_bad_max_memory_is_refused_naming_the_variable(value):
+    with pytest.raises(BadInput, match=f"HPCRENDER_MAX_MEMORY='{value}'"):
+        max_memory_bytes({"HPCRENDER_MAX_MEMORY": value})
+
+
+def test_memory_limit_is_the_smaller_of_the_gpu_and_the_setting_and_none_on_a_bare_cpu():
+    assert memory_limit("cpu", None, None) is None
+    assert memory_limit("cpu", None, 8 << 30) == MemoryLimit(8 << 30, "HPCRENDER_MAX_MEMORY")
+    assert memory_limit("cuda:1", 80 << 30, None) == MemoryLimit(80 << 30, "the memory of cuda:1")
+    assert memory_limit("cuda:1", 80 << 30, 40 << 30).source == "HPCRENDER_MAX_MEMORY"
+    assert memory_limit("cuda:1", 80 << 30, 100 << 30).bytes == 80 << 30
+
+
+# --- timeouts and the rendezvous store ---------------------------------------------------------------------
+
+def test_collective_timeout_is_its_own_setting_shorter_than_the_rendezvous_by_default():
+    assert collective_timeout_s({}) == DEFAULT_COLLECTIVE_TIMEOUT_S < RENDEZVOUS_TIMEOUT_S
+    assert collective_timeout_s({"HPCRENDER_COLLECTIVE_TIMEOUT": " 75 "}) == 75.0
+    assert collective_timeout_s({"HPCRENDER_COLLECTIVE_TIMEOUT": "0.5"}) == 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "inf", "nan"])
+def test_a_bad_collective_timeout_is_refused_naming_the_variable(value):
+    with pytest.raises(BadInput, match=f"HPCRENDER_COLLECTIVE_TIMEOUT='{value}'"):
+        collective_timeout_s({"HPCRENDER_COLLECTIVE_TIMEOUT": value})
+
+
+class FakeStore:
+    """Records how a rendezvous client was made; fails to connect when `reachable` is False."""
+
+    made: list = []
+    reachable = True
+
+    def __init__(self, address, port, world_size, is_master, timeout):
+        FakeStore.made.append(self)
+        self.args = (address, port, world_size, is_master)
+        self.timeouts = [timeout.total_seconds()]
+        if not FakeStore.reachable:
+            raise RuntimeError("The client socket has timed out after 30000ms while trying to connect\nmore")
+
+    def set_timeout(self, timeout):
+        self.timeouts.append(timeout.total_seconds())
+
+
+def test_a_store_client_connects_with_a_short_timeout_then_waits_the_rendezvous_timeout(monkeypatch):
+    monkeypatch.setattr(FakeStore, "made", [])
+    store = connect_store("10.0.0.1", 29500, 4, CONNECT_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S, FakeStore)
+    assert store.args == ("10.0.0.1", 29500, 4, False)
+    assert store.timeouts == [CONNECT_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S]
+    assert CONNECT_TIMEOUT_S < RENDEZVOUS_TIMEOUT_S
+
+
+def test_an_unreachable_store_is_one_line_naming_the_address(monkeypatch):
+    monkeypatch.setattr(FakeStore, "reachable", False)
+    with pytest.raises(HpcrenderError) as err:
+        connect_store("10.0.0.1", 29500, 4, 30, 600, FakeStore)
+    assert "10.0.0.1:29500 within 30 s" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("address,loopback", [
+    ("127.0.0.1", True), ("127.0.1.1", True), ("localhost", True), ("LOCALHOST", True), ("::1", True),
+    ("[::1]", True), ("10.1.2.3", False), ("node01", False), ("node01.ib.cluster", False), ("fe80::1", False),
+])
+def test_loopback_addresses_are_recognised(address, loopback):
+    assert is_loopback(address) is loopback
+
+
+def test_a_loopback_master_addr_is_refused_on_several_nodes_only():
+    check_master_addr("127.0.0.1", 1)
+    check_master_addr("localhost", 1)
+    check_master_addr("node01", 3)
+    for address in ("127.0.0.1", "localhost", "127.0.1.1"):
+        with pytest.raises(BadInput, match=f"MASTER_ADDR={address} is a loopback address but the job spans 2 nodes"):
+            check_master_addr(address, 2)
+
+
 # --- hostlists and the rendezvous address ------------------------------------------------------------------
 
 @pytest.mark.parametrize("nodelist,host", [
@@ -202,7 +348,7 @@ def test_rendezvous_address_follows_from_names_when_it_can():
 # --- real MPI worlds ---------------------------------------------------------------------------------------
 
 def run_ranks(n: int | None, script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HPCRENDER_COLLECTIVE_TIMEOUT": "45"}
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, str(SCRIPTS / script), *args]
@@ -239,6 +385,7 @@ def test_mpiexec_world_starts_torch_distributed_over_every_rank(n, group_size):
         assert r["device"] == "cpu" and r["threads"] == 1
         assert r["sum"] == r["device_sum"] == n * (n + 1) / 2  # all_reduce over torch.distributed
         assert r["max"] == n - 1 and r["ranks"] == list(range(n))  # MPI collectives
+        assert r["backend"] == "gloo" and r["collective_timeout_s"] == 45
 
 
 @pytest.mark.mpi
@@ -251,6 +398,8 @@ def test_new_groups_give_each_rank_only_its_own_group(n, group_size):
         assert r["groups_joined"] == 1
         assert r["group_members"] == members
         assert r["group_sum"] == sum(m + 1 for m in members)
+        # torch gives a new group its own default (30 minutes for gloo) unless told
+        assert r["group_timeout_s"] == 45
 
 
 def test_a_plain_process_is_a_world_of_one():

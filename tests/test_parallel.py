@@ -233,6 +233,17 @@ def test_measured_bytes_per_step_equal_the_analytic_count(checks, shape):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("shape", ["sd", "sdxl"])
+def test_exchange_buffers_held_equal_the_analytic_estimate(checks, shape):
+    # Every rank, every mode, both before (sync) and after (displaced) the slots are laid out in buckets.
+    runs = {k: v for k, v in checks["unet"][shape].items() if isinstance(v, dict) and "buffers_match" in v}
+    assert {"sync", "naive", "displaced_corrected"} <= runs.keys()
+    assert all(run["buffers_match"] for run in runs.values()), {k: v["buffer_bytes"] for k, v in runs.items()}
+    assert runs["naive"]["buffer_bytes"] == [0] * checks["world_size"]
+    assert min(runs["sync"]["buffer_bytes"]) > 0
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("shape", ["sd", "sdxl"])
 def test_remove_restores_the_unet_bit_for_bit(checks, shape):
     assert checks["unet"][shape]["removed"] == {"state_dict_equal": True, "module_types_equal": True,
                                                 "processors_identical": True, "output_equal": True}

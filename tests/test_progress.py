@@ -6,7 +6,7 @@ import io
 import logging
 import re
 
-from hpcrender.progress import Progress, setup_rank_logging
+from hpcrender.progress import Progress, rank_log_name, setup_rank_logging
 
 
 class FakeClock:
@@ -89,6 +89,23 @@ def test_tty_follows_the_stream_when_not_given():
             return True
 
     assert Progress(Terminal()).tty and not Progress(io.StringIO()).tty
+
+
+def test_rank_logs_of_job_array_tasks_never_share_a_file():
+    names = {rank_log_name(rank, task) for rank in range(3) for task in (None, 0, 1, 12)}
+    assert len(names) == 12
+    assert rank_log_name(3) == "rank-0003.log"
+    assert rank_log_name(0, 3) == "rank-0000.task-3.log"
+
+
+def test_rank_log_of_an_array_task_is_its_own_file(tmp_path):
+    logger = setup_rank_logging(tmp_path, 0, "node07", array_task=3)
+    logging.getLogger("hpcrender").info("task three")
+    for handler in list(logger.handlers):
+        handler.flush()
+        logger.removeHandler(handler)
+        handler.close()
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["rank-0000.task-3.log"]
 
 
 def test_rank_log_is_one_file_per_rank_with_stamped_lines(tmp_path):

@@ -197,6 +197,8 @@ def test_array_index_renders_its_share(tmp_path):
                   "--steps", "1")
     assert r.returncode == 0, r.stderr
     assert set(status_of(tmp_path / "out")["jobs"]) == {"harbor-again"}  # job i with i % 3 == 1
+    # Tasks of one array may share OUT from different nodes: each its own log.
+    assert [p.name for p in (tmp_path / "out" / "logs").iterdir()] == ["rank-0000.task-1.log"]
 
 
 def test_validate_and_plan(tmp_path):
@@ -206,6 +208,32 @@ def test_validate_and_plan(tmp_path):
     p = hpcrender("plan", manifest, "--ranks", "2")
     assert p.returncode == 0, p.stderr
     assert "2 group(s) of 1 rank(s)" in p.stdout and "wide-xl" in p.stdout
+
+
+def test_plan_shows_the_memory_a_rank_needs_and_refuses_what_does_not_fit(tmp_path):
+    manifest = write_manifest(tmp_path / "m.toml", BATCH)
+    p = hpcrender("plan", manifest)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("memory per rank: at least") == 4
+    refused = hpcrender("plan", manifest, HPCRENDER_MAX_MEMORY="1M")
+    assert refused.returncode == 2
+    lines = refused.stderr.splitlines()
+    assert len(lines) == 4 and all("does not fit" in line and "HPCRENDER_MAX_MEMORY is 1.0 MiB" in line
+                                   for line in lines), refused.stderr
+    assert lines[0].startswith(f"hpcrender: error: {manifest}: jobs[harbor]: does not fit: a rank needs at least")
+    assert hpcrender("plan", manifest, HPCRENDER_MAX_MEMORY="lots").returncode == 2
+
+
+def test_render_refuses_a_job_that_does_not_fit_before_loading_anything(tmp_path):
+    manifest = write_manifest(tmp_path / "m.toml", BATCH)
+    out = tmp_path / "out"
+    r = hpcrender("render", manifest, "--out", out, "--only", "harbor", HPCRENDER_MAX_MEMORY="2M")
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [line for line in r.stderr.splitlines() if "jobs[harbor]: does not fit" in line]
+    assert len(r.stderr.splitlines()) == 1
+    assert not (out / "harbor").exists()
+    fits = hpcrender("render", manifest, "--out", out, "--only", "harbor", HPCRENDER_MAX_MEMORY="1G")
+    assert fits.returncode == 0, fits.stderr
 
 
 def test_a_killed_rank_ends_the_world_within_60s(tmp_path):
@@ -362,14 +390,14 @@ prompt = "three"
 """
 
 
-def render_with_fault(tmp_path, failing_ranks: str) -> tuple[subprocess.CompletedProcess, float, Path]:
+def render_with_fault(tmp_path, failing_ranks: str, **env: str) -> tuple[subprocess.CompletedProcess, float, Path]:
     manifest = write_manifest(tmp_path / "faults.toml", FAULTS)
     out = tmp_path / "out"
     script = Path(__file__).parent / "mpi_scripts" / "render_fault.py"
     cmd = [str(MPIEXEC), "-n", "2", str(HPCRENDER.parent / "python"), str(script), "bad", "2", failing_ranks,
            "--", "hpcrender", "render", str(manifest), "--out", str(out)]
     start = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env())
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=clean_env(**env))
     return done, time.time() - start, out
 
 
@@ -379,6 +407,15 @@ def test_a_job_that_fails_on_every_rank_of_its_group_does_not_stop_the_batch(tmp
     jobs = status_of(out)["jobs"]
     assert {name: job["state"] for name, job in jobs.items()} == {"first": "done", "bad": "failed", "last": "done"}
     assert jobs["bad"]["error"] == "RuntimeError: injected fault on rank 0"
+
+
+def test_under_nccl_a_job_that_fails_on_every_rank_after_a_collective_ends_the_run(tmp_path):
+    done, _, out = render_with_fault(tmp_path, "0,1", FAULT_AS_NCCL="1")
+    assert done.returncode == 1, done.stderr
+    assert "communicator may be out of step" in done.stderr, done.stderr
+    jobs = {name: job["state"] for name, job in read_status(out)["jobs"].items()}
+    # The group did not go on to its next job on a communicator that may be out of step.
+    assert jobs == {"first": "done", "bad": "failed", "last": "pending"}, jobs
 
 
 def test_a_job_that_fails_on_one_rank_of_its_group_ends_the_world_instead_of_hanging(tmp_path):

@@ -19,7 +19,7 @@ PYTHON = VENV_BIN / "python"
 HPCRENDER = VENV_BIN / "hpcrender"
 # The templates ask for GPUs and 8 CPUs per task; the test cluster has neither, and options on the
 # sbatch command line override the #SBATCH lines.
-NO_GPU = ("--gpus-per-task=0", "--cpus-per-task=1")
+NO_GPU = ("--gpus-per-node=0", "--cpus-per-task=1")
 
 
 def write_manifest(path: Path, names: Sequence[str], *, side: int = 64, steps: int = 2) -> Path:

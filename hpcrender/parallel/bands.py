@@ -188,3 +188,58 @@ def expected_bytes(layers: Sequence[LayerSpec], bands: Sequence[Band], rank: int
         if registration and layer.kind is LayerKind.SELF_ATTENTION:
             total += TOKEN_COUNT_BYTES
     return total
+
+
+@dataclass(frozen=True)
+class BufferBytes:
+    """Bytes of the communication buffers one rank of a band group holds through an image, by kind of layer."""
+
+    halos: int = 0        # each conv's boundary rows, sent and received, both ways
+    keys_values: int = 0  # each self-attention layer's keys and values of every band (the whole image) + its own
+    statistics: int = 0   # each GroupNorm's float64 statistics: the pooled sum and this band's last
+
+    @property
+    def total(self) -> int:
+        return self.halos + self.keys_values + self.statistics
+
+
+def exchange_buffers(layers: Sequence[LayerSpec], bands: Sequence[Band], batch: int, element_size: int) -> BufferBytes:
+    """What the exchange slots of a model made of `layers` allocate on every rank (the same on each, and the same
+    once laid out in buckets).
+
+    Stale keys and values are kept for every band, padded to the largest: the whole image's, whatever the number
+    of bands, which is what makes them the largest part at high resolution. A group of one band holds none.
+    """
+    if len(bands) < 2:
+        return BufferBytes()
+    halos = keys_values = statistics = 0
+    for layer in layers:
+        if layer.kind is LayerKind.HALO_CONV:
+            above, below = layer.halo
+            rows = above + max(below, 0)
+            halos += 2 * rows * batch * layer.channels * layer.width * element_size
+        elif layer.kind is LayerKind.SELF_ATTENTION:
+            padded = max(band_rows(bands, layer.scale)) * layer.width
+            keys_values += (len(bands) + 1) * batch * padded * layer.channels * element_size
+        else:
+            statistics += 2 * batch * layer.groups * GROUPNORM_STAT_BYTES
+    return BufferBytes(halos, keys_values, statistics)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A lower bound of what one rank needs for a job: the UNet's weights and the exchange buffers (the forward's
+    own activations come on top)."""
+
+    weights: int
+    buffers: BufferBytes
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.buffers.total
+
+
+def memory_estimate(layers: Sequence[LayerSpec], parameters: int, bands: Sequence[Band], batch: int,
+                    element_size: int) -> MemoryEstimate:
+    """The estimate for a model of `parameters` weights and exchanging `layers` on `bands` (one band: no exchange)."""
+    return MemoryEstimate(parameters * element_size, exchange_buffers(layers, bands, batch, element_size))

@@ -93,7 +93,8 @@ class Exchange:
         self.buckets: list[Bucket] = []
         self.step = 0
         self.bytes_sent: list[int] = []
-        self.wait_seconds: list[float] = []
+        self._wait_seconds: list[float] = []
+        self._timing: list[tuple[int, float, object, object]] = []  # CUDA waits not yet read: step, host s, events
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
 
@@ -101,7 +102,8 @@ class Exchange:
         """Forget every slot and the counts: the next step registers the slots afresh."""
         self.release()
         self.bytes_sent.clear()
-        self.wait_seconds.clear()
+        self._timing.clear()
+        self._wait_seconds.clear()
 
     def release(self) -> None:
         """Finish what is in flight and free the buffers (the counts stay readable)."""
@@ -113,15 +115,35 @@ class Exchange:
         self.step = step
         while len(self.bytes_sent) <= step:
             self.bytes_sent.append(0)
-            self.wait_seconds.append(0.0)
+            self._wait_seconds.append(0.0)
 
     def _count(self, nbytes: int) -> None:
         self.bytes_sent[self.step] += nbytes
 
-    def _timed(self, wait: Callable[[], None]) -> None:
+    @property
+    def wait_seconds(self) -> list[float]:
+        """Seconds waited on communication per step (CUDA waits are read once their events have completed)."""
+        for step, host, start, end in self._timing:
+            end.synchronize()
+            self._wait_seconds[step] += max(host, start.elapsed_time(end) / 1000)
+        self._timing.clear()
+        return self._wait_seconds
+
+    def _timed(self, wait: Callable[[], None], device: torch.device) -> None:
+        """Time `wait`. On CUDA also with events on the compute stream: NCCL's wait() returns at once and stalls the
+        stream instead, while gloo's blocks the host; the longer of the two is what the step lost."""
+        cuda = device.type == "cuda"
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         wait()
-        self.wait_seconds[self.step] += time.perf_counter() - t0
+        host = time.perf_counter() - t0
+        if cuda:
+            end.record()
+            self._timing.append((self.step, host, start, end))  # read later: no host sync inside a step
+        else:
+            self._wait_seconds[self.step] += host
 
     # -- registration --------------------------------------------------------------------------------------------
 
@@ -192,7 +214,7 @@ class Exchange:
         mine = torch.tensor([n], dtype=torch.int64, device=device)
         every = torch.zeros(self.size, dtype=torch.int64, device=device)
         self._count(mine.numel() * mine.element_size())
-        self._timed(lambda: _all_gather_flat(every, mine, self.group, async_op=False))
+        self._timed(lambda: _all_gather_flat(every, mine, self.group, async_op=False), mine.device)
         return tuple(int(v) for v in every.tolist())
 
     def exchange_now(self, slot: Slot) -> None:
@@ -212,7 +234,7 @@ class Exchange:
         else:
             self._count(slot["buf"].numel() * slot["buf"].element_size())
             works = [dist.all_reduce(slot["buf"], group=self.group, async_op=True)]
-        self._timed(lambda: [w.wait() for w in works])
+        self._timed(lambda: [w.wait() for w in works], slot.spec.device)
 
     def _halo_ops(self, buffers: dict[str, torch.Tensor], tag: int) -> list:
         ops = []
@@ -235,7 +257,7 @@ class Exchange:
             raise RuntimeError("asynchronous exchange before the slots were laid out in buckets")
         if bucket.pending:
             works, bucket.pending = bucket.pending, []
-            self._timed(lambda: [w.wait() for w in works])
+            self._timed(lambda: [w.wait() for w in works], slot.spec.device)
 
     def post(self, slot: Slot) -> None:
         """`slot` holds this band's fresh data: launch its bucket once every slot in it has been posted."""

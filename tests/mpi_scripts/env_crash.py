@@ -16,7 +16,7 @@ from hpcrender.errors import BadInput
 failing, kind = int(sys.argv[1]), sys.argv[2]
 world = World.start()
 with guarded(world, debug="--debug" in sys.argv):
-    world.init_torch_distributed(timeout_s=600)
+    world.init_torch_distributed()
     if world.env.rank == failing:
         if kind == "badinput":
             raise BadInput("width must be a multiple of 8")

@@ -15,20 +15,28 @@ import torch.distributed as dist
 from hpcrender.environment import World, guarded
 from hpcrender.schedule import rank_groups
 
+
+
+def _timeout_s(group) -> float | None:
+    """The collective timeout a gloo group was made with (None on other backends)."""
+    backend = group._get_backend(torch.device("cpu")) if str(dist.get_backend(group)) == "gloo" else None
+    return backend.options._timeout.total_seconds() if backend is not None else None
+
+
 world = World.start()
 with guarded(world):
-    world.init_torch_distributed(timeout_s=60)
+    world.init_torch_distributed()
     env = world.env
-    total = torch.tensor([float(env.rank + 1)])
-    dist.all_reduce(total)  # CPU tensors work under every backend
-    on_device = torch.tensor([float(env.rank + 1)], device=env.device)
-    dist.all_reduce(on_device)  # NCCL on GPUs
+    total = torch.tensor([float(env.rank + 1)], device=env.device)
+    dist.all_reduce(total)  # NCCL alone on GPUs: every tensor on the device
+    on_device = total.clone()
     report = {
         "world_size": env.world_size, "rank": env.rank, "local_rank": env.local_rank,
         "local_size": env.local_size, "node_index": env.node_index, "device": env.device,
         "threads": env.threads, "launcher": env.launcher.value, "dist_size": dist.get_world_size(),
         "sum": total.item(), "device_sum": on_device.item(), "backend": str(dist.get_backend()),
         "max": world.allreduce_max(env.rank), "ranks": world.allgather(env.rank),
+        "collective_timeout_s": _timeout_s(dist.group.WORLD),
     }
     group_size = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     if group_size:
@@ -38,7 +46,7 @@ with guarded(world):
         group_total = torch.tensor([float(env.rank + 1)], device=env.device)
         dist.all_reduce(group_total, group=mine[0])
         report.update(groups_joined=len(mine), group_sum=group_total.item(),
-                      group_members=dist.get_process_group_ranks(mine[0]))
+                      group_members=dist.get_process_group_ranks(mine[0]), group_timeout_s=_timeout_s(mine[0]))
     gathered = world.allgather(report)
     if env.rank == 0:
         print("\n".join(json.dumps(r) for r in gathered), flush=True)

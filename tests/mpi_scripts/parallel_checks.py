@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from hpcrender.config import GroupNormMode, Mode
-from hpcrender.parallel.bands import expected_bytes, latent_bands, split_rows, unet_alignment
+from hpcrender.parallel.bands import exchange_buffers, expected_bytes, latent_bands, split_rows, unet_alignment
 from hpcrender.parallel.plan import PatchPlan, decode_parallel, parallelize, unet_layers
 from parallel_models import conditioning, noise, sd_unet, sdxl_unet, small_vae, start_torch_distributed
 
@@ -70,6 +70,16 @@ def gathered(value, size: int, group) -> list:
     return out
 
 
+def held_bytes(exchange) -> int:
+    """Bytes of the distinct storages behind every slot's buffers (standalone, or views into bucket buffers)."""
+    storages = {}
+    for slot in exchange.slots.values():
+        for tensor in slot.buffers.values():
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def check_unet(shape: str, rank: int, size: int, group, groupnorms: list[GroupNormMode]) -> dict:
     unet = BUILDERS[shape]()
     height, width = SIZES[shape][size]
@@ -90,8 +100,10 @@ def check_unet(shape: str, rank: int, size: int, group, groupnorms: list[GroupNo
         handle = parallelize(unet, plan, group)
         try:
             outputs, final = denoise(unet, latent, cond, STEPS, handle, rows)
+            held = held_bytes(handle.ctx.exchange)
         finally:
             handle.remove()
+        estimate = exchange_buffers(layers, bands, BATCH, 4).total if mode is not Mode.NAIVE else 0
         stats = handle.stats()  # still readable once the model is restored
         expected = [expected_bytes(layers, bands, rank, BATCH, 4, groupnorm_stats=plan.groupnorm_exchanged(i),
                                    registration=(i == 0)) if mode is not Mode.NAIVE else 0 for i in range(STEPS)]
@@ -100,6 +112,8 @@ def check_unet(shape: str, rank: int, size: int, group, groupnorms: list[GroupNo
             "final_latent": relative_error(final, ref_latent[:, :, rows], group),
             "bytes_match": all(gathered(stats["bytes_sent"] == expected, size, group)),
             "bytes_per_step": gathered(stats["bytes_sent"][-1], size, group),
+            "buffers_match": all(gathered(held == estimate, size, group)),
+            "buffer_bytes": gathered(held, size, group),
             "sync_steps": stats["sync_steps"], "async_steps": stats["async_steps"],
             "wait_seconds": gathered(stats["wait_seconds_total"], size, group),
         }, outputs

@@ -2,15 +2,18 @@
 
 usage: render_fault.py JOB STEP RANKS(comma-separated global ranks) -- hpcrender render ARGS...
 The listed ranks raise RuntimeError after STEP steps of JOB; every other rank renders normally.
+With FAULT_AS_NCCL=1 the runner decides what a failure ends as it would on GPUs under NCCL.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from mpi4py import MPI
 
 import hpcrender.pipeline
+import hpcrender.runner
 from hpcrender.cli import cli
 
 job_name, fail_step, ranks = sys.argv[1], int(sys.argv[2]), {int(r) for r in sys.argv[3].split(",")}
@@ -29,4 +32,7 @@ def render_image(pipe, job, *a, on_step=None, **kw):
 
 
 hpcrender.pipeline.render_image = render_image
+if os.environ.get("FAULT_AS_NCCL") == "1":
+    decide = hpcrender.runner.failure_ends_world
+    hpcrender.runner.failure_ends_world = lambda device, issued: decide("cuda:0", issued)
 cli.main(args=args, prog_name="hpcrender")
