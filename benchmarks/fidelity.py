@@ -7,9 +7,9 @@ torch's default initialisation after torch.manual_seed(1234), fp32; a latent fro
 guidance 5; one loop for every run, only the UNet call differs.
 
     OMP_NUM_THREADS=1 .venv/bin/mpiexec -n 2 .venv/bin/python benchmarks/fidelity.py --size 512 --steps 12 \\
-        --run sync --run naive --run displaced:w=1 --run displaced:w=2:stale=plain --json out/fidelity.json
+        --run sync --run naive --run displaced:w=1 --run displaced:w=2:halo=stale --json out/fidelity.json
 
-A run is MODE[:w=WARMUP][:gn=GROUPNORM][:stale=corrected|plain]; warm-up counts synchronous steps. The reference
+A run is MODE[:w=WARMUP][:gn=GROUPNORM][:halo=fresh|stale]; warm-up counts synchronous steps. The reference
 latent is cached under --cache (keyed by size, steps and the weights' hash).
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hpcrender.config import GroupNormMode, Mode, StaleMode
+from hpcrender.config import GroupNormMode, HaloMode, Mode
 from hpcrender.environment import World
 from hpcrender.models.builtin import architecture
 from hpcrender.parallel.bands import latent_bands, unet_alignment
@@ -39,15 +39,15 @@ SEED_WEIGHTS = 1234
 
 def parse_run(text: str) -> dict:
     mode, *options = text.split(":")
-    run = {"mode": Mode(mode), "warmup": 1, "groupnorm": GroupNormMode.CORRECTED, "stale": StaleMode.CORRECTED}
+    run = {"mode": Mode(mode), "warmup": 1, "groupnorm": GroupNormMode.CORRECTED, "halo": HaloMode.FRESH}
     for option in options:
         key, _, value = option.partition("=")
         if key == "w":
             run["warmup"] = int(value)
         elif key == "gn":
             run["groupnorm"] = GroupNormMode(value)
-        elif key == "stale":
-            run["stale"] = StaleMode(value)
+        elif key == "halo":
+            run["halo"] = HaloMode(value)
         else:
             raise SystemExit(f"unknown run option {option!r} in {text!r}")
     return run
@@ -56,7 +56,7 @@ def parse_run(text: str) -> dict:
 def run_name(run: dict) -> str:
     if run["mode"] is not Mode.DISPLACED:
         return run["mode"].value
-    return f"displaced w={run['warmup']} gn={run['groupnorm'].value} stale={run['stale'].value}"
+    return f"displaced w={run['warmup']} gn={run['groupnorm'].value} halo={run['halo'].value}"
 
 
 def build_unet():
@@ -119,7 +119,7 @@ def parallel_run(unet, inputs: dict, steps: int, run: dict, world_size: int, ran
     bands = latent_bands(inputs["latent"].shape[2], unet_alignment(unet.config), world_size)
     band = bands[rank]
     plan = PatchPlan(mode=run["mode"], groupnorm=run["groupnorm"], warmup_steps=run["warmup"], bands=bands,
-                     rank=rank, stale=run["stale"])
+                     rank=rank, halo=run["halo"])
     handle = parallelize(unet, plan, group)
     handle.begin_image()
 
@@ -149,7 +149,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--run", action="append", default=[], help="MODE[:w=W][:gn=GN][:stale=S], repeatable")
+    ap.add_argument("--run", action="append", default=[], help="MODE[:w=W][:gn=GN][:halo=H], repeatable")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--cache", type=Path, default=Path("out/fidelity-cache"))
     args = ap.parse_args()

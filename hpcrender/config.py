@@ -27,9 +27,9 @@ class GroupNormMode(str, enum.Enum):
     SEPARATE = "separate"    # each band its own stats
 
 
-class StaleMode(str, enum.Enum):
-    CORRECTED = "corrected"  # other bands' keys/values and halo rows moved by this band's mean change since then
-    PLAIN = "plain"          # the previous step's activations as they are (DistriFusion)
+class HaloMode(str, enum.Enum):
+    FRESH = "fresh"  # displaced steps too exchange halo rows fresh, while the band's interior is convolved
+    STALE = "stale"  # displaced steps use the previous step's halo rows (DistriFusion)
 
 
 class SchedulerName(str, enum.Enum):
@@ -49,7 +49,7 @@ class ParallelConfig:
     mode: Mode = Mode.DISPLACED
     warmup_steps: int = 4
     groupnorm: GroupNormMode = GroupNormMode.CORRECTED
-    stale: StaleMode = StaleMode.CORRECTED
+    halo: HaloMode = HaloMode.FRESH
     split_cfg: bool = False
     ranks_per_image: int = 0  # 0: all ranks render each image together
 

@@ -27,7 +27,7 @@ from hpcrender.config import (
     Mode,
     ParallelConfig,
     SchedulerName,
-    StaleMode,
+    HaloMode,
 )
 from hpcrender.errors import BadInput, ManifestError
 
@@ -229,7 +229,7 @@ _PARALLEL: dict[str, _Check] = {
     "mode": _choice(Mode),
     "warmup_steps": _int_range(0, None),
     "groupnorm": _choice(GroupNormMode),
-    "stale": _choice(StaleMode),
+    "halo": _choice(HaloMode),
     "split_cfg": _as_bool,
     "ranks_per_image": _int_range(0, None),
 }

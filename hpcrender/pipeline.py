@@ -255,7 +255,7 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
 
         plan = PatchPlan(mode=job.parallel.mode, groupnorm=job.parallel.groupnorm,
                          warmup_steps=job.parallel.warmup_steps, bands=bands, rank=layout.patch_rank,
-                         stale=job.parallel.stale)
+                         halo=job.parallel.halo)
         handle = parallelize(pipe.unet, plan, comms.patch_group)
         handle.begin_image()
     try:

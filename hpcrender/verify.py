@@ -50,7 +50,7 @@ def _report(job: Job, size: int, result, reference, relative_l2, psnr, ssim) -> 
     level = int(np.abs(result.image.astype(np.int16) - reference.image.astype(np.int16)).max())
     return "\n".join([
         f"verify {job.name}: {size} rank(s), mode {p.mode.value}{branches}, warm-up {p.warmup_steps}, "
-        f"groupnorm {p.groupnorm.value}, stale {p.stale.value}, bands {bands}",
+        f"groupnorm {p.groupnorm.value}, halo {p.halo.value}, bands {bands}",
         f"latent relative L2: {relative_l2(result.latent, reference.latent):.3e}",
         f"image PSNR: {psnr(result.image, reference.image):.2f} dB",
         f"image SSIM: {ssim(result.image, reference.image):.6f}",

@@ -16,7 +16,7 @@ from hpcrender.config import (
     Mode,
     ParallelConfig,
     SchedulerName,
-    StaleMode,
+    HaloMode,
 )
 from hpcrender.errors import BadInput, ManifestError
 from hpcrender.manifest import BUILTIN_MODELS, apply_overrides, derive_seed, load_manifest
@@ -148,13 +148,13 @@ def test_inline_tables_and_dotted_keys_merge_like_sub_tables(tmp_path):
         tmp_path,
         f"""
         [defaults]
-        parallel = {{ mode = "naive", groupnorm = "stale", stale = "plain" }}
+        parallel = {{ mode = "naive", groupnorm = "stale", halo = "stale" }}
         {JOB}
         parallel.groupnorm = "separate"
         """,
     )
     job = load_manifest(path).jobs[0]
-    assert job.parallel == ParallelConfig(mode=Mode.NAIVE, groupnorm=GroupNormMode.SEPARATE, stale=StaleMode.PLAIN)
+    assert job.parallel == ParallelConfig(mode=Mode.NAIVE, groupnorm=GroupNormMode.SEPARATE, halo=HaloMode.STALE)
 
 
 def test_integers_are_accepted_where_floats_are_expected(tmp_path):
@@ -264,8 +264,8 @@ CASES = [
      "(did you mean 'displaced'?)"),
     ("groupnorm-unknown", '[defaults.parallel]\ngroupnorm = "fresh"\n' + JOB, 2,
      "defaults.parallel.groupnorm: must be one of corrected, stale, sync, separate, got 'fresh'"),
-    ("stale-unknown", JOB + '[jobs.parallel]\nstale = "extrapolated"\n', 5,
-     "jobs[harbor].parallel.stale: must be one of corrected, plain, got 'extrapolated'"),
+    ("halo-unknown", JOB + '[jobs.parallel]\nhalo = "corrected"\n', 5,
+     "jobs[harbor].parallel.halo: must be one of fresh, stale, got 'corrected'"),
     ("builtin-unknown", JOB + 'model = "builtin:tiny-sdx"\n', 4,
      "jobs[harbor].model: unknown builtin model 'tiny-sdx' (known: tiny-sd, tiny-sdxl, sdxl-mini, sdxl)"),
     ("model-path-missing", JOB + 'model = "./nowhere"\n', 4, "jobs[harbor].model: no such folder or file: "),

@@ -109,14 +109,7 @@ class BandAttnProcessor:
             ctx.exchange.exchange_now(slot)
             return self._assemble(slot, key, value, counts, padded)
         ctx.exchange.wait(slot)
-        drift = None
-        if ctx.correct_stale:
-            # The other bands' keys/values are moved by this band's mean change since it sent its own (still in
-            # the send buffer): no communication, measured closer to single-device (BENCHMARKS.md).
-            sent_key, sent_value = self._split(slot["send"], batch, padded, ck, cv)
-            drift = ((key - sent_key[:, :tokens]).mean(1, keepdim=True),
-                     (value - sent_value[:, :tokens]).mean(1, keepdim=True))
-        whole = self._assemble(slot, key, value, counts, padded, drift)  # copies the stale bands out
+        whole = self._assemble(slot, key, value, counts, padded)  # copies the stale bands out
         self._give(slot["send"], key, value, padded)
         ctx.exchange.post(slot)
         return whole
@@ -131,7 +124,7 @@ class BandAttnProcessor:
         k[:, :key.shape[1]].copy_(key)
         v[:, :value.shape[1]].copy_(value)
 
-    def _assemble(self, slot, key, value, counts, padded, drift=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _assemble(self, slot, key, value, counts, padded) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = [], []
         for band, n in enumerate(counts):
             if band == self.ctx.rank:
@@ -139,11 +132,8 @@ class BandAttnProcessor:
                 values.append(value)
             else:
                 k, v = self._split(slot["recv"][band], key.shape[0], padded, key.shape[-1], value.shape[-1])
-                k, v = k[:, :n], v[:, :n]
-                if drift is not None:
-                    k, v = k + drift[0], v + drift[1]
-                keys.append(k)
-                values.append(v)
+                keys.append(k[:, :n])
+                values.append(v[:, :n])
         return torch.cat(keys, dim=1), torch.cat(values, dim=1)
 
     # -- cross-attention: local, text keys/values once per image ----------------------------------------------------

@@ -28,9 +28,10 @@ def _row_padding(conv: nn.Conv2d) -> int:
 class BandConv2d(nn.Module):
     """Stands in for an nn.Conv2d (sharing its parameters) on a band of its input's rows.
 
-    `fresh`: the halo is exchanged blocking in every step, displaced ones included. For the model's input
-    convolution: its input is the sampler's latent, which every band has fresh after the step; its halo is a few
-    rows of a few channels, and a stale one there is the largest single error of displaced steps.
+    Halo rows are fresh in synchronous steps, and in displaced steps too for the model's input convolution
+    (`fresh`: its input is the sampler's latent, a few rows of a few channels) and under HaloMode.FRESH. A fresh
+    halo travels while the band's interior is convolved and is waited for only by the boundary rows: stale halo
+    rows make most of displaced mode's error (BENCHMARKS.md), for the smallest share of its bytes.
     """
 
     def __init__(self, conv: nn.Conv2d, ctx, name: str = "", fresh: bool = False):
@@ -76,22 +77,22 @@ class BandConv2d(nn.Module):
         above, below = self.halo
         sent_up, sent_down = max(below, 0), above  # rows this band gives the band above / below it
         per_row = batch * channels * width
+        fresh = self.fresh or ctx.fresh_halos
         slot = ctx.exchange.slot(self, SlotSpec(SlotKind.HALO, sent_up * per_row, sent_down * per_row, x.dtype,
-                                                x.device, fresh=self.fresh))
+                                                x.device, fresh=fresh))
         first, last = ctx.rank == 0, ctx.rank == ctx.size - 1
-        if ctx.sync_step or self.fresh:
+        if ctx.sync_step or fresh:
+            # Fresh halo rows, exchanged while the band's interior is convolved.
             self._give(x, slot, sent_up, sent_down)
-            ctx.exchange.exchange_now(slot)
-            return self._band_conv(x, slot, first, last)
+            works = ctx.exchange.start(slot)
+            return self._band_conv(x, slot, first, last, lambda: ctx.exchange.finish(works, slot))
         ctx.exchange.wait(slot)
-        if ctx.correct_stale:
-            self._correct_stale(x, slot, sent_up, sent_down)
         out = self._band_conv(x, slot, first, last)  # reads the stale rows before the buffers are reused
         self._give(x, slot, sent_up, sent_down)
         ctx.exchange.post(slot)
         return out
 
-    def _band_conv(self, x: torch.Tensor, slot, first: bool, last: bool) -> torch.Tensor:
+    def _band_conv(self, x: torch.Tensor, slot, first: bool, last: bool, arrived=None) -> torch.Tensor:
         """The convolution of the band with its halos, without copying the band: the whole band is convolved with
         zero rows above and below, then the few output rows that read those zeros in place of a neighbour's rows
         are recomputed from thin strips of the band and the halo."""
@@ -104,10 +105,14 @@ class BandConv2d(nn.Module):
         bottom = -(-(height + pad - span + 1) // stride) if not last and below > 0 else None  # first output below
         if (top and top_end > height) or (bottom is not None and (bottom < top or bottom * stride < pad)):
             # a band too thin for strips: convolve an extended copy instead
+            if arrived is not None:
+                arrived()
             extended = self._extend(x, slot, above, below, first, last)
             return F.conv2d(extended, self.weight, self.bias, self.stride, (0, self.padding[1]), self.dilation,
                             self.groups)
         out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if arrived is not None:  # the halo rows are needed from here on
+            arrived()
         batch, channels, _, width = x.shape
         rows_only = (0, self.padding[1])
         if top:
@@ -120,21 +125,6 @@ class BandConv2d(nn.Module):
             out[:, :, bottom:] = F.conv2d(strip, self.weight, self.bias, self.stride, rows_only, self.dilation,
                                           self.groups)
         return out
-
-    def _correct_stale(self, x: torch.Tensor, slot, sent_up: int, sent_down: int) -> None:
-        """Move the neighbours' stale halo rows by the change, per channel, of this band's own rows that border
-        them: what those rows sent last step (still in the send buffers) against what they hold now. Costs no
-        communication; measured closer to single-device than the stale rows alone (BENCHMARKS.md)."""
-        above, below = self.halo
-        batch, channels, _, width = x.shape
-        if above and sent_up == above:
-            sent = slot["to_prev"].view(batch, channels, above, width)
-            drift = (x[:, :, :above] - sent).mean(dim=(2, 3), keepdim=True)
-            slot["from_prev"].view(batch, channels, above, width).add_(drift)
-        if below > 0 and sent_down == below:
-            sent = slot["to_next"].view(batch, channels, below, width)
-            drift = (x[:, :, -below:] - sent).mean(dim=(2, 3), keepdim=True)
-            slot["from_next"].view(batch, channels, below, width).add_(drift)
 
     @staticmethod
     def _give(x: torch.Tensor, slot, sent_up: int, sent_down: int) -> None:

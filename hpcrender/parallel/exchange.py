@@ -32,7 +32,7 @@ class SlotSpec:
     down: int
     dtype: torch.dtype
     device: torch.device
-    fresh: bool = False  # exchanged blocking in every step, never bucketed (a layer that reads the model's input)
+    fresh: bool = False  # exchanged fresh in every step (start/finish), never bucketed
 
 
 @dataclass(eq=False)
@@ -219,8 +219,18 @@ class Exchange:
 
     def exchange_now(self, slot: Slot) -> None:
         """Exchange one slot and wait for it: afterwards its receive buffers hold the other bands' fresh data."""
+        self.finish(self.start(slot), slot)
+
+    def finish(self, works: list, slot: Slot) -> None:
+        """Wait for what start(slot) launched."""
+        if works:
+            self._timed(lambda: [w.wait() for w in works], slot.spec.device)
+
+    def start(self, slot: Slot) -> list:
+        """Launch the exchange of one slot without waiting for it (finish() waits): a layer computes what does not
+        need the other bands meanwhile."""
         if self.size == 1:
-            return
+            return []
         kind = slot.spec.kind
         if kind is SlotKind.HALO:
             works = self._halo_ops(slot.buffers, SYNC_TAG)
@@ -234,7 +244,7 @@ class Exchange:
         else:
             self._count(slot["buf"].numel() * slot["buf"].element_size())
             works = [dist.all_reduce(slot["buf"], group=self.group, async_op=True)]
-        self._timed(lambda: [w.wait() for w in works], slot.spec.device)
+        return works
 
     def _halo_ops(self, buffers: dict[str, torch.Tensor], tag: int) -> list:
         ops = []

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from hpcrender.config import GroupNormMode, Mode, StaleMode
+from hpcrender.config import GroupNormMode, HaloMode, Mode
 from hpcrender.errors import BadInput, DoesNotFit
 from hpcrender.parallel.attention import BandAttnProcessor
 from hpcrender.parallel.bands import (
@@ -27,8 +27,8 @@ from hpcrender.parallel.groupnorm import BandGroupNorm
 @dataclass(frozen=True)
 class PatchPlan:
     """How one rank of a band group runs a model: the exchange mode, GroupNorm mode, warm-up steps, the bands (rows
-    of the model's input feature map, in rank order) and this rank's index among them, and what displaced steps do
-    with the other bands' stale keys/values and halo rows."""
+    of the model's input feature map, in rank order) and this rank's index among them, and whether displaced steps
+    exchange halo rows fresh or use the previous step's."""
 
     mode: Mode
     groupnorm: GroupNormMode
@@ -36,7 +36,7 @@ class PatchPlan:
     bands: tuple[Band, ...]
     rank: int
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # largest flat buffer of one asynchronous collective
-    stale: StaleMode = StaleMode.CORRECTED
+    halo: HaloMode = HaloMode.FRESH
 
     def __post_init__(self):
         if self.mode is Mode.NONE:
@@ -72,7 +72,7 @@ class BandContext:
         self.plan = plan
         self.mode = plan.mode
         self.groupnorm = plan.groupnorm
-        self.correct_stale = plan.stale is StaleMode.CORRECTED
+        self.fresh_halos = plan.halo is HaloMode.FRESH
         self.bands = plan.bands
         self.rank = plan.rank
         self.size = len(plan.bands)
@@ -136,7 +136,7 @@ class Parallelized:
         """Per step of the current image: bytes this rank sent and seconds it waited on communication."""
         exchange = self.ctx.exchange
         return {
-            "mode": self.plan.mode.value, "groupnorm": self.plan.groupnorm.value, "stale": self.plan.stale.value,
+            "mode": self.plan.mode.value, "groupnorm": self.plan.groupnorm.value, "halo": self.plan.halo.value,
             "ranks": self.ctx.size,
             "rank": self.plan.rank, "warmup_steps": self.plan.warmup_steps,
             "bytes_sent": list(exchange.bytes_sent), "wait_seconds": [round(s, 6) for s in exchange.wait_seconds],

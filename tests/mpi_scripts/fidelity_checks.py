@@ -2,8 +2,8 @@
 
 usage: mpiexec -n K fidelity_checks.py [--deep]
 Rank 0 prints one JSON object:
-- "layers": one convolution and one self-attention layer, whose input moves by a constant per channel between two
-  steps: the second (displaced) step against the whole layer, with stale activations corrected and plain;
+- "layers": a convolution, and a model's input convolution ("conv_in"), whose input changes between two steps: the
+  second (displaced) step against the whole layer, with fresh and with stale halo rows;
 - "repeat": the sdxl-mini-shaped UNet run twice on the same input, the second time displaced: its stale
   activations equal the fresh ones, so it must equal the synchronous first step;
 - with --deep: that UNet denoised (Euler, guidance) in sync, naive and displaced modes with each GroupNorm mode,
@@ -21,9 +21,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from hpcrender.config import GroupNormMode, Mode, StaleMode
+from hpcrender.config import GroupNormMode, HaloMode, Mode
 from hpcrender.models.builtin import architecture
-from hpcrender.parallel.bands import latent_bands, split_rows, unet_alignment
+from hpcrender.parallel.bands import Band, latent_bands, unet_alignment
 from hpcrender.parallel.plan import PatchPlan, parallelize
 from parallel_models import start_torch_distributed
 
@@ -38,15 +38,6 @@ def whole_error(part: torch.Tensor, reference: torch.Tensor, group) -> float:
     return float(sums[0].sqrt() / sums[1].sqrt())
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.attn = Attention(channels, heads=2, dim_head=channels // 2)
-
-    def forward(self, x):
-        return self.attn(x)
-
-
 class InputConv(nn.Module):
     def __init__(self):
         super().__init__()
@@ -57,34 +48,36 @@ class InputConv(nn.Module):
 
 
 def layer_checks(rank: int, size: int, group) -> dict:
-    """Step 0 sees x, step 1 sees x + c (c constant per channel): the other bands' halo rows and keys/values move by
-    exactly what this band's do, so the corrected stale activations are the fresh ones. The model's input
-    convolution ("conv_in") sees x + noise: its halo is fresh in every step, stale activations or not."""
+    """Step 0 sees x, step 1 sees x + noise; the second step is displaced. Fresh halo rows (HaloMode.FRESH, and the
+    model's input convolution whatever the mode) give the whole layer's output; stale ones do not."""
     torch.manual_seed(0)
-    layers = {"conv": nn.Sequential(nn.Conv2d(6, 5, 3, padding=1)), "attention": SelfAttention(8),
-              "conv_in": InputConv()}
-    channels = {"conv": 6, "attention": 8, "conv_in": 4}
-    bands = split_rows(4 * size + 3, size)
+    layers = {"conv": (nn.Sequential(nn.Conv2d(6, 5, 3, padding=1)), 6), "conv_in": (InputConv(), 4),
+              "downsample": (nn.Sequential(nn.Conv2d(6, 5, 3, stride=2, padding=1)), 6)}
+    # uneven bands of even rows (the stride-2 convolution's outputs start on band boundaries)
+    bands = tuple(Band(4 * i, 4 * i + 4) for i in range(size - 1)) + (Band(4 * size - 4, 4 * size + 2),)
     rows = slice(bands[rank].start, bands[rank].stop)
     report = {}
-    for name, layer in layers.items():
+    for name, (layer, channels) in layers.items():
         layer.eval()
         g = torch.Generator().manual_seed(1)
-        x = torch.randn(2, channels[name], bands[-1].stop, 7, generator=g)
-        change = (1, channels[name], 1, 1) if name != "conv_in" else x.shape
-        moved = x + torch.randn(change, generator=g)
+        x = torch.randn(2, channels, bands[-1].stop, 7, generator=g)
+        moved = x + torch.randn(x.shape, generator=g)
+        scale = layer(x).shape[2] / x.shape[2]
+        out_rows = slice(int(rows.start * scale), int(rows.stop * scale))
         with torch.no_grad():
-            reference = layer(moved)[:, :, rows]
-        for stale in StaleMode:
+            reference = layer(moved)[:, :, out_rows]
+        for halo in HaloMode:
             plan = PatchPlan(mode=Mode.DISPLACED, groupnorm=GroupNormMode.CORRECTED, warmup_steps=1, bands=bands,
-                             rank=rank, stale=stale)
+                             rank=rank, halo=halo)
             handle = parallelize(layer, plan, group)
             with torch.no_grad():
                 for step, source in enumerate((x, moved)):
                     handle.begin_step(step)
                     out = layer(source[:, :, rows])
+            stats = handle.stats()
             handle.remove()
-            report[f"{name}_{stale.value}"] = whole_error(out, reference, group)
+            report[f"{name}_{halo.value}"] = whole_error(out, reference, group)
+            report[f"{name}_{halo.value}_async_steps"] = stats["async_steps"]
     return report
 
 
@@ -109,9 +102,9 @@ def repeat_check(unet, rank: int, size: int, group) -> dict:
     latent = torch.randn(2, 4, side, side, generator=torch.Generator().manual_seed(0))
     cond = conditioning(side)
     report = {}
-    for stale in StaleMode:
+    for halo in HaloMode:
         plan = PatchPlan(mode=Mode.DISPLACED, groupnorm=GroupNormMode.CORRECTED, warmup_steps=1, bands=bands,
-                         rank=rank, stale=stale)
+                         rank=rank, halo=halo)
         handle = parallelize(unet, plan, group)
         outputs = []
         with torch.no_grad():
@@ -120,7 +113,7 @@ def repeat_check(unet, rank: int, size: int, group) -> dict:
                 outputs.append(unet(latent[:, :, rows], 500.0, **cond, return_dict=False)[0])
         stats = handle.stats()
         handle.remove()
-        report[stale.value] = {"error": whole_error(outputs[1], outputs[0], group),
+        report[halo.value] = {"error": whole_error(outputs[1], outputs[0], group),
                                "async_steps": stats["async_steps"]}
     return report
 
@@ -150,13 +143,15 @@ def deep_checks(unet, rank: int, size: int, group) -> dict:
         return latent
 
     reference = denoise()[:, :, rows]
-    runs = {"sync": (Mode.SYNC, GroupNormMode.CORRECTED), "naive": (Mode.NAIVE, GroupNormMode.CORRECTED)}
+    corrected, fresh = GroupNormMode.CORRECTED, HaloMode.FRESH
+    runs = {"sync": (Mode.SYNC, corrected, fresh), "naive": (Mode.NAIVE, corrected, fresh),
+            "displaced_stale_halo": (Mode.DISPLACED, corrected, HaloMode.STALE)}
     for groupnorm in (GroupNormMode.CORRECTED, GroupNormMode.STALE, GroupNormMode.SEPARATE):
-        runs[f"displaced_{groupnorm.value}"] = (Mode.DISPLACED, groupnorm)
+        runs[f"displaced_{groupnorm.value}"] = (Mode.DISPLACED, groupnorm, fresh)
     report = {}
-    for name, (mode, groupnorm) in runs.items():
-        handle = parallelize(unet, PatchPlan(mode=mode, groupnorm=groupnorm, warmup_steps=1, bands=bands, rank=rank),
-                             group)
+    for name, (mode, groupnorm, halo) in runs.items():
+        plan = PatchPlan(mode=mode, groupnorm=groupnorm, warmup_steps=1, bands=bands, rank=rank, halo=halo)
+        handle = parallelize(unet, plan, group)
         try:
             report[name] = whole_error(denoise(handle), reference, group)
         finally:
