@@ -1,15 +1,21 @@
-"""`hpcrender bench`: per-step time of the denoising loop (UNet with CFG batch 2, no VAE) on this launch's ranks."""
+"""`hpcrender bench`: per-step time of the denoising loop (UNet with CFG batch 2, no VAE) against what a user would
+run instead - plain diffusers on one process with all the node's cores, and hpcrender on one rank - then on every
+rank of the launch in the asked modes, beside what the run plan predicts (bytes, compute, memory)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from hpcrender.config import DType, Job, Mode, ParallelConfig, SchedulerName
 from hpcrender.errors import EXIT_OK
+
+DIFFUSERS = "diffusers"  # the row of diffusers' own pipeline loop
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,7 @@ class BenchRequest:
     scheduler: str
     dtype: str
     json_path: Path | None
+    plot_path: Path | None = None
 
 
 def bench_job(req: BenchRequest, mode: Mode) -> Job:
@@ -39,52 +46,412 @@ def summarize(step_seconds: list[float]) -> dict:
             "median_s": statistics.median(steady), "min_s": min(steady), "max_s": max(steady)}
 
 
-def run_bench(world, req: BenchRequest) -> int:
+def parallel_modes(asked: list[Mode] | None, world_size: int) -> list[Mode]:
+    """The modes run on every rank: none is the one-rank row, which every bench has; one rank has no other."""
+    if world_size == 1:
+        return []
+    return [m for m in (asked or [Mode.SYNC, Mode.DISPLACED]) if m is not Mode.NONE]
+
+
+def node_threads(placements: list[tuple[str, int]], node: str) -> int:
+    """Threads of all the launch's ranks on `node`: what one process there may use instead of them."""
+    return sum(threads for where, threads in placements if where == node)
+
+
+def steady_waits(wait_seconds: list[float], first: int) -> float | None:
+    """Mean seconds waited per step from step `first` on (None when the run had no such step)."""
+    steady = wait_seconds[first:]
+    return statistics.fmean(steady) if steady else None
+
+
+def exchange_hidden(wait_s: float | None, sync_wait_s: float | None) -> float | None:
+    """Share of the exchange's waiting that a mode hides behind compute: 1 - its wait per step over sync's (which
+    exchanges the same bytes and waits for every exchange); None without both, or when sync waited for nothing."""
+    if wait_s is None or not sync_wait_s:
+        return None
+    return 1.0 - wait_s / sync_wait_s
+
+
+def relative_error(measured: float | None, planned: float | None) -> float | None:
+    if measured is None or not planned:
+        return None
+    return (measured - planned) / planned
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-up against diffusers and against hpcrender on one rank, and parallel efficiency (one-rank time over
+    ranks x time), filled into every row from the rows' per-step times."""
+    base = next((r["per_step_s"] for r in rows if r["run"] == DIFFUSERS), None)
+    one = next((r["per_step_s"] for r in rows if r["run"] == Mode.NONE.value), None)
+    for r in rows:
+        t = r["per_step_s"]
+        r["speedup_vs_diffusers"] = base / t if base else None
+        r["speedup_vs_1_rank"] = one / t if one and r["run"] != DIFFUSERS else None
+        r["parallel_efficiency"] = one / (r["ranks"] * t) if one and r["run"] != DIFFUSERS else None
+
+
+# --- memory a denoising loop adds to the loaded model ------------------------------------------------------------
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _heap_reader():
+    """glibc's bytes in use (small blocks + mmapped ones), or None where mallinfo2 is missing."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def read() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+    return read
+
+
+class LoopMemory:
+    """Peak bytes in use during a denoising loop above what was in use when the UNet was first called.
+
+    On CUDA the allocator's own peak over the whole loop. On CPUs glibc's bytes in use, read before and after every
+    module's forward during the first step only (the step the bench leaves out of its times): it misses what lives
+    only inside one module's call and the second step's re-layout of the buffers into buckets, so it reads low.
+    """
+
+    def __init__(self, unet, device: str):
+        import torch
+
+        self.device = torch.device(device)
+        self.base: int | None = None
+        self.peak = 0
+        self._hooks = []
+        self._read = None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._read = lambda: torch.cuda.memory_allocated(self.device)
+        else:
+            self._read = _heap_reader()
+        if self._read is None:
+            return
+        self._hooks.append(unet.register_forward_pre_hook(self._start))
+        if self.device.type != "cuda":
+            from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+            self._hooks.append(register_module_forward_pre_hook(self._sample))
+            self._hooks.append(register_module_forward_hook(self._sample))
+
+    def _start(self, *_) -> None:
+        if self.base is None:
+            self.base = self.peak = self._read()
+
+    def _sample(self, *_) -> None:
+        if self.base is not None:
+            self.peak = max(self.peak, self._read())
+
+    def stop_sampling(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def result(self) -> int | None:
+        import torch
+
+        self.stop_sampling()
+        if self.base is None:
+            return None
+        if self.device.type == "cuda":
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        return self.peak - self.base
+
+
+# --- the runs ----------------------------------------------------------------------------------------------------
+
+def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
+    """Seconds per step of diffusers' own pipeline call on the same model, size, steps, scheduler, seed and
+    initial noise as hpcrender's, with `threads` intra-op threads; steps are timed by its step-end callback (the
+    first one includes encoding the prompt)."""
     import torch
 
-    from hpcrender.pipeline import GroupLayout, render_image
+    from hpcrender.pipeline import TORCH_DTYPES, _sync, initial_noise, make_scheduler
+
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    latents = initial_noise(job, pipe.unet.config.in_channels, vae_scale).to(device=device,
+                                                                           dtype=TORCH_DTYPES[job.dtype])
+    original, threads_before = pipe.scheduler, torch.get_num_threads()
+    pipe.scheduler = make_scheduler(job.scheduler, original.config)
+    pipe.set_progress_bar_config(disable=True)
+    marks: list[float] = []
+
+    def on_step_end(_pipe, step, timestep, tensors):
+        _sync(device)
+        marks.append(time.perf_counter())
+        return {}
+
+    torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            pipe(prompt=job.prompt, negative_prompt=job.negative_prompt or None, height=job.height, width=job.width,
+                 num_inference_steps=job.steps, guidance_scale=job.guidance_scale, latents=latents,
+                 output_type="latent", callback_on_step_end=on_step_end)
+    finally:
+        pipe.scheduler = original
+        torch.set_num_threads(threads_before)
+    return [b - a for a, b in zip([start] + marks, marks)]
+
+
+def planned(job: Job, size: int) -> dict | None:
+    """What the run plan says a group of `size` needs per step, rank by rank: bytes sent in a steady step,
+    multiply-accumulates, and the memory the loop adds (exchange buffers + activations)."""
+    from hpcrender.parallel.bands import expected_bytes, latent_bands, unet_alignment
+    from hpcrender.parallel.plan import unet_layers
+    from hpcrender.pipeline import TORCH_DTYPES
+    from hpcrender.runner import _meta_unet, job_costs
+
+    costs = job_costs(job, size)
+    unet = _meta_unet(job.model)
+    if costs is None or unet is None:
+        return None
+    exchanging = job.parallel.mode in (Mode.SYNC, Mode.DISPLACED) and size > 1
+    bands = latent_bands(job.height // 8, unet_alignment(unet.config), size) if exchanging else ()
+    layers = unet_layers(unet, job.width // 8)
+    batch = 2 if job.guidance_scale > 1.0 else 1
+    element = TORCH_DTYPES[job.dtype].itemsize
+    return {"bytes_per_step": [expected_bytes(layers, bands, r, batch, element) if bands else 0 for r in range(size)],
+            "macs_per_step": [c.macs for c in costs], "loop_memory_bytes": [c.memory.step for c in costs],
+            "activation_bytes": [c.memory.activations for c in costs],
+            "buffer_bytes": [c.memory.buffers.total for c in costs]}
+
+
+def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: bool = True) -> dict:
+    """One render of `job` by this rank in a group of `group` ranks: its step times, exchange and memory."""
+    from hpcrender.pipeline import GroupLayout, _peak_memory, render_image
+
+    env = world.env
+    pipe = models.get(job)
+    layout = GroupLayout(size=group, rank=env.rank % group, mode=job.parallel.mode)
+    probe = LoopMemory(pipe.unet, env.device) if measure_memory else None
+
+    def on_step(done: int, total: int) -> None:
+        if probe is not None and done == 1 and probe.device.type != "cuda":
+            probe.stop_sampling()
+
+    try:
+        result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, decode=False)
+    finally:
+        loop_memory = probe.result() if probe is not None else None
+    return {"rank": env.rank, **summarize(result.step_seconds), "step_seconds": result.step_seconds,
+            "peak_memory_bytes": _peak_memory(env.device), "loop_memory_bytes": loop_memory,
+            "exchange": result.exchange}
+
+
+def _idle_barrier(world, poll_s: float = 0.01) -> None:
+    """A barrier that sleeps while it waits: MPI's busy-polls a core, which would slow the one process that runs
+    alone on all of them (its threads stall whenever one is descheduled)."""
+    request = world.comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_s)
+
+
+def _row(run: str, req: BenchRequest, ranks: int, threads: int, device: str, per_rank: list[dict]) -> dict:
+    slowest = max(per_rank, key=lambda r: r["mean_s"])
+    return {"run": run, "mode": run if run != DIFFUSERS else None, "ranks": ranks, "threads_per_rank": threads,
+            "model": req.model, "size": f"{req.width}x{req.height}", "steps": req.steps, "scheduler": req.scheduler,
+            "dtype": req.dtype, "warmup_steps": req.warmup_steps, "device": device,
+            "per_step_s": slowest["mean_s"], "median_s": slowest["median_s"], "min_s": slowest["min_s"],
+            "max_s": slowest["max_s"], "first_s": slowest["first_s"], "per_rank": per_rank}
+
+
+def _exchange_fields(row: dict, mode: Mode, req: BenchRequest, plan: dict | None) -> None:
+    """Measured bytes and waits of a steady step beside the plan's bytes, compute and memory."""
+    per_rank = row["per_rank"]
+    exchanges = [r["exchange"] or {} for r in per_rank]
+    sent = [e["bytes_sent"][-1] if e.get("bytes_sent") else 0 for e in exchanges]
+    # displaced: its asynchronous steps; sync: every step after the first (which also registers token counts)
+    first = max(req.warmup_steps, 1) if mode is Mode.DISPLACED else 1
+    waits = [steady_waits(e.get("wait_seconds", []), first) for e in exchanges]
+    waits = [w for w in waits if w is not None]
+    row["bytes_per_step"] = sent
+    row["wait_s_per_step"] = statistics.fmean(waits) if waits and mode is not Mode.NAIVE else None
+    row["loop_memory_bytes"] = [r["loop_memory_bytes"] for r in per_rank]
+    row["peak_memory_bytes"] = [r["peak_memory_bytes"] for r in per_rank]
+    row["plan"] = plan
+    if plan is not None:
+        row["bytes_error"] = max((abs(relative_error(m, p)) for m, p in zip(sent, plan["bytes_per_step"]) if p),
+                                 default=None)
+        errors = [relative_error(m, p) for m, p in zip(row["loop_memory_bytes"], plan["loop_memory_bytes"])]
+        errors = [e for e in errors if e is not None]
+        row["loop_memory_error"] = max(errors, key=abs) if errors else None
+
+
+def run_bench(world, req: BenchRequest) -> int:
+    import diffusers
+    import torch
+
+    from hpcrender.pipeline import Comms
     from hpcrender.runner import _Models, _make_groups, check_request
 
     env = world.env
     size = env.world_size
-    modes = req.modes or ([Mode.NONE] if size == 1 else [Mode.SYNC, Mode.DISPLACED])
+    modes = parallel_modes(req.modes, size)
     world.init_torch_distributed()
     models = _Models(device=env.device)
+    if env.rank == 0:
+        from hpcrender.config import Manifest
+
+        jobs = tuple(bench_job(req, m) for m in modes)
+        check_request(Manifest(path=Path("bench"), jobs=jobs), tuple(range(len(jobs))), size)
+    placements = world.allgather((env.node, env.threads))
+    threads = node_threads(placements, placements[0][0])
+    single = Comms(group=None, patch_group=None, global_ranks=(0,))
     rows = []
+
+    # 1. What a user would run instead: diffusers' loop in one process with the node's cores; the rest wait.
+    one_job = bench_job(req, Mode.NONE)
+    if env.rank == 0:
+        seconds = diffusers_steps(models.get(one_job), one_job, env.device, threads)
+        rows.append(_row(DIFFUSERS, req, 1, threads, env.device, [{"rank": 0, **summarize(seconds),
+                                                                   "step_seconds": seconds}]))
+    _idle_barrier(world)
+    # 2. hpcrender on one rank (rank 0, its own threads), the rest waiting.
+    if env.rank == 0:
+        run = _hpcrender_run(world, models, one_job, 1, single)
+        row = _row(Mode.NONE.value, req, 1, env.threads, env.device, [run])
+        _exchange_fields(row, Mode.NONE, req, planned(one_job, 1))
+        rows.append(row)
+    _idle_barrier(world)
+    # 3. Every rank together, mode by mode.
     for mode in modes:
         job = bench_job(req, mode)
-        group = 1 if mode is Mode.NONE else size
-        if env.rank == 0:
-            from hpcrender.config import Manifest
-
-            check_request(Manifest(path=Path("bench"), jobs=(job,)), (0,), size)
-        pipe = models.get(job)
-        comms = _make_groups(world, tuple(tuple(range(g, g + group)) for g in range(0, size, group)), group,
-                             False)[False]
-        layout = GroupLayout(size=group, rank=env.rank % group, mode=mode)
+        comms = _make_groups(world, (tuple(range(size)),), size, False)[False]
         world.barrier()
-        result = render_image(pipe, job, layout, comms, env.device, decode=False)
-        stats = summarize(result.step_seconds)
-        per_rank = world.allgather({"rank": env.rank, **stats, "peak_memory_bytes": result.peak_memory_bytes,
-                                    "exchange": result.exchange})
-        slowest = max(per_rank, key=lambda r: r["mean_s"])
-        exchange = per_rank[0]["exchange"] or {}
-        rows.append({"mode": mode.value, "ranks": size, "ranks_per_image": group, "threads_per_rank": env.threads,
-                     "model": req.model, "size": f"{req.width}x{req.height}", "steps": req.steps,
-                     "scheduler": req.scheduler, "dtype": req.dtype, "warmup_steps": req.warmup_steps,
-                     "device": env.device, "per_step_s": slowest["mean_s"], "median_s": slowest["median_s"],
-                     "min_s": slowest["min_s"], "max_s": slowest["max_s"], "first_s": slowest["first_s"],
-                     "exchange": exchange, "per_rank": per_rank,
-                     "versions": {"torch": torch.__version__}})
+        run = _hpcrender_run(world, models, job, size, comms)
+        per_rank = world.allgather(run)
+        if env.rank == 0:
+            row = _row(mode.value, req, size, env.threads, env.device, per_rank)
+            _exchange_fields(row, mode, req, planned(job, size))
+            rows.append(row)
     if env.rank == 0:
-        print(f"{'mode':<10} {'ranks':>5} {'thr/rank':>8} {'s/step':>9} {'min':>8} {'max':>8}  size, model")
+        sync_wait = next((r["wait_s_per_step"] for r in rows if r["run"] == Mode.SYNC.value), None)
         for r in rows:
-            print(f"{r['mode']:<10} {r['ranks']:>5} {r['threads_per_rank']:>8} {r['per_step_s']:>9.3f} "
-                  f"{r['min_s']:>8.3f} {r['max_s']:>8.3f}  {r['size']}, {r['model']}, {r['steps']} steps")
+            if r["run"] in (Mode.SYNC.value, Mode.DISPLACED.value):
+                r["exchange_hidden"] = exchange_hidden(r["wait_s_per_step"], sync_wait)
+            r["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+        add_ratios(rows)
+        print(format_table(rows))
         if req.json_path:
             req.json_path.parent.mkdir(parents=True, exist_ok=True)
             req.json_path.write_text(json.dumps(rows, indent=2, default=str))
+        if req.plot_path:
+            plot_scaling(rows, req.plot_path)
         sys.stdout.flush()
     world.barrier()
     world.close()
     return EXIT_OK
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+
+def _num(value, fmt: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, fmt)
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per run: time and ratios, then the exchange and memory of the slowest/largest rank beside the plan's
+    figure in brackets."""
+    head = (f"{'run':<10} {'ranks':>5} {'thr/rank':>8} {'s/step':>9} {'vs diffusers':>12} {'vs 1 rank':>9} "
+            f"{'efficiency':>10} {'MiB sent/step (plan)':>21} {'hidden':>6} {'GMAC/rank (plan)':>16} "
+            f"{'loop MiB/rank (plan)':>21}")
+    lines = [head]
+    for r in rows:
+        plan = r.get("plan") or {}
+        sent = f"{_mib(max(r['bytes_per_step'], default=0))} ({_mib(max(plan['bytes_per_step'], default=0))})" \
+            if "bytes_per_step" in r and plan else "-"
+        macs = f"({max(plan['macs_per_step']) / 1e9:.2f})" if plan else "-"
+        measured = [m for m in r.get("loop_memory_bytes", []) if m is not None]
+        memory = f"{_mib(max(measured)) if measured else '-'} ({_mib(max(plan['loop_memory_bytes']))})" \
+            if plan else "-"
+        lines.append(f"{r['run']:<10} {r['ranks']:>5} {r['threads_per_rank']:>8} {r['per_step_s']:>9.3f} "
+                     f"{_num(r.get('speedup_vs_diffusers'), '.2f'):>12} {_num(r.get('speedup_vs_1_rank'), '.2f'):>9} "
+                     f"{_num(r.get('parallel_efficiency'), '.2f'):>10} {sent:>21} "
+                     f"{_num(r.get('exchange_hidden'), '.0%'):>6} {macs:>16} {memory:>21}")
+    first = rows[0] if rows else {}
+    lines.append(f"{first.get('size')}, {first.get('model')}, {first.get('steps')} steps, {first.get('scheduler')}, "
+                 f"{first.get('dtype')}, {first.get('device')}; s/step: mean after the first step, slowest rank")
+    return "\n".join(lines)
+
+
+# --- the plot (Pillow: no plotting library needed) -----------------------------------------------------------------
+
+PLOT_COLOURS = {DIFFUSERS: (120, 120, 120), Mode.NONE.value: (0, 0, 0), Mode.SYNC.value: (31, 119, 180),
+                Mode.DISPLACED.value: (214, 39, 40), Mode.NAIVE.value: (44, 160, 44)}
+
+
+def scaling_series(rows: list[dict]) -> dict[str, list[tuple[int, float, float | None]]]:
+    """Per mode, (ranks, seconds per step, parallel efficiency) from one rank up; diffusers' time alone."""
+    one = [(r["ranks"], r["per_step_s"], r.get("parallel_efficiency")) for r in rows if r["run"] == Mode.NONE.value]
+    series = {DIFFUSERS: [(r["ranks"], r["per_step_s"], None) for r in rows if r["run"] == DIFFUSERS]}
+    for r in rows:
+        if r["run"] not in (DIFFUSERS, Mode.NONE.value):
+            series.setdefault(r["run"], list(one)).append((r["ranks"], r["per_step_s"], r.get("parallel_efficiency")))
+    if len(series) == 1 and one:
+        series[Mode.NONE.value] = one
+    return series
+
+
+def plot_scaling(rows: list[dict], path: Path, size: tuple[int, int] = (900, 380)) -> None:
+    """A PNG of seconds per step (left) and parallel efficiency (right) against ranks, one line per mode from the
+    one-rank run; diffusers' time as a dashed grey line."""
+    from PIL import Image, ImageDraw
+
+    series = scaling_series(rows)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    width, height = size
+    max_ranks = max((p[0] for points in series.values() for p in points), default=1)
+    top_time = max((p[1] for points in series.values() for p in points), default=1.0) * 1.15 or 1.0
+    panels = [("seconds per step", 1, top_time, (60, 40, width // 2 - 20, height - 50)),
+              ("parallel efficiency", 2, 1.2, (width // 2 + 50, 40, width - 30, height - 50))]
+    for title, field, top, (x0, y0, x1, y1) in panels:
+        draw.rectangle((x0, y0, x1, y1), outline="black")
+        draw.text((x0, y0 - 25), title, fill="black")
+        draw.text(((x0 + x1) // 2 - 15, y1 + 25), "ranks", fill="black")
+
+        def at(ranks: float, value: float) -> tuple[float, float]:
+            span = max(max_ranks - 1, 1)
+            return (x0 + 20 + (ranks - 1) / span * (x1 - x0 - 40), y1 - value / top * (y1 - y0))
+
+        for ranks in range(1, max_ranks + 1):
+            x, _ = at(ranks, 0)
+            draw.line((x, y1, x, y1 + 5), fill="black")
+            draw.text((x - 3, y1 + 8), str(ranks), fill="black")
+        for tick in range(5):
+            value = top * tick / 4
+            _, y = at(1, value)
+            draw.line((x0 - 5, y, x0, y), fill="black")
+            draw.text((x0 - 50, y - 6), f"{value:.3g}", fill="black")
+        for n, (name, points) in enumerate(series.items()):
+            colour = PLOT_COLOURS.get(name, (148, 103, 189))
+            if name == DIFFUSERS:
+                if field == 1 and points:
+                    _, y = at(1, points[0][1])
+                    for x in range(x0, x1, 12):
+                        draw.line((x, y, min(x + 6, x1), y), fill=colour, width=2)
+                    draw.text((x1 - 70, y - 14), DIFFUSERS, fill=colour)
+                continue
+            xy = [at(p[0], p[field]) for p in points if p[field] is not None]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            for x, y in xy:
+                draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
+            if field == 1:
+                draw.text((x1 - 70, y0 + 8 + 14 * n), name, fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")

@@ -225,9 +225,12 @@ def status(outdir):
 @click.option("--scheduler", type=click.Choice(["ddim", "euler", "dpmpp"]), default="ddim", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also draw seconds per step and parallel efficiency against ranks as a PNG.")
 @click.option("--debug", is_flag=True)
-def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, debug):
-    """Time the denoising steps (UNet with CFG, no VAE) on all ranks of this launch."""
+def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, plot_path, debug):
+    """Time the denoising steps (UNet with CFG, no VAE): diffusers' own loop with the node's cores, hpcrender on one
+    rank, then on all ranks of this launch in each mode; beside the plan's bytes, compute and memory."""
     from hpcrender.bench import BenchRequest, run_bench
     from hpcrender.environment import guarded
 
@@ -244,7 +247,8 @@ def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, 
                 _fail(BadInput(f"--modes: {e}"), debug)
             sys.exit(EXIT_BAD_INPUT)
         req = BenchRequest(model=model, width=w, height=h, steps=steps, modes=wanted, warmup_steps=warmup_steps,
-                           scheduler=scheduler, dtype=dtype, json_path=Path(json_path) if json_path else None)
+                           scheduler=scheduler, dtype=dtype, json_path=Path(json_path) if json_path else None,
+                           plot_path=Path(plot_path) if plot_path else None)
         code = run_bench(world, req)
     sys.exit(code)
 

@@ -112,22 +112,72 @@ def _meta_unet(model: str):
         return None
 
 
-def job_memory(job: Job, size: int):
-    """bands.MemoryEstimate of one rank of a group of `size` for `job`, from the UNet's shapes before anything is
-    loaded; None for a model not in the local cache."""
-    from hpcrender.parallel.bands import latent_bands, memory_estimate, unet_alignment
-    from hpcrender.parallel.plan import unet_layers
+# Prompt tokens a step's cross-attention reads: CLIP's context length, to which SD and SDXL pipelines pad.
+TEXT_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class RankCost:
+    """What one rank of a group costs per denoising step of a job, from the UNet's shapes: multiply-accumulates
+    (a steady step: band-parallel runs keep the text's cross-attention keys and values from the first) and memory."""
+
+    rank: int
+    macs: int
+    memory: object  # bands.MemoryEstimate
+
+
+def job_costs(job: Job, size: int) -> tuple[RankCost, ...] | None:
+    """RankCost of every rank of a group of `size` for `job` (split_cfg: both halves alike), before anything is
+    loaded; None for a model whose shapes cannot be read here."""
+    from hpcrender.parallel.bands import (
+        Band, gathered_keys_values, latent_bands, memory_estimate, step_macs, unet_alignment,
+    )
+    from hpcrender.parallel.plan import unet_compute, unet_layers
     from hpcrender.pipeline import TORCH_DTYPES
 
     unet = _meta_unet(job.model)
     if unet is None:
         return None
     patch = size // (2 if job.parallel.split_cfg else 1)
-    exchanging = job.parallel.mode in (Mode.SYNC, Mode.DISPLACED) and patch > 1
-    bands = latent_bands(job.height // 8, unet_alignment(unet.config), patch) if exchanging else ()
+    banded = job.parallel.mode is not Mode.NONE and patch > 1
+    exchanging = banded and job.parallel.mode in (Mode.SYNC, Mode.DISPLACED)
+    rows = job.height // 8
+    bands = latent_bands(rows, unet_alignment(unet.config), patch) if banded else (Band(0, rows),)
     batch = 2 if job.guidance_scale > 1.0 and not job.parallel.split_cfg else 1
-    return memory_estimate(unet_layers(unet, job.width // 8), sum(p.numel() for p in unet.parameters()), bands,
-                           batch, TORCH_DTYPES[job.dtype].itemsize)
+    element = TORCH_DTYPES[job.dtype].itemsize
+    width = job.width // 8
+    layers = unet_layers(unet, width)
+    compute = unet_compute(unet, width)
+    parameters = sum(p.numel() for p in unet.parameters())
+    costs = []
+    for rank in range(size):
+        band = rank % len(bands)
+        own = _band_activations(job.model, batch, bands[band].size, width)
+        activations = 0
+        if own is not None:
+            extra = gathered_keys_values(layers, bands, band, batch, element) if exchanging else 0
+            activations = own * element // 4 + extra  # the meta model is float32
+        memory = memory_estimate(layers, parameters, bands if exchanging else (), batch, element, activations)
+        macs = step_macs(compute, bands, band, batch, TEXT_TOKENS, exchanging, text_kv_cached=banded)
+        costs.append(RankCost(rank, macs, memory))
+    return tuple(costs)
+
+
+@functools.lru_cache(maxsize=64)
+def _band_activations(model: str, batch: int, rows: int, width: int) -> int | None:
+    from hpcrender.parallel.plan import unet_activation_bytes
+
+    unet = _meta_unet(model)
+    return None if unet is None else unet_activation_bytes(unet, batch, rows, width, TEXT_TOKENS)
+
+
+def job_memory(job: Job, size: int):
+    """bands.MemoryEstimate of the rank of a group of `size` that needs the most for `job`, from the UNet's shapes
+    before anything is loaded; None for a model not in the local cache."""
+    costs = job_costs(job, size)
+    if costs is None:
+        return None
+    return max((c.memory for c in costs), key=lambda m: m.total)
 
 
 def _size(n: int) -> str:
@@ -136,7 +186,16 @@ def _size(n: int) -> str:
 
 def describe_memory(need) -> str:
     return (f"{_size(need.total)} (UNet weights {_size(need.weights)}, exchange buffers {_size(need.buffers.total)} "
-            f"of which stale keys/values {_size(need.buffers.keys_values)})")
+            f"of which stale keys/values {_size(need.buffers.keys_values)}, activations {_size(need.activations)})")
+
+
+def _macs(n: int) -> str:
+    return f"{n / 1e12:.2f} TMAC" if n >= 1e12 else f"{n / 1e9:.2f} GMAC"
+
+
+def describe_costs(costs) -> str:
+    """Per rank: multiply-accumulates of a step and activation memory (a group's ranks in order)."""
+    return ", ".join(f"rank {c.rank} {_macs(c.macs)} + {_size(c.memory.activations)}" for c in costs)
 
 
 def failure_ends_world(device: str, collective_issued: bool) -> bool:
@@ -511,7 +570,9 @@ def describe_plan(manifest: Manifest, world_size: int, limit=None) -> str:
                 cfg = " split_cfg" if job.parallel.split_cfg else ""
                 lines.append(f"  {job.name:<24} group {g} (rank {ranks})  {job.width}x{job.height}  "
                              f"{job.steps} steps  {job.parallel.mode.value}{cfg}  latent bands {bands}")
-                need = job_memory(job, size)
-                if need is not None:
+                costs = job_costs(job, size)
+                if costs is not None:
+                    need = max((c.memory for c in costs), key=lambda m: m.total)
                     lines.append(f"  {'':<24} memory per rank: at least {describe_memory(need)}")
+                    lines.append(f"  {'':<24} per step, compute + activations: {describe_costs(costs)}")
     return "\n".join(lines)

@@ -10,9 +10,10 @@ import pytest
 
 from hpcrender.errors import DoesNotFit
 from hpcrender.parallel.bands import (
-    GROUPNORM_STAT_BYTES, TOKEN_COUNT_BYTES, Band, BufferBytes, LayerKind, LayerSpec, band_rows, conv_halo,
-    exchange_buffers, expected_bytes, keeps_band_geometry, latent_bands, layer_scale, memory_estimate, split_rows,
-    unet_alignment,
+    GROUPNORM_STAT_BYTES, TOKEN_COUNT_BYTES, Band, BufferBytes, ComputeKind, ComputeSpec, LayerKind, LayerSpec,
+    Tokens, band_conv_rows, band_rows, conv_halo, conv_output_rows, exchange_buffers, expected_bytes,
+    gathered_keys_values, keeps_band_geometry, latent_bands, layer_macs, layer_scale, memory_estimate, split_rows,
+    step_macs, unet_alignment,
 )
 
 
@@ -208,3 +209,74 @@ def test_memory_estimate_adds_the_weights_to_the_buffers():
     estimate = memory_estimate([norm], 1000, bands, 1, 2)
     assert (estimate.weights, estimate.total) == (2000, 2000 + 2 * 4 * GROUPNORM_STAT_BYTES)
     assert memory_estimate([norm], 1000, (), 1, 2).total == 2000
+
+
+def test_memory_estimate_adds_activations_and_says_what_a_loop_adds_to_a_loaded_model():
+    norm = LayerSpec(LayerKind.GROUP_NORM, Fraction(1), 8, groups=4)
+    bands = split_rows(8, 2)
+    estimate = memory_estimate([norm], 1000, bands, 2, 2, activations=500)
+    buffers = 2 * 2 * 4 * GROUPNORM_STAT_BYTES
+    assert (estimate.total, estimate.step) == (2000 + buffers + 500, buffers + 500)
+
+
+def test_gathered_keys_values_are_the_other_bands_tokens_of_the_largest_self_attention():
+    bands = (Band(0, 8), Band(8, 16), Band(16, 20))  # 20 latent rows: 8, 8, 4; at scale 1/2: 4, 4, 2
+    fine = LayerSpec(LayerKind.SELF_ATTENTION, Fraction(1, 2), 6, channels=10)
+    coarse = LayerSpec(LayerKind.SELF_ATTENTION, Fraction(1, 4), 3, channels=40)
+    conv = LayerSpec(LayerKind.HALO_CONV, Fraction(1), 12, channels=4, halo=(1, 1))
+    for rank, others in enumerate((6, 6, 8)):  # rows of the other bands at scale 1/2
+        want = max(2 * others * 6 * 10 * 4, 2 * (others // 2) * 3 * 40 * 4)
+        assert gathered_keys_values([conv, fine, coarse], bands, rank, 2, 4) == want
+    assert gathered_keys_values([fine], (Band(0, 20),), 0, 2, 4) == 0
+    assert gathered_keys_values([conv], bands, 0, 2, 4) == 0
+
+
+def test_conv_output_rows_of_same_padded_and_unpadded_convolutions():
+    for rows in range(1, 30):
+        assert conv_output_rows(rows, 3, 1, 1) == rows
+        assert conv_output_rows(rows, 3, 2, 1) == -(-rows // 2)
+        assert conv_output_rows(rows, 3, 1, 0) == max(rows - 2, 0)
+        assert conv_output_rows(rows, 3, 1, 2, dilation=2) == rows
+
+
+def test_band_conv_rows_are_a_band_s_own_rows_plus_at_most_the_recomputed_edges():
+    for kernel, stride, dilation in [(3, 1, 1), (3, 2, 1), (5, 1, 1), (5, 2, 1), (3, 1, 2), (1, 1, 1)]:
+        pad = dilation * (kernel - 1) // 2
+        for height in range(1, 20):
+            own = conv_output_rows(height, kernel, stride, pad, dilation)
+            assert band_conv_rows(height, kernel, stride, pad, dilation, True, True) == own
+            for first, last in [(True, False), (False, True), (False, False)]:
+                if not last and height % stride:
+                    continue  # bands above the last end on a multiple of the stride (BandConv2d refuses others)
+                extra = band_conv_rows(height, kernel, stride, pad, dilation, first, last) - own
+                edges = (not first) + (not last)
+                assert 0 <= extra <= edges * -(-pad // stride) * 2
+
+
+def test_layer_macs_of_convolutions_linear_layers_and_attention():
+    bands = (Band(0, 8), Band(8, 12))  # at scale 1: 8 and 4 rows, width 6
+    conv = ComputeSpec(ComputeKind.CONV, Fraction(1), 6, in_channels=4, out_channels=8, kernel=(3, 3), padding=1,
+                       halo=True)
+    per_output = 8 * 4 * 9
+    assert layer_macs(conv, bands, 1, 2, 77, exchanging=False) == 2 * 4 * 6 * per_output
+    # band 1's first output row reads the halo: it is computed twice (zero rows, then the strip)
+    assert layer_macs(conv, bands, 1, 2, 77, exchanging=True) == 2 * 5 * 6 * per_output
+    assert layer_macs(conv, bands, 0, 2, 77, exchanging=True) == 2 * 9 * 6 * per_output
+    down = ComputeSpec(ComputeKind.CONV, Fraction(1), 6, in_channels=4, out_channels=4, kernel=(3, 3), stride=2,
+                       padding=1, groups=2, halo=True)
+    assert layer_macs(down, bands, 0, 1, 77, exchanging=False) == 4 * 3 * 4 * 2 * 9
+    spatial = ComputeSpec(ComputeKind.LINEAR, Fraction(1, 2), 3, in_channels=5, out_channels=7)
+    text = ComputeSpec(ComputeKind.LINEAR, Fraction(1, 2), 3, in_channels=5, out_channels=7, tokens=Tokens.TEXT,
+                       text_kv=True)
+    image = ComputeSpec(ComputeKind.LINEAR, in_channels=5, out_channels=7, tokens=Tokens.IMAGE)
+    assert layer_macs(spatial, bands, 0, 2, 77, True) == 2 * 4 * 3 * 35
+    assert layer_macs(text, bands, 0, 2, 77, True) == 2 * 77 * 35
+    assert layer_macs(text, bands, 0, 2, 77, True, text_kv_cached=True) == 0
+    assert layer_macs(image, bands, 1, 2, 77, True) == 2 * 35
+    own = ComputeSpec(ComputeKind.ATTENTION, Fraction(1, 2), 3, channels=16, self_attention=True)
+    cross = ComputeSpec(ComputeKind.ATTENTION, Fraction(1, 2), 3, channels=16)
+    assert layer_macs(own, bands, 1, 2, 77, exchanging=True) == 2 * (2 * 3) * (6 * 3) * 16
+    assert layer_macs(own, bands, 1, 2, 77, exchanging=False) == 2 * (2 * 3) * (2 * 3) * 16
+    assert layer_macs(cross, bands, 1, 2, 77, exchanging=True) == 2 * (2 * 3) * 77 * 16
+    specs = [conv, down, spatial, text, image, own, cross]
+    assert step_macs(specs, bands, 1, 2, 77, True) == sum(layer_macs(s, bands, 1, 2, 77, True) for s in specs)

@@ -359,3 +359,94 @@ def test_cross_attention_computes_the_text_keys_and_values_once_per_image():
         unet(x, 500.0, **cond, return_dict=False)
         handle.remove()
     assert calls == {"k": 3 * len(cross), "v": 3 * len(cross)}
+
+
+# -- multiply-accumulates per rank and step: the arithmetic against the products a forward performs -----------------
+
+@pytest.mark.parametrize("shape, rows, width", [("sd", 28, 20), ("sdxl", 12, 12), ("sdxl", 13, 9)])
+def test_step_macs_of_one_band_equal_the_products_a_plain_forward_performs(shape, rows, width):
+    from mac_count import counted_macs
+
+    from hpcrender.parallel.bands import Band, step_macs
+    from hpcrender.parallel.plan import unet_compute
+    from parallel_models import TEXT_TOKENS
+
+    unet = {"sd": sd_unet, "sdxl": sdxl_unet}[shape]()
+    convs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: convs.append(o.numel() * m.in_channels // m.groups
+                                                                  * m.kernel_size[0] * m.kernel_size[1]))
+             for m in unet.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad(), counted_macs(unet) as counted:
+        unet(noise(2, rows, width), 500.0, **conditioning(unet, 2))
+    for hook in hooks:
+        hook.remove()
+    specs = unet_compute(unet, width)
+    assert counted[0] == step_macs(specs, (Band(0, rows),), 0, 2, TEXT_TOKENS, exchanging=False)
+    # the F.conv2d count is the Conv2d modules' own, as forward hooks see them
+    assert sum(convs) == sum(step_macs([s], (Band(0, rows),), 0, 2, TEXT_TOKENS, False) for s in specs
+                             if s.kind.value == "conv")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_step_macs_of_every_band_equal_the_products_its_rank_performs(ranks):
+    if not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPTS)}
+    result = subprocess.run([str(MPIEXEC), "-n", str(ranks), sys.executable, str(SCRIPTS / "mac_checks.py")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][0])
+    assert report["world_size"] == ranks
+    for shape in ("sd", "sdxl"):
+        for mode in ("sync", "displaced", "naive"):
+            per_rank = report[shape][mode]
+            assert len(per_rank) == ranks
+            for steps in per_rank:
+                assert [counted for counted, _ in steps] == [computed for _, computed in steps], (shape, mode)
+                assert steps[1][0] < steps[0][0]  # the text's keys and values are kept after the first step
+        # exchanging bands query the whole image's keys and recompute their edge rows: more than naive's
+        assert all(s[0][0] > n[0][0] for s, n in zip(report[shape]["sync"], report[shape]["naive"]))
+
+
+@pytest.mark.parametrize("kernel, stride, dilation", [(3, 1, 1), (3, 2, 1), (5, 1, 1), (5, 2, 1), (3, 1, 2), (7, 1, 1)])
+def test_band_conv_rows_are_the_rows_a_band_convolution_computes(kernel, stride, dilation):
+    """Every cut of 13 rows into 3 bands (thin ones included): the output rows F.conv2d computes for a band, strips
+    or extended copy, are what band_conv_rows says."""
+    from hpcrender.parallel.bands import band_conv_rows
+    from hpcrender.parallel.conv import BandConv2d
+
+    pad = dilation * (kernel - 1) // 2
+    conv = nn.Conv2d(2, 3, kernel, stride=stride, padding=pad, dilation=dilation)
+    band_conv = BandConv2d(conv, ctx=None)
+    above, below = band_conv.halo
+    rows = 13
+    x = torch.randn(1, 2, rows, 5)
+    computed = []
+    original = torch.nn.functional.conv2d
+
+    def counting(inp, *args, **kwargs):
+        out = original(inp, *args, **kwargs)
+        computed.append(out.shape[2])
+        return out
+
+    tried = 0
+    with torch.no_grad():
+        for first_cut in range(stride, rows, stride):
+            for second_cut in range(first_cut + stride, rows, stride):
+                edges = [0, first_cut, second_cut, rows]
+                for i in range(3):
+                    lo, hi = edges[i], edges[i + 1]
+                    if (i > 0 and lo < above) or (i < 2 and rows - hi < max(below, 0)):
+                        continue
+                    slot = {"from_prev": x[:, :, lo - above:lo].contiguous().view(-1) if i > 0 else None,
+                            "from_next": x[:, :, hi:hi + max(below, 0)].contiguous().view(-1) if i < 2 else None}
+                    computed.clear()
+                    torch.nn.functional.conv2d = counting
+                    try:
+                        band_conv._band_conv(x[:, :, lo:hi], slot, first=i == 0, last=i == 2)
+                    finally:
+                        torch.nn.functional.conv2d = original
+                    assert sum(computed) == band_conv_rows(hi - lo, kernel, stride, pad, dilation, i == 0, i == 2)
+                    tried += 1
+    assert tried > 10

@@ -215,6 +215,9 @@ def test_plan_shows_the_memory_a_rank_needs_and_refuses_what_does_not_fit(tmp_pa
     p = hpcrender("plan", manifest)
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("memory per rank: at least") == 4
+    # multiply-accumulates and activations of every rank, from the model's shapes
+    assert p.stdout.count("per step, compute + activations: rank 0 ") == 4
+    assert re.search(r"activations \d+\.\d MiB\)", p.stdout)
     refused = hpcrender("plan", manifest, HPCRENDER_MAX_MEMORY="1M")
     assert refused.returncode == 2
     lines = refused.stderr.splitlines()

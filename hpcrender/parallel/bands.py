@@ -226,20 +226,179 @@ def exchange_buffers(layers: Sequence[LayerSpec], bands: Sequence[Band], batch: 
     return BufferBytes(halos, keys_values, statistics)
 
 
+def gathered_keys_values(layers: Sequence[LayerSpec], bands: Sequence[Band], rank: int, batch: int,
+                         element_size: int) -> int:
+    """Bytes a band's self-attention holds beyond a forward of the band alone: the other bands' keys and values,
+    joined to its own for the layer being computed (the largest such layer; one at a time); 0 with one band."""
+    if len(bands) < 2:
+        return 0
+    extra = 0
+    for layer in layers:
+        if layer.kind is LayerKind.SELF_ATTENTION:
+            rows = band_rows(bands, layer.scale)
+            extra = max(extra, batch * (sum(rows) - rows[rank]) * layer.width * layer.channels * element_size)
+    return extra
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """A lower bound of what one rank needs for a job: the UNet's weights and the exchange buffers (the forward's
-    own activations come on top)."""
+    """What one rank needs for a job: the UNet's weights, the exchange buffers, and the peak of the activations of
+    one forward of its band (0 where they could not be worked out); the text encoders and VAE come on top."""
 
     weights: int
     buffers: BufferBytes
+    activations: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.buffers.total
+        return self.weights + self.buffers.total + self.activations
+
+    @property
+    def step(self) -> int:
+        """What a denoising loop adds to a loaded model: the buffers (allocated in its first step) and activations."""
+        return self.buffers.total + self.activations
 
 
 def memory_estimate(layers: Sequence[LayerSpec], parameters: int, bands: Sequence[Band], batch: int,
-                    element_size: int) -> MemoryEstimate:
-    """The estimate for a model of `parameters` weights and exchanging `layers` on `bands` (one band: no exchange)."""
-    return MemoryEstimate(parameters * element_size, exchange_buffers(layers, bands, batch, element_size))
+                    element_size: int, activations: int = 0) -> MemoryEstimate:
+    """The estimate for a model of `parameters` weights and exchanging `layers` on `bands` (one band: no exchange),
+    whose band's forward holds `activations` bytes at its peak."""
+    return MemoryEstimate(parameters * element_size, exchange_buffers(layers, bands, batch, element_size),
+                          activations)
+
+
+# --- compute per step: multiply-accumulates of a band -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConvStrips:
+    """How a band-parallel convolution covers its band's output rows (see conv.BandConv2d._band_conv).
+
+    extend: the band with its halo rows is copied and convolved once. Otherwise the whole band is convolved with
+    zero rows at its edges, then outputs [0, top) are recomputed from a strip of the halo above and band rows
+    [0, top_end), and outputs [bottom, end) from band rows [bottom * stride - padding, end) and the halo below
+    (bottom None: nothing below to recompute).
+    """
+
+    extend: bool
+    top: int
+    top_end: int
+    bottom: int | None
+
+
+def conv_strips(height: int, kernel: int, stride: int, padding: int, dilation: int, first: bool,
+                last: bool) -> ConvStrips:
+    """The cover for a band of `height` input rows; first/last: the band touches the image's top/bottom edge."""
+    above, below = conv_halo(kernel, stride, padding, dilation)
+    span = dilation * (kernel - 1) + 1
+    top = -(-padding // stride) if not first and above > 0 else 0
+    top_end = (top - 1) * stride - padding + span
+    bottom = -(-(height + padding - span + 1) // stride) if not last and below > 0 else None
+    extend = bool((top and top_end > height) or (bottom is not None and (bottom < top or bottom * stride < padding)))
+    return ConvStrips(extend, top, top_end, bottom)
+
+
+def conv_output_rows(rows: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    """Output rows of a convolution over `rows` input rows padded by `padding` on both sides."""
+    span = dilation * (kernel - 1) + 1
+    return max((rows + 2 * padding - span) // stride + 1, 0)
+
+
+def band_conv_rows(height: int, kernel: int, stride: int, padding: int, dilation: int, first: bool,
+                   last: bool) -> int:
+    """Output rows a band-parallel convolution computes for a band of `height` input rows: its own output rows,
+    plus the edge rows that the strips recompute (the halo's only extra compute)."""
+    above, below = conv_halo(kernel, stride, padding, dilation)
+    cover = conv_strips(height, kernel, stride, padding, dilation, first, last)
+    if cover.extend:
+        extended = (padding if first else above) + height + (padding if last else below)
+        return conv_output_rows(extended, kernel, stride, 0, dilation)
+    rows = conv_output_rows(height, kernel, stride, padding, dilation)
+    if cover.top:
+        rows += conv_output_rows(above + cover.top_end, kernel, stride, 0, dilation)
+    if cover.bottom is not None:
+        rows += conv_output_rows(height - (cover.bottom * stride - padding) + below, kernel, stride, 0, dilation)
+    return rows
+
+
+class ComputeKind(enum.Enum):
+    CONV = "conv"            # a Conv2d: rows x columns x out x in / groups x kernel area
+    LINEAR = "linear"        # an nn.Linear applied to feature-map tokens, text tokens or one vector per image
+    ATTENTION = "attention"  # the two matrix products of scaled dot-product attention
+
+
+class Tokens(enum.Enum):
+    """What a linear layer or an attention's queries run over."""
+
+    SPATIAL = "spatial"  # the band's tokens of its feature map
+    TEXT = "text"        # the prompt's tokens (cross-attention keys and values)
+    IMAGE = "image"      # one vector per image (time and pooled-text embeddings)
+
+
+@dataclass(frozen=True)
+class ComputeSpec:
+    """One multiplying layer of a model, in terms of its input feature map (scale: rows per latent row; width:
+    columns), as bands.LayerSpec does for the exchanging ones.
+
+    CONV: in/out channels, groups, kernel (rows, columns), stride, padding, dilation (rows; columns alike), and
+    halo: whether it is band-parallel (reads rows of its neighbours). LINEAR: in/out features and tokens; text_kv
+    marks a cross-attention key/value projection, which a band-parallel model computes once per image.
+    ATTENTION: channels = key plus value channels (all heads); self_attention: keys of every band, else the text's.
+    """
+
+    kind: ComputeKind
+    scale: Fraction = Fraction(1)
+    width: int = 0
+    in_channels: int = 0
+    out_channels: int = 0
+    groups: int = 1
+    kernel: tuple[int, int] = (1, 1)
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    halo: bool = False
+    tokens: Tokens = Tokens.SPATIAL
+    text_kv: bool = False
+    channels: int = 0
+    self_attention: bool = False
+
+
+def layer_macs(spec: ComputeSpec, bands: Sequence[Band], rank: int, batch: int, text_tokens: int,
+               exchanging: bool, text_kv_cached: bool = False) -> int:
+    """Multiply-accumulates of one call of `spec` on band `rank` (one band: the whole image).
+
+    exchanging: the model runs patch-parallel with exchange (sync or displaced on more than one band): halo
+    convolutions recompute their edge rows and self-attention queries the keys of the whole image; otherwise
+    every layer sees its band alone (naive).
+    """
+    rows = band_rows(bands, spec.scale)
+    own = rows[rank]
+    if spec.kind is ComputeKind.CONV:
+        kh, kw = spec.kernel
+        out_width = conv_output_rows(spec.width, kw, spec.stride, spec.padding, spec.dilation)
+        if exchanging and spec.halo:
+            out_rows = band_conv_rows(own, kh, spec.stride, spec.padding, spec.dilation, rank == 0,
+                                      rank == len(bands) - 1)
+        else:
+            out_rows = conv_output_rows(own, kh, spec.stride, spec.padding, spec.dilation)
+        per_output = spec.out_channels * (spec.in_channels // spec.groups) * kh * kw
+        return batch * out_rows * out_width * per_output
+    positions = {Tokens.SPATIAL: own * spec.width, Tokens.TEXT: text_tokens, Tokens.IMAGE: 1}
+    if spec.kind is ComputeKind.LINEAR:
+        if spec.text_kv and text_kv_cached:
+            return 0
+        return batch * positions[spec.tokens] * spec.in_channels * spec.out_channels
+    if spec.self_attention:
+        keys = (sum(rows) if exchanging else own) * spec.width
+    else:
+        keys = text_tokens
+    return batch * positions[spec.tokens] * keys * spec.channels
+
+
+def step_macs(specs: Sequence[ComputeSpec], bands: Sequence[Band], rank: int, batch: int, text_tokens: int,
+              exchanging: bool, text_kv_cached: bool = False) -> int:
+    """Multiply-accumulates of one forward of a model made of `specs` (one call each) on band `rank`.
+
+    text_kv_cached: a band-parallel model's steps after an image's first, whose cross-attention keys and values of
+    the text are kept from it.
+    """
+    return sum(layer_macs(s, bands, rank, batch, text_tokens, exchanging, text_kv_cached) for s in specs)

@@ -9,7 +9,7 @@ from torch import nn
 
 from hpcrender.config import Mode
 from hpcrender.errors import DoesNotFit
-from hpcrender.parallel.bands import conv_halo
+from hpcrender.parallel.bands import conv_halo, conv_strips
 from hpcrender.parallel.exchange import SlotKind, SlotSpec
 
 
@@ -97,13 +97,10 @@ class BandConv2d(nn.Module):
         zero rows above and below, then the few output rows that read those zeros in place of a neighbour's rows
         are recomputed from thin strips of the band and the halo."""
         above, below = self.halo
-        height = x.shape[2]
         stride, pad = self.stride[0], self.padding[0]
-        span = self.dilation[0] * (self.kernel_size[0] - 1) + 1
-        top = -(-pad // stride) if not first and above > 0 else 0     # outputs reading rows above the band
-        top_end = (top - 1) * stride - pad + span                     # band rows those outputs read
-        bottom = -(-(height + pad - span + 1) // stride) if not last and below > 0 else None  # first output below
-        if (top and top_end > height) or (bottom is not None and (bottom < top or bottom * stride < pad)):
+        cover = conv_strips(x.shape[2], self.kernel_size[0], stride, pad, self.dilation[0], first, last)
+        top, top_end, bottom = cover.top, cover.top_end, cover.bottom
+        if cover.extend:
             # a band too thin for strips: convolve an extended copy instead
             if arrived is not None:
                 arrived()

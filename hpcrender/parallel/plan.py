@@ -4,20 +4,26 @@ restores the originals. Also the band-parallel VAE decode."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from hpcrender.config import GroupNormMode, HaloMode, Mode
 from hpcrender.errors import BadInput, DoesNotFit
 from hpcrender.parallel.attention import BandAttnProcessor
 from hpcrender.parallel.bands import (
-    Band, LayerKind, LayerSpec, band_rows, conv_halo, keeps_band_geometry, layer_scale,
+    Band, ComputeKind, ComputeSpec, LayerKind, LayerSpec, Tokens, band_rows, conv_halo, keeps_band_geometry,
+    layer_scale,
 )
 from hpcrender.parallel.conv import BandConv2d, needs_halo
 from hpcrender.parallel.exchange import DEFAULT_BUCKET_BYTES, Exchange
@@ -253,11 +259,7 @@ def unet_layers(unet: nn.Module, latent_width: int) -> tuple[LayerSpec, ...]:
     """The exchanging layers of a diffusers UNet2DConditionModel, each with the scale and width of its input
     (down block i and its downsampler read level i, up block i level n-1-i, its upsampler's conv one level finer)."""
     levels = len(unet.down_blocks)
-    widths = [latent_width]
-    for block in unet.down_blocks[:-1]:
-        conv = block.downsamplers[0].conv
-        span = conv.dilation[1] * (conv.kernel_size[1] - 1) + 1
-        widths.append((widths[-1] + 2 * conv.padding[1] - span) // conv.stride[1] + 1)
+    widths = _level_widths(unet, latent_width)
     specs = []
     for path, module in unet.named_modules():
         level = _unet_level(path, levels)
@@ -270,6 +272,49 @@ def unet_layers(unet: nn.Module, latent_width: int) -> tuple[LayerSpec, ...]:
         elif isinstance(module, Attention) and not module.is_cross_attention:
             specs.append(LayerSpec(LayerKind.SELF_ATTENTION, scale, width, channels=2 * module.inner_kv_dim))
     return tuple(specs)
+
+
+def unet_compute(unet: nn.Module, latent_width: int) -> tuple[ComputeSpec, ...]:
+    """The multiplying layers of a diffusers UNet2DConditionModel (its convolutions, linear layers and attention
+    products), each with the scale and width of its input as unet_layers gives them: what step_macs counts."""
+    levels = len(unet.down_blocks)
+    widths = _level_widths(unet, latent_width)
+    text_kv = {id(m.to_k) for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention}
+    text_kv |= {id(m.to_v) for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention}
+    specs = []
+    for path, module in unet.named_modules():
+        level = _unet_level(path, levels)
+        scale, width = Fraction(1, 2 ** level), widths[level]
+        if isinstance(module, nn.Conv2d):
+            specs.append(ComputeSpec(ComputeKind.CONV, scale, width, in_channels=module.in_channels,
+                                     out_channels=module.out_channels, groups=module.groups,
+                                     kernel=tuple(module.kernel_size), stride=module.stride[0],
+                                     padding=module.padding[0], dilation=module.dilation[0],
+                                     halo=type(module) is nn.Conv2d and needs_halo(module)))
+        elif isinstance(module, nn.Linear):
+            if id(module) in text_kv:
+                tokens = Tokens.TEXT
+            elif ".attentions." in f".{path}":
+                tokens = Tokens.SPATIAL
+            else:
+                tokens = Tokens.IMAGE
+            specs.append(ComputeSpec(ComputeKind.LINEAR, scale, width, in_channels=module.in_features,
+                                     out_channels=module.out_features, tokens=tokens, text_kv=id(module) in text_kv))
+        elif isinstance(module, Attention):
+            specs.append(ComputeSpec(ComputeKind.ATTENTION, scale, width,
+                                     channels=module.to_k.out_features + module.to_v.out_features,
+                                     self_attention=not module.is_cross_attention))
+    return tuple(specs)
+
+
+def _level_widths(unet: nn.Module, latent_width: int) -> list[int]:
+    """Columns of every level's feature map, from the latent's through the downsamplers."""
+    widths = [latent_width]
+    for block in unet.down_blocks[:-1]:
+        conv = block.downsamplers[0].conv
+        span = conv.dilation[1] * (conv.kernel_size[1] - 1) + 1
+        widths.append((widths[-1] + 2 * conv.padding[1] - span) // conv.stride[1] + 1)
+    return widths
 
 
 def _unet_level(path: str, levels: int) -> int:
@@ -303,3 +348,69 @@ def decode_parallel(vae, latent_band: torch.Tensor, bands: Sequence[Band], rank:
         return vae.decoder(z)
     finally:
         handle.remove()
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors a forward allocates that are alive at once, at their peak: storages counted from the op
+    that creates them until the last tensor viewing them is freed (inputs and weights are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.views: dict[int, int] = {}
+        self.now = 0
+        self.peak = 0
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.views[key] -= 1
+        if not self.views[key]:
+            del self.views[key]
+            self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage._cdata, storage.nbytes()
+            if key not in self.views:
+                if key in inputs:  # a view of an input or a weight
+                    continue
+                self.views[key] = 0
+                self.now += nbytes
+                self.peak = max(self.peak, self.now)
+            self.views[key] += 1
+            weakref.finalize(t, self._free, key, nbytes)
+        return out
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Scaled dot-product attention as the fused kernels of CPUs and GPUs run it: its output and no score matrix
+    (on the meta device it would otherwise expand into the unfused products)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            query, value = args[0], args[2] if len(args) > 2 else kwargs["value"]
+            return query.new_empty(*query.shape[:-1], value.shape[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def unet_activation_bytes(unet: nn.Module, batch: int, rows: int, width: int, text_tokens: int) -> int | None:
+    """Peak bytes of the activations of one forward of `unet` (on the meta device: shapes only) over a latent of
+    `rows` x `width`, in the parameters' dtype; None for conditioning this cannot make up (not SD/SDXL's)."""
+    config = unet.config
+    dtype = next(unet.parameters()).dtype
+    kwargs = {"encoder_hidden_states": torch.empty(batch, text_tokens, config.cross_attention_dim, dtype=dtype,
+                                                   device="meta")}
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, dtype=dtype, device="meta"),
+                                       "time_ids": torch.empty(batch, 6, dtype=dtype, device="meta")}
+    elif config.addition_embed_type is not None or config.class_embed_type is not None:
+        return None
+    sample = torch.empty(batch, config.in_channels, rows, width, dtype=dtype, device="meta")
+    tracker = _LiveBytes()
+    with torch.no_grad(), _FusedAttention(), tracker:
+        unet(sample, torch.tensor(500.0, device="meta"), **kwargs)
+    return tracker.peak
