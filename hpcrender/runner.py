@@ -335,7 +335,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
     # The first rank reads the checkpoint and hands it to the others: one read, and one answer for the whole group.
     resume = agree.bcast(read_checkpoint(saved, job.params_hash()) if leader and options.resume else None)
     if leader:
-        progress.start(job.name, job.steps - (resume.step if resume else 0))
+        progress.start(job.name, job.steps - (resume.step if resume else job.first_step))
     if resume is not None:
         log.info("%s: resuming after step %d of %d", job.name, resume.step, job.steps)
 
@@ -476,6 +476,7 @@ def _meta(job: Job, result, layout, comms, peaks, exported, started, world) -> d
                    "nodes": sorted({p["node"] for p in peaks}), "device": world.env.device},
         "timings": {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 3),
                     "encode_seconds": round(result.encode_seconds, 4),
+                    "first_step": result.first_step,  # img2img: the schedule's steps before it are not run
                     "resumed_after_step": result.resumed_from,  # step_seconds are the steps after it
                     "step_seconds": [round(s, 4) for s in steps],
                     "decode_seconds": round(result.decode_seconds, 4)},
