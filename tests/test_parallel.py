@@ -416,3 +416,19 @@ def test_cross_attention_computes_the_text_keys_and_values_once_per_image():
         unet(x, 500.0, **cond, return_dict=False)
         handle.remove()
     assert calls == {"k": 3 * len(cross), "v": 3 * len(cross)}
+
+
+@pytest.mark.mpi
+def test_diffusers_own_pipeline_loop_drives_a_parallelized_unet_on_2_ranks():
+    if not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPTS)}
+    done = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(SCRIPTS / "driver_checks.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    assert report["world_size"] == 2 and report["bands"] == [[0, 8], [8, 18]]
+    assert report["sync"]["error"] <= 1e-4 and (report["sync"]["sync_steps"], report["sync"]["async_steps"]) == (4, 0)
+    # the pre-hook counted the pipeline's forwards: one warm-up step, then displaced ones
+    assert (report["displaced"]["sync_steps"], report["displaced"]["async_steps"]) == (1, 3)
+    assert report["displaced"]["error"] < 0.5
