@@ -510,8 +510,9 @@ def describe_plan(manifest: Manifest, world_size: int, limit=None) -> str:
                     found = latent_bands(job.height // 8, unet_alignment(config), patch)
                     bands = ",".join(f"{b.start}:{b.stop}" for b in found)
                 cfg = " split_cfg" if job.parallel.split_cfg else ""
+                steps = f"{job.steps} steps" + (f" from step {job.first_step} (img2img)" if job.init_image else "")
                 lines.append(f"  {job.name:<24} group {g} (rank {ranks})  {job.width}x{job.height}  "
-                             f"{job.steps} steps  {job.parallel.mode.value}{cfg}  latent bands {bands}")
+                             f"{steps}  {job.parallel.mode.value}{cfg}  latent bands {bands}")
                 need = job_memory(job, size)
                 if need is not None:
                     lines.append(f"  {'':<24} memory per rank: at least {describe_memory(need)}")
