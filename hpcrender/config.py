@@ -63,6 +63,22 @@ class GigapixelConfig:
 
 
 @dataclass(frozen=True)
+class InitImage:
+    """img2img: the image a job starts from and how much of the schedule is run again over it."""
+
+    path: str        # absolute
+    sha256: str      # of the file's bytes: a changed image is a changed job
+    strength: float  # (0, 1]
+
+
+def first_step(steps: int, strength: float) -> int:
+    """Index of the first denoising step run at `strength`, as diffusers' img2img pipelines cut the schedule
+    (get_timesteps): the last int(steps * strength) steps are run, with Python's float rounding kept so that the
+    same steps are run as there."""
+    return steps - min(int(steps * strength), steps)
+
+
+@dataclass(frozen=True)
 class Job:
     name: str
     prompt: str
@@ -77,6 +93,12 @@ class Job:
     negative_prompt: str = ""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     gigapixel: GigapixelConfig | None = None
+    init_image: InitImage | None = None
+
+    @property
+    def first_step(self) -> int:
+        """The schedule's first step this job runs: 0, or later for img2img."""
+        return 0 if self.init_image is None else first_step(self.steps, self.init_image.strength)
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (enums as their values)."""
@@ -87,6 +109,8 @@ class Job:
         d = self.to_dict()
         # How the work is split does not change which image is asked for; the mode does.
         d["parallel"].pop("ranks_per_image", None)
+        if d["init_image"] is not None:  # the image's content counts, not where it lies
+            d["init_image"].pop("path")
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

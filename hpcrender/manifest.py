@@ -22,12 +22,14 @@ from hpcrender.config import (
     DType,
     GigapixelConfig,
     GroupNormMode,
+    InitImage,
     Job,
     Manifest,
     Mode,
     ParallelConfig,
     SchedulerName,
     HaloMode,
+    first_step,
 )
 from hpcrender.errors import BadInput, ManifestError
 
@@ -209,6 +211,44 @@ def _check_model(value: object, base_dir: Path) -> str:
     )
 
 
+# Formats an init_image may have (what Pillow reports); others are refused rather than half-supported.
+INIT_IMAGE_FORMATS = ("PNG", "TIFF", "JPEG")
+
+
+class _ImageFile(NamedTuple):
+    path: str
+    sha256: str
+
+
+def _check_init_image(value: object, base_dir: Path) -> _ImageFile:
+    """An img2img start image: a readable PNG, TIFF or JPEG file, relative paths from the manifest's folder.
+
+    Decoded in full here, so that a truncated file is refused before anything is rendered; its content hash makes
+    a changed image a changed job (params_hash)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    ref = _as_str(value)
+    path = Path(os.path.normpath(base_dir / Path(ref).expanduser()))
+    if not path.is_file():
+        raise _Invalid(f"no such file: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise _Invalid(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = image.format
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise _Invalid(f"cannot read {path} as an image: {str(error).splitlines()[0] or type(error).__name__}") \
+            from None
+    if kind not in INIT_IMAGE_FORMATS:
+        raise _Invalid(f"must be a {', '.join(INIT_IMAGE_FORMATS)} file, got {kind} ({path})")
+    return _ImageFile(str(path), hashlib.sha256(data).hexdigest())
+
+
 _Check = Callable[[object], object]
 
 # Keys a job may set, and [defaults] too (except `name`); `model` is checked apart (needs the folder).
@@ -222,8 +262,10 @@ _SETTINGS: dict[str, _Check] = {
     "guidance_scale": _non_negative_float,
     "scheduler": _choice(SchedulerName),
     "dtype": _choice(DType),
+    "strength": _strength,
 }
 _MODEL_KEY = "model"
+_INIT_IMAGE_KEY = "init_image"
 _NAME_KEY = "name"
 _PARALLEL: dict[str, _Check] = {
     "mode": _choice(Mode),
@@ -481,7 +523,7 @@ class _Reader:
     def _layer(self, raw: dict, path: tuple, label: str, where: str) -> _Layer:
         is_job = path[0] == "jobs"
         layer = _Layer(path)
-        known = [*_SETTINGS, _MODEL_KEY, *_TABLES] + ([_NAME_KEY] if is_job else [])
+        known = [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY, *_TABLES] + ([_NAME_KEY] if is_job else [])
         table = path[0]  # "defaults" or "jobs": the prefix of their sub-table headers
         table_of = {key: f"[{table}.parallel]" for key in _PARALLEL}
         table_of.update({key: f"[{table}.gigapixel]" for key in _GIGAPIXEL})
@@ -493,6 +535,9 @@ class _Reader:
             elif key == _MODEL_KEY:
                 check_model = functools.partial(_check_model, base_dir=self._base_dir)
                 layer.settings[key] = self._check(key_path, key_label, check_model, value)
+            elif key == _INIT_IMAGE_KEY:
+                check_image = functools.partial(_check_init_image, base_dir=self._base_dir)
+                layer.settings[key] = self._check(key_path, key_label, check_image, value)
             elif key in _SETTINGS:
                 layer.settings[key] = self._check(key_path, key_label, _SETTINGS[key], value)
             elif key in _TABLES:
@@ -511,7 +556,7 @@ class _Reader:
 
     def _table(self, raw: dict, path: tuple, label: str, checks: Mapping[str, _Check], parent: str) -> dict:
         values = {}
-        parent_keys = {key: parent for key in [*_SETTINGS, _MODEL_KEY]}
+        parent_keys = {key: parent for key in [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY]}
         for key, value in raw.items():
             key_path, key_label = path + (key,), f"{label}.{key}"
             if key in checks:
@@ -543,10 +588,14 @@ class _Reader:
         )
         if gigapixel is not None:
             self._check_gigapixel(settings, gigapixel, gigapixel_path, label)
+        broken |= not self._check_img2img(settings, layer.path, label)
         if broken:
             return None
 
         fields = {key: v.value for key, v in settings.items()}
+        image, strength = fields.pop(_INIT_IMAGE_KEY, None), fields.pop("strength", None)
+        if image is not None:
+            fields[_INIT_IMAGE_KEY] = InitImage(path=image.path, sha256=image.sha256, strength=strength)
         fields.setdefault("width", DEFAULT_SIDE)
         fields.setdefault("height", DEFAULT_SIDE)
         fields.setdefault("seed", derive_seed(name))
@@ -560,6 +609,30 @@ class _Reader:
             ),
             **fields,
         )
+
+    def _check_img2img(self, settings: dict, job_path: tuple, label: str) -> bool:
+        """init_image and strength come together, and the strength leaves at least one step to run."""
+        image, strength = settings.get(_INIT_IMAGE_KEY), settings.get("strength")
+        if image is None and strength is None:
+            return True
+        if image is None:
+            if strength.path[0] != "jobs":
+                return True  # a default strength serves the jobs that give an init_image
+            self.problem(strength.path, f"{label}.strength", "needs an init_image (img2img): without one every step "
+                         "is run from noise")
+            return False
+        if strength is None:
+            self.problem(image.path, f"{label}.init_image", "needs a strength in (0, 1]: how much of the schedule "
+                         "is run again over the image")
+            return False
+        steps = settings["steps"].value if "steps" in settings else Job.__dataclass_fields__["steps"].default
+        if strength.value is _BROKEN or steps is _BROKEN:
+            return True  # reported already
+        problem = _no_step_left(steps, strength.value)
+        if problem:
+            self.problem(strength.path, f"{label}.strength", problem)
+            return False
+        return True
 
     def _check_gigapixel(self, settings: dict, gigapixel: dict, table_path: tuple, label: str) -> None:
         defaults = GigapixelConfig()
@@ -585,6 +658,14 @@ class _Reader:
                 f"{label}.gigapixel.base",
                 f"must be at most the image's longest side ({max(width, height)}), got {base}",
             )
+
+
+def _no_step_left(steps: int, strength: float) -> str | None:
+    """The problem when `strength` over `steps` runs no denoising step at all."""
+    if first_step(steps, strength) < steps:
+        return None
+    return (f"{_show(strength)} with {steps} steps runs no denoising step: make it at least {math.ceil(1000 / steps) / 1000:g} "
+            "or give the job more steps")
 
 
 def _unknown(key: str, value: object, known: Sequence[str], table_of: Mapping[str, str]) -> str:
@@ -679,4 +760,8 @@ def apply_overrides(
     jobs = tuple(
         dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, **parallel), **top) for job in jobs
     )
+    for job in jobs:
+        problem = job.init_image is not None and _no_step_left(job.steps, job.init_image.strength)
+        if problem:
+            raise BadInput(f"--steps: jobs[{job.name}].strength {problem}")
     return Manifest(path=manifest.path, jobs=jobs)

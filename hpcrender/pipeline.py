@@ -1,8 +1,10 @@
-"""One image on one rank group: encode the prompt, prepare the latent band, loop over timesteps, decode.
+"""One image on one rank group, in stages as diffusers' pipelines are: encode the prompt, prepare the latent (noise
+from the seed, an image encoded at a strength, or a checkpoint), denoise over a slice of the timesteps, decode.
+text_to_image and img2img are two compositions of those stages.
 
-Reads top to bottom like the algorithm. The parallel plan is put around the UNet for the loop and taken off
-afterwards, so the same code renders on one rank and on many; the initial noise is always drawn full-size from
-the seed and then sliced, which is what makes a K-rank result comparable with the single-device one.
+The same code renders on one rank and on many: the parallel plan is put around the UNet for the loop and taken off
+afterwards, and whatever crosses ranks goes through hpcrender.parallel. Noise is always drawn full-size from the
+seed on the CPU and then sliced, which is what makes a K-rank result comparable with the single-device one.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from hpcrender.checkpoint import Checkpoint, restore_scheduler, scheduler_state
 from hpcrender.config import DType, Job, Mode, SchedulerName
 from hpcrender.errors import BadInput
 
 if TYPE_CHECKING:
-    from hpcrender.parallel.bands import Band
+    from hpcrender.parallel.plan import Parallelized
 
 TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 
@@ -91,6 +92,7 @@ class ImageResult:
     bands: tuple = ()                 # latent row bands of the UNet (empty: one rank, no bands)
     peak_memory_bytes: int = 0
     resumed_from: int = 0             # the step a checkpoint let this render start from
+    first_step: int = 0               # the schedule's first step this render ran (img2img: from its strength)
     stopped_at: int | None = None     # steps done when should_stop ended the loop (no image then)
     checkpoint: Checkpoint | None = None  # with stopped_at, on the group's first rank
 
@@ -138,6 +140,60 @@ def initial_noise(job: Job, channels: int, vae_scale: int) -> torch.Tensor:
                        dtype=torch.float32)
 
 
+# Pixels in [-1, 1] (the VAE's range) from an init image: resized with Lanczos, as diffusers' VaeImageProcessor does.
+INIT_IMAGE_RESAMPLE = "LANCZOS"
+
+
+def load_init_image(path: str, width: int, height: int) -> torch.Tensor:
+    """An img2img start image as (1, 3, height, width) float32 in [-1, 1]: RGB (alpha dropped), resized to the job's
+    size with a Lanczos filter when it has another, scaled as diffusers' image processor does."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=getattr(Image.Resampling, INIT_IMAGE_RESAMPLE))
+        pixels = np.array(image).astype(np.float32)[None] / 255.0
+    # (1, H, W, 3) seen as (1, 3, H, W) without a copy, as diffusers does: the VAE's convolutions round differently
+    # on a contiguous tensor, and the encode would no longer equal diffusers' own bit for bit.
+    return 2.0 * torch.from_numpy(pixels.transpose(0, 3, 1, 2)) - 1.0
+
+
+def vae_scale_of(pipe) -> int:
+    """Pixel rows per latent row: 2 per down block of the VAE but its last."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def to_latent_space(vae_config, latent: torch.Tensor) -> torch.Tensor:
+    """A VAE latent as the UNet sees it: scaled (and for VAEs that give them, centred by the latents' mean and std),
+    as diffusers' img2img pipelines do. decode() undoes it."""
+    if getattr(vae_config, "latents_mean", None) is not None and getattr(vae_config, "latents_std", None) is not None:
+        mean = torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1).to(latent)
+        std = torch.tensor(vae_config.latents_std).view(1, -1, 1, 1).to(latent)
+        return (latent - mean) * vae_config.scaling_factor / std
+    return vae_config.scaling_factor * latent
+
+
+def from_latent_space(vae_config, latent: torch.Tensor) -> torch.Tensor:
+    if getattr(vae_config, "latents_mean", None) is not None and getattr(vae_config, "latents_std", None) is not None:
+        mean = torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1).to(latent)
+        std = torch.tensor(vae_config.latents_std).view(1, -1, 1, 1).to(latent)
+        return latent * std / vae_config.scaling_factor + mean
+    return latent / vae_config.scaling_factor
+
+
+def noised_image_latent(moments: torch.Tensor, vae_config, scheduler, first: int, seed: int) -> torch.Tensor:
+    """The img2img start latent, whole and float32: a sample of the image's latent distribution (`moments`, as the
+    VAE's encoder gives them) and the noise added to it at timestep `first`, both drawn on the CPU from one
+    generator seeded by the job's seed, in that order, as diffusers' img2img pipelines draw them."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    gen = torch.Generator("cpu").manual_seed(seed)
+    latent = to_latent_space(vae_config, DiagonalGaussianDistribution(moments.float()).sample(gen))
+    noise = torch.randn(latent.shape, generator=gen, dtype=torch.float32)
+    return scheduler.add_noise(latent, noise, scheduler.timesteps[first:first + 1])
+
+
 def _sync(device) -> None:
     """Wait for this rank's compute stream only: torch.cuda.synchronize would also wait for NCCL's streams, so a
     displaced exchange posted late in a step could not overlap the next one."""
@@ -150,43 +206,223 @@ def _select_branch(x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     return x[layout.branch:layout.branch + 1] if layout.split_cfg else x
 
 
-def _gather_rows(band: torch.Tensor, bands: tuple[Band, ...], group, dim: int, scale: int = 1) -> torch.Tensor:
-    """All-gather uneven row bands along `dim` (padded to the largest band, sliced back); `scale` maps band rows
-    to rows of `band` (the VAE decoder's output is 8x the latent rows)."""
-    biggest = max(b.size for b in bands) * scale
-    pad = list(band.shape)
-    pad[dim] = biggest
-    padded = band.new_zeros(pad)
-    padded.narrow(dim, 0, band.shape[dim]).copy_(band)
-    parts = [torch.empty_like(padded) for _ in bands]
-    dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p.narrow(dim, 0, b.size * scale) for p, b in zip(parts, bands)], dim=dim)
-
-
 def branch_partner(layout: GroupLayout) -> int:
     """split_cfg: the group rank that runs the other branch over the same band."""
     return (layout.rank + layout.patch_ranks) % layout.size
 
 
-def _exchange_branch(noise: torch.Tensor, layout: GroupLayout, comms: Comms) -> torch.Tensor:
-    """split_cfg: swap this rank's branch prediction with its partner's; returns [uncond, cond].
+def guidance_pair(prediction: torch.Tensor, layout: GroupLayout, comms: Comms) -> torch.Tensor:
+    """split_cfg: [uncond, cond] from this rank's branch and its partner's, swapped on the image group's
+    communicator."""
+    from hpcrender.parallel.gather import exchange_branch
 
-    On the image group's own communicator, where every rank swaps at once: NCCL wants the first batched
-    point-to-point on a communicator to involve all its ranks, and the world holds other groups' ranks that never
-    take part."""
-    partner = comms.global_ranks[branch_partner(layout)]
-    other = torch.empty_like(noise)
-    ops = [dist.P2POp(dist.isend, noise.contiguous(), partner, comms.group),
-           dist.P2POp(dist.irecv, other, partner, comms.group)]
-    for req in dist.batch_isend_irecv(ops):
-        req.wait()
-    return torch.cat([noise, other]) if layout.branch == 0 else torch.cat([other, noise])
+    return exchange_branch(prediction, layout.branch, comms.global_ranks[branch_partner(layout)], comms.group)
 
 
 def _peak_memory(device) -> int:
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet is conditioned on, for this rank's branch: text states and SDXL's added inputs."""
+
+    embeds: torch.Tensor
+    added: dict | None
+
+
+@dataclass
+class Render:
+    """One render of one job on this rank: what the stages share, and the result they fill in."""
+
+    pipe: object
+    job: Job
+    layout: GroupLayout
+    comms: Comms
+    device: object
+    on_step: Callable[[int, int], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_collective: Callable[[], None] | None = None
+    result: ImageResult = field(default_factory=lambda: ImageResult(image=None, latent=None))
+    bands: tuple = ()  # the UNet's latent row bands on this rank's patch group (empty: no bands)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.job.dtype]
+
+    @property
+    def guidance(self) -> bool:
+        return self.job.guidance_scale > 1.0
+
+    @property
+    def parallel(self) -> bool:
+        """The UNet runs band-parallel."""
+        return self.job.parallel.mode is not Mode.NONE and self.layout.patch_ranks > 1
+
+    @property
+    def vae_parallel(self) -> bool:
+        """The VAE runs band-parallel over the whole group."""
+        return self.layout.size > 1 and self.layout.mode is not Mode.NONE
+
+    def band_of(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's UNet band of a whole latent-shaped tensor, on the device in the job's dtype."""
+        if self.bands:
+            mine = self.bands[self.layout.patch_rank]
+            whole = whole[:, :, mine.start:mine.stop]
+        return whole.to(device=self.device, dtype=self.dtype)
+
+    def collective(self) -> None:
+        """Before the group's first collective of the job (never on a group of one)."""
+        if self.layout.size > 1 and self.on_collective is not None:
+            self.on_collective()
+            self.on_collective = None
+
+
+# --- the stages ------------------------------------------------------------------------------------------------
+
+
+def conditioning(run: Render) -> Conditioning:
+    """Encode the prompt (every rank: it is cheap next to the UNet, and saves a broadcast of the embeddings)."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        embeds, added = encode_prompt(run.pipe, run.job, run.device, run.guidance)
+    embeds = _select_branch(embeds.to(run.dtype), run.layout)
+    if added is not None:
+        added = {k: _select_branch(v.to(run.dtype) if v.is_floating_point() else v, run.layout)
+                 for k, v in added.items()}
+    run.result.encode_seconds += time.perf_counter() - t0
+    return Conditioning(embeds, added)
+
+
+def timesteps(run: Render, first: int = 0):
+    """The job's sampler with its timesteps set; from step `first` on (img2img), as diffusers' pipelines begin
+    there (set_begin_index)."""
+    scheduler = make_scheduler(run.job.scheduler, run.pipe.scheduler.config)
+    scheduler.set_timesteps(run.job.steps, device=run.device)
+    if first and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(first * scheduler.order)
+    run.result.first_step = first
+    return scheduler
+
+
+def noise_latent(run: Render, scheduler) -> tuple[torch.Tensor, int]:
+    """Text-to-image's start: this rank's band of the seed's noise at the schedule's first sigma."""
+    whole = initial_noise(run.job, run.pipe.unet.config.in_channels, vae_scale_of(run.pipe))
+    return run.band_of(whole * scheduler.init_noise_sigma), 0
+
+
+def image_latent(run: Render, scheduler) -> tuple[torch.Tensor, int]:
+    """img2img's start: the init image encoded by the VAE (band-parallel over the group), sampled and noised to the
+    strength's first timestep; this rank's band of it."""
+    job, first = run.job, run.job.first_step
+    t0 = time.perf_counter()
+    pixels = load_init_image(job.init_image.path, job.width, job.height)
+    with torch.no_grad():
+        moments = encode_image(run, pixels)
+    whole = noised_image_latent(moments, run.pipe.vae.config, scheduler, first, job.seed)
+    run.result.encode_seconds += time.perf_counter() - t0
+    return run.band_of(whole), first
+
+
+def checkpoint_latent(run: Render, scheduler, resume: Checkpoint) -> tuple[torch.Tensor, int]:
+    """A stopped render's start: its latent band and the sampler's state after its last step."""
+    job = run.job
+    if resume.steps != job.steps or not job.first_step < resume.step < len(scheduler.timesteps):
+        raise ValueError(f"a checkpoint after step {resume.step} of {resume.steps} does not fit {job.steps} steps "
+                         f"from step {job.first_step}")
+    restore_scheduler(scheduler, resume.scalars,
+                      tuple(None if h is None else run.band_of(torch.from_numpy(h)) for h in resume.history))
+    run.result.resumed_from = resume.step
+    return run.band_of(torch.from_numpy(resume.latent)), resume.step
+
+
+def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, start: int) -> torch.Tensor:
+    """Steps `start`.. of the schedule over this rank's band, the parallel plan around the UNet for their duration.
+
+    The plan's forward pre-hook counts the steps from `start` as its 0: a resumed or img2img displaced render warms
+    up again. Stops early (run.result.stopped_at) when should_stop says so between steps."""
+    job, layout, result = run.job, run.layout, run.result
+    run.collective()  # the loop's exchanges, or the gather and decode after it
+    handle: Parallelized | None = None
+    if run.parallel:
+        from hpcrender.parallel.plan import PatchPlan, parallelize
+
+        plan = PatchPlan(mode=job.parallel.mode, groupnorm=job.parallel.groupnorm,
+                         warmup_steps=job.parallel.warmup_steps, bands=run.bands, rank=layout.patch_rank,
+                         halo=job.parallel.halo)
+        handle = parallelize(run.pipe.unet, plan, run.comms.patch_group)
+    batch = 2 if run.guidance and not layout.split_cfg else 1
+    try:
+        with torch.no_grad():
+            for i in range(start, len(scheduler.timesteps)):
+                t = scheduler.timesteps[i]
+                t0 = time.perf_counter()
+                model_in = scheduler.scale_model_input(torch.cat([latent] * batch), t)
+                noise = run.pipe.unet(model_in, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added,
+                                      return_dict=False)[0]
+                if layout.split_cfg:
+                    noise = guidance_pair(noise, layout, run.comms)
+                if run.guidance:
+                    uncond, text = noise.chunk(2)
+                    noise = uncond + job.guidance_scale * (text - uncond)
+                latent = scheduler.step(noise, t, latent, return_dict=False)[0]
+                _sync(run.device)
+                result.step_seconds.append(time.perf_counter() - t0)
+                if run.on_step is not None:
+                    run.on_step(i + 1, job.steps)
+                if run.should_stop is not None and i + 1 < job.steps and run.should_stop():
+                    result.stopped_at = i + 1
+                    break
+    finally:
+        if handle is not None:
+            result.exchange = handle.stats()
+            handle.remove()
+    return latent
+
+
+def finish(run: Render, scheduler, latent: torch.Tensor, decode: bool) -> ImageResult:
+    """After the loop: a checkpoint when it was stopped, else the whole latent and the decoded image."""
+    result = run.result
+    if result.stopped_at is not None:
+        result.checkpoint = _checkpoint(run, latent, scheduler, result.stopped_at)
+        return result
+    if not decode:
+        result.peak_memory_bytes = _peak_memory(run.device)
+        return result
+    t0 = time.perf_counter()
+    whole = _whole(run, latent)
+    with torch.no_grad():
+        image = decode_image(run, whole)
+    _sync(run.device)
+    result.decode_seconds = time.perf_counter() - t0
+    if run.layout.rank == 0:
+        result.latent = whole[0].cpu().numpy()
+        result.image = image
+    result.peak_memory_bytes = _peak_memory(run.device)
+    return result
+
+
+# --- the compositions ------------------------------------------------------------------------------------------
+
+
+def text_to_image(run: Render, resume: Checkpoint | None = None, decode: bool = True) -> ImageResult:
+    cond = conditioning(run)
+    scheduler = timesteps(run)
+    latent, start = checkpoint_latent(run, scheduler, resume) if resume else noise_latent(run, scheduler)
+    latent = denoise(run, cond, scheduler, latent, start)
+    return finish(run, scheduler, latent, decode)
+
+
+def img2img(run: Render, resume: Checkpoint | None = None, decode: bool = True) -> ImageResult:
+    cond = conditioning(run)
+    scheduler = timesteps(run, first=run.job.first_step)
+    latent, start = checkpoint_latent(run, scheduler, resume) if resume else image_latent(run, scheduler)
+    latent = denoise(run, cond, scheduler, latent, start)
+    return finish(run, scheduler, latent, decode)
 
 
 def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
@@ -201,154 +437,67 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
     from such a checkpoint. on_collective is called before the group's first torch.distributed collective (never
     on a group of one): a failure after it may leave the group's communicator out of step.
     """
-    dtype = TORCH_DTYPES[job.dtype]
-    guidance = job.guidance_scale > 1.0
-    check_layout(layout.size, layout.split_cfg, guidance)
-    parallel = job.parallel.mode is not Mode.NONE and layout.patch_ranks > 1
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    result = ImageResult(image=None, latent=None)
-
-    # 1. Encode the prompt (every rank: it is cheap next to the UNet, and saves a broadcast of the embeddings).
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        embeds, added = encode_prompt(pipe, job, device, guidance)
-    embeds = _select_branch(embeds.to(dtype), layout)
-    if added is not None:
-        added = {k: _select_branch(v.to(dtype) if v.is_floating_point() else v, layout) for k, v in added.items()}
-    result.encode_seconds = time.perf_counter() - t0
-
-    # 2. Timesteps and the latent band.
-    scheduler = make_scheduler(job.scheduler, pipe.scheduler.config)
-    scheduler.set_timesteps(job.steps, device=device)
-    if resume is not None:
-        if resume.steps != job.steps or resume.step >= len(scheduler.timesteps):
-            raise ValueError(f"a checkpoint after step {resume.step} of {resume.steps} does not fit {job.steps} steps")
-        latent = torch.from_numpy(resume.latent)
-    else:
-        latent = initial_noise(job, pipe.unet.config.in_channels, vae_scale) * scheduler.init_noise_sigma
-    bands = ()
-    if parallel:
+    check_layout(layout.size, layout.split_cfg, job.guidance_scale > 1.0)
+    run = Render(pipe, job, layout, comms, device, on_step=on_step, should_stop=should_stop,
+                 on_collective=on_collective)
+    if run.parallel:
         from hpcrender.parallel.bands import unet_alignment
 
-        bands = unet_bands(job, layout, unet_alignment(pipe.unet.config), vae_scale)
-
-    def band_of(whole: torch.Tensor) -> torch.Tensor:
-        if bands:
-            mine = bands[layout.patch_rank]
-            whole = whole[:, :, mine.start:mine.stop]
-        return whole.to(device=device, dtype=dtype)
-
-    result.bands = bands
-    latent = band_of(latent)
-    start = 0
-    if resume is not None:
-        start = result.resumed_from = resume.step
-        restore_scheduler(scheduler, resume.scalars,
-                          tuple(None if h is None else band_of(torch.from_numpy(h)) for h in resume.history))
-
-    # 3. The denoising loop, with the parallel plan around the UNet for its duration.
-    if layout.size > 1 and on_collective is not None:  # the loop's exchanges, or the gather and decode after it
-        on_collective()
-    handle = None
-    if parallel:
-        from hpcrender.parallel.plan import PatchPlan, parallelize
-
-        plan = PatchPlan(mode=job.parallel.mode, groupnorm=job.parallel.groupnorm,
-                         warmup_steps=job.parallel.warmup_steps, bands=bands, rank=layout.patch_rank,
-                         halo=job.parallel.halo)
-        handle = parallelize(pipe.unet, plan, comms.patch_group)
-        handle.begin_image()
-    try:
-        with torch.no_grad():
-            for i in range(start, len(scheduler.timesteps)):
-                t = scheduler.timesteps[i]
-                t_start = time.perf_counter()
-                if handle is not None:  # counted from the (re)start: a resumed displaced run warms up again
-                    handle.begin_step(i - start)
-                batch = 2 if guidance and not layout.split_cfg else 1
-                model_in = scheduler.scale_model_input(torch.cat([latent] * batch), t)
-                noise = pipe.unet(model_in, t, encoder_hidden_states=embeds, added_cond_kwargs=added,
-                                  return_dict=False)[0]
-                if layout.split_cfg:
-                    noise = _exchange_branch(noise, layout, comms)
-                if guidance:
-                    uncond, cond = noise.chunk(2)
-                    noise = uncond + job.guidance_scale * (cond - uncond)
-                latent = scheduler.step(noise, t, latent, return_dict=False)[0]
-                _sync(device)
-                result.step_seconds.append(time.perf_counter() - t_start)
-                if on_step is not None:
-                    on_step(i + 1, job.steps)
-                if should_stop is not None and i + 1 < job.steps and should_stop():
-                    result.stopped_at = i + 1
-                    break
-    finally:
-        if handle is not None:
-            result.exchange = handle.stats()
-            handle.remove()
-
-    if result.stopped_at is not None:
-        result.checkpoint = _checkpoint(latent, scheduler, result.stopped_at, job.steps, bands, layout, comms)
-        return result
-
-    # 4. The whole latent on every rank of the group (it is small), then a band-parallel exact VAE decode.
-    if not decode:
-        result.peak_memory_bytes = _peak_memory(device)
-        return result
-    t0 = time.perf_counter()
-    if parallel:
-        latent = _gather_rows(latent, bands, comms.patch_group, dim=2)
-    full_latent = latent.float()
-    with torch.no_grad():
-        image = _decode(pipe, full_latent, layout, comms, device)
-    _sync(device)
-    result.decode_seconds = time.perf_counter() - t0
-    if layout.rank == 0:
-        result.latent = full_latent[0].cpu().numpy()
-        result.image = image
-    result.peak_memory_bytes = _peak_memory(device)
-    return result
+        run.bands = run.result.bands = unet_bands(job, layout, unet_alignment(pipe.unet.config), vae_scale_of(pipe))
+    compose = img2img if job.init_image is not None else text_to_image
+    return compose(run, resume, decode)
 
 
-def _checkpoint(latent: torch.Tensor, scheduler, step: int, steps: int, bands: tuple, layout: GroupLayout,
-                comms: Comms) -> Checkpoint | None:
+# --- what crosses ranks, through hpcrender.parallel ------------------------------------------------------------
+
+
+def _whole(run: Render, band: torch.Tensor) -> torch.Tensor:
+    """The whole float32 latent-shaped tensor of this rank's band, on every rank of the patch group."""
+    band = band.float()
+    if not run.bands:
+        return band
+    from hpcrender.parallel.gather import gather_rows
+
+    return gather_rows(band, run.bands, run.comms.patch_group, dim=2)
+
+
+def _checkpoint(run: Render, latent: torch.Tensor, scheduler, step: int) -> Checkpoint | None:
     """The whole latent and sampler history after `step`, gathered from the bands; on the group's first rank."""
-    def whole(band: torch.Tensor) -> np.ndarray:
-        band = band.float()
-        if bands:
-            band = _gather_rows(band, bands, comms.patch_group, dim=2)
-        return band.cpu().numpy()
-
     scalars, history = scheduler_state(scheduler)
-    arrays = (whole(latent),) + tuple(None if h is None else whole(h) for h in history)
-    if layout.rank != 0:
+    arrays = tuple(None if h is None else _whole(run, h).cpu().numpy() for h in (latent, *history))
+    if run.layout.rank != 0:
         return None
-    return Checkpoint(step=step, steps=steps, latent=arrays[0], scalars=scalars, history=arrays[1:])
+    return Checkpoint(step=step, steps=run.job.steps, latent=arrays[0], scalars=scalars, history=arrays[1:])
 
 
-def _decode(pipe, latent: torch.Tensor, layout: GroupLayout, comms: Comms, device) -> np.ndarray | None:
-    """Latent -> uint8 RGB, band-parallel over the whole group when it has more than one rank."""
-    vae = pipe.vae
-    vae_dtype = next(vae.parameters()).dtype
-    cfg = vae.config
-    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latent)
-        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latent)
-        latent = latent * std / cfg.scaling_factor + mean
+def encode_image(run: Render, pixels: torch.Tensor) -> torch.Tensor:
+    """(1, 3, H, W) pixels in [-1, 1] -> the whole latent distribution's parameters (float32, on the CPU),
+    band-parallel over the whole group when it has more than one rank."""
+    vae = run.pipe.vae
+    pixels = pixels.to(device=run.device, dtype=next(vae.parameters()).dtype)
+    if run.vae_parallel:
+        run.collective()
+        from hpcrender.parallel.vae import encode_group
+
+        moments = encode_group(vae, pixels, vae_scale_of(run.pipe), run.layout.rank, run.layout.size,
+                               run.comms.group)
     else:
-        latent = latent / cfg.scaling_factor
-    latent = latent.to(device=device, dtype=vae_dtype)
-    if layout.size > 1 and layout.mode is not Mode.NONE:
-        from hpcrender.parallel.bands import split_rows
-        from hpcrender.parallel.plan import decode_parallel
+        moments = vae.encode(pixels).latent_dist.parameters
+    return moments.float().cpu()
 
-        bands = split_rows(latent.shape[2], layout.size)
-        mine = bands[layout.rank]
-        part = decode_parallel(vae, latent[:, :, mine.start:mine.stop], bands, layout.rank, comms.group)
-        image = _gather_rows(part.float(), bands, comms.group, dim=2, scale=part.shape[2] // mine.size)
+
+def decode_image(run: Render, latent: torch.Tensor) -> np.ndarray | None:
+    """The whole latent -> uint8 RGB on the group's first rank, band-parallel over the whole group when it has more
+    than one rank."""
+    vae = run.pipe.vae
+    latent = from_latent_space(vae.config, latent).to(device=run.device, dtype=next(vae.parameters()).dtype)
+    if run.vae_parallel:
+        from hpcrender.parallel.vae import decode_group
+
+        image = decode_group(vae, latent, run.layout.rank, run.layout.size, run.comms.group)
     else:
         image = vae.decode(latent, return_dict=False)[0].float()
-    if layout.rank != 0:
+    if run.layout.rank != 0:
         return None
     image = (image / 2 + 0.5).clamp(0, 1)
     return (image[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)

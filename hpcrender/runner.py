@@ -394,7 +394,7 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
     # The first rank reads the checkpoint and hands it to the others: one read, and one answer for the whole group.
     resume = agree.bcast(read_checkpoint(saved, job.params_hash()) if leader and options.resume else None)
     if leader:
-        progress.start(job.name, job.steps - (resume.step if resume else 0))
+        progress.start(job.name, job.steps - (resume.step if resume else job.first_step))
     if resume is not None:
         log.info("%s: resuming after step %d of %d", job.name, resume.step, job.steps)
 
@@ -535,6 +535,7 @@ def _meta(job: Job, result, layout, comms, peaks, exported, started, world) -> d
                    "nodes": sorted({p["node"] for p in peaks}), "device": world.env.device},
         "timings": {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 3),
                     "encode_seconds": round(result.encode_seconds, 4),
+                    "first_step": result.first_step,  # img2img: the schedule's steps before it are not run
                     "resumed_after_step": result.resumed_from,  # step_seconds are the steps after it
                     "step_seconds": [round(s, 4) for s in steps],
                     "decode_seconds": round(result.decode_seconds, 4)},
@@ -568,8 +569,9 @@ def describe_plan(manifest: Manifest, world_size: int, limit=None) -> str:
                     found = latent_bands(job.height // 8, unet_alignment(config), patch)
                     bands = ",".join(f"{b.start}:{b.stop}" for b in found)
                 cfg = " split_cfg" if job.parallel.split_cfg else ""
+                steps = f"{job.steps} steps" + (f" from step {job.first_step} (img2img)" if job.init_image else "")
                 lines.append(f"  {job.name:<24} group {g} (rank {ranks})  {job.width}x{job.height}  "
-                             f"{job.steps} steps  {job.parallel.mode.value}{cfg}  latent bands {bands}")
+                             f"{steps}  {job.parallel.mode.value}{cfg}  latent bands {bands}")
                 costs = job_costs(job, size)
                 if costs is not None:
                     need = max((c.memory for c in costs), key=lambda m: m.total)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import hpcrender.pipeline as pipeline
+from hpcrender.parallel import gather
 from hpcrender.config import DType, Job, Mode, ParallelConfig
 from hpcrender.pipeline import Comms, GroupLayout, branch_partner
 from hpcrender.runner import failure_ends_world, job_memory
@@ -57,11 +58,11 @@ def test_branch_exchange_swaps_on_the_image_group_with_its_partner(monkeypatch, 
     # The second of two image groups of 4 ranks (world ranks 4-7): the world is not the group to swap on.
     group = object()
     fake = FakeDist(reply=torch.full((1, 2), -1.0))
-    monkeypatch.setattr(pipeline, "dist", fake)
+    monkeypatch.setattr(gather, "dist", fake)
     layout = GroupLayout(size=4, rank=rank, mode=Mode.SYNC, split_cfg=True)
     comms = Comms(group=group, patch_group=object(), global_ranks=(4, 5, 6, 7))
     mine = torch.full((1, 2), float(rank))
-    both = pipeline._exchange_branch(mine, layout, comms)
+    both = pipeline.guidance_pair(mine, layout, comms)
     partner = 4 + branch_partner(layout)
     assert [(op.op, op.peer, op.group) for op in fake.ops] == [(fake.isend, partner, group),
                                                               (fake.irecv, partner, group)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import textwrap
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from hpcrender.config import (
     DType,
     GigapixelConfig,
     GroupNormMode,
+    InitImage,
     Job,
     Mode,
     ParallelConfig,
@@ -54,6 +56,7 @@ JOB = '[[jobs]]\nname = "harbor"\nprompt = "a harbor at dawn"\n'
 
 def test_contract_example_parses_into_expected_jobs():
     manifest = load_manifest(DATA / "contract.toml")
+    sketch = DATA / "sketches" / "harbor.png"
     parallel = ParallelConfig(
         mode=Mode.DISPLACED, warmup_steps=4, groupnorm=GroupNormMode.CORRECTED, split_cfg=False, ranks_per_image=0
     )
@@ -70,6 +73,9 @@ def test_contract_example_parses_into_expected_jobs():
     assert manifest.path == DATA / "contract.toml"
     assert manifest.jobs == (
         Job(name="harbor", prompt="a harbor at dawn", width=1024, height=1024, gigapixel=None, **common),
+        Job(name="harbor-repaint", prompt="the same harbor in winter", width=1024, height=1024, **common,
+            init_image=InitImage(path=str(sketch), sha256=hashlib.sha256(sketch.read_bytes()).hexdigest(),
+                                 strength=0.6)),
         Job(
             name="harbor-giga",
             prompt="a harbor at dawn, aerial",
@@ -564,3 +570,105 @@ def test_derived_seed_is_pinned_in_range_and_name_dependent():
 def test_jobs_without_seed_get_their_derived_seed(tmp_path):
     jobs = load_manifest(write(tmp_path, THREE)).jobs
     assert [job.seed for job in jobs] == [derive_seed(name) for name in ("dawn", "noon", "dusk")]
+
+
+# --- img2img: init_image and strength ------------------------------------------------------------
+
+
+def png(path: Path, size: tuple[int, int] = (24, 16), value: int = 90) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, 2 * value % 256, 30)).save(path)
+    return path
+
+
+def test_init_image_resolves_against_the_manifest_folder_and_carries_its_content_hash(tmp_path, monkeypatch):
+    import hashlib
+
+    image = png(tmp_path / "sketches" / "harbor.png")
+    monkeypatch.chdir(tmp_path.parent)  # not where the manifest is
+    path = write(tmp_path, JOB + 'init_image = "sketches/harbor.png"\nstrength = 0.6\n')
+    job = load_manifest(path).jobs[0]
+    assert job.init_image == InitImage(path=str(image), sha256=hashlib.sha256(image.read_bytes()).hexdigest(),
+                                       strength=0.6)
+    assert job.first_step == 8  # the last 12 of 20 steps, as diffusers' img2img cuts them
+    assert "strength" not in job.to_dict() and job.to_dict()["init_image"]["strength"] == 0.6
+
+
+def test_a_default_strength_serves_the_jobs_with_an_init_image_only(tmp_path):
+    png(tmp_path / "a.png")
+    path = write(tmp_path, '[defaults]\nstrength = 0.5\n' + JOB + 'init_image = "a.png"\n'
+                 '[[jobs]]\nname = "plain"\nprompt = "p"\n')
+    with_image, plain = load_manifest(path).jobs
+    assert with_image.init_image.strength == 0.5
+    assert plain.init_image is None and plain.first_step == 0
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF", "JPEG"])
+def test_png_tiff_and_jpeg_are_accepted(tmp_path, fmt):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "start.img", format=fmt)
+    job = load_manifest(write(tmp_path, JOB + 'init_image = "start.img"\nstrength = 1\n')).jobs[0]
+    assert job.init_image.strength == 1.0 and job.first_step == 0
+
+
+def test_a_changed_image_is_a_changed_job_and_a_moved_one_is_not(tmp_path):
+    png(tmp_path / "a.png")
+    path = write(tmp_path, JOB + 'init_image = "a.png"\nstrength = 0.5\n')
+    before = load_manifest(path).jobs[0]
+    png(tmp_path / "a.png", value=91)
+    changed = load_manifest(path).jobs[0]
+    assert changed.params_hash() != before.params_hash()
+    (tmp_path / "a.png").rename(tmp_path / "b.png")
+    path.write_text(path.read_text().replace("a.png", "b.png"))
+    assert load_manifest(path).jobs[0].params_hash() == changed.params_hash()
+    assert Job(name="harbor", prompt="p", width=8, height=8, seed=1).params_hash() != changed.params_hash()
+
+
+IMG2IMG_CASES = [
+    ("missing-file", 'init_image = "nowhere.png"\nstrength = 0.5\n', 4, "jobs[harbor].init_image: no such file: "),
+    ("not-an-image", 'init_image = "notes.png"\nstrength = 0.5\n', 4,
+     "jobs[harbor].init_image: cannot read "),
+    ("truncated", 'init_image = "cut.png"\nstrength = 0.5\n', 4, "jobs[harbor].init_image: cannot read "),
+    ("other-format", 'init_image = "start.bmp"\nstrength = 0.5\n', 4,
+     "jobs[harbor].init_image: must be a PNG, TIFF, JPEG file, got BMP"),
+    ("folder", 'init_image = "."\nstrength = 0.5\n', 4, "jobs[harbor].init_image: no such file: "),
+    ("strength-zero", 'init_image = "ok.png"\nstrength = 0\n', 5, "jobs[harbor].strength: must be in (0, 1], got 0"),
+    ("strength-above-one", 'init_image = "ok.png"\nstrength = 1.01\n', 5,
+     "jobs[harbor].strength: must be in (0, 1], got 1.01"),
+    ("strength-not-number", 'init_image = "ok.png"\nstrength = "half"\n', 5,
+     "jobs[harbor].strength: must be a number, got 'half'"),
+    ("strength-without-image", "strength = 0.5\n", 4, "jobs[harbor].strength: needs an init_image"),
+    ("image-without-strength", 'init_image = "ok.png"\n', 4,
+     "jobs[harbor].init_image: needs a strength in (0, 1]"),
+    ("strength-runs-no-step", 'steps = 20\ninit_image = "ok.png"\nstrength = 0.04\n', 6,
+     "jobs[harbor].strength: 0.04 with 20 steps runs no denoising step: make it at least 0.05"),
+    ("float-rounding-runs-no-step", 'steps = 49\ninit_image = "ok.png"\nstrength = 0.02040816326530612\n', 6,
+     "make it at least 0.021"),
+]
+
+
+@pytest.mark.parametrize("text, line, fragment", [case[1:] for case in IMG2IMG_CASES],
+                         ids=[case[0] for case in IMG2IMG_CASES])
+def test_each_img2img_problem_names_its_line_and_key(tmp_path, text, line, fragment):
+    from PIL import Image
+
+    png(tmp_path / "ok.png")
+    (tmp_path / "notes.png").write_text("not an image\n")
+    (tmp_path / "cut.png").write_bytes(png(tmp_path / "whole.png", (64, 64)).read_bytes()[:-40])
+    Image.new("RGB", (8, 8)).save(tmp_path / "start.bmp")
+    path = write(tmp_path, JOB + text)
+    message = only_problem(path)
+    assert message.startswith(f"{path}:{line}: "), message
+    assert fragment in message, message
+
+
+def test_fewer_steps_on_the_command_line_that_leave_no_img2img_step_are_bad_input(tmp_path):
+    png(tmp_path / "a.png")
+    manifest = load_manifest(write(tmp_path, JOB + 'init_image = "a.png"\nstrength = 0.25\n'))
+    assert apply_overrides(manifest, steps=4).jobs[0].first_step == 3
+    with pytest.raises(BadInput) as caught:
+        apply_overrides(manifest, steps=3)
+    assert str(caught.value).startswith("--steps: jobs[harbor].strength 0.25 with 3 steps runs no denoising step")

@@ -133,6 +133,40 @@ def test_one_band_runs_the_unet_unchanged_and_remove_restores_it(build):
     assert torch.equal(after, expected)
 
 
+def test_each_forward_is_the_next_step_and_begin_step_still_chooses_one():
+    unet = sd_unet()
+    cond = conditioning(unet, 2)
+    x = noise(2, 16, 12)
+    hooks = dict(unet._forward_pre_hooks)
+    handle = parallelize(unet, PatchPlan(Mode.DISPLACED, GroupNormMode.CORRECTED, 1, (Band(0, 16),), 0), None)
+    assert len(unet._forward_pre_hooks) == len(hooks) + 1
+    seen = []
+    with torch.no_grad():
+        def forward():
+            unet(x, 500.0, **cond, return_dict=False)
+            seen.append(handle.step)
+
+        for _ in range(3):  # a loop that knows nothing of the plan, as diffusers' own
+            forward()
+        handle.begin_image()
+        forward()
+        handle.begin_step(5)
+        forward()
+        forward()  # counts on from an explicit step
+        handle.begin_step(6)  # a step repeated explicitly (the fidelity checks do)
+        forward()
+        handle.begin_image()
+        handle.begin_step(0)  # explicit and counted agree
+        forward()
+        forward()
+    assert seen == [0, 1, 2, 0, 5, 6, 6, 0, 1]
+    handle.remove()
+    assert dict(unet._forward_pre_hooks) == hooks
+    with torch.no_grad():
+        unet(x, 500.0, **cond, return_dict=False)
+    assert handle.step == 1  # the removed plan counts no more
+
+
 def test_a_parallelized_model_is_not_parallelized_twice():
     unet = sd_unet()
     plan = PatchPlan(Mode.SYNC, GroupNormMode.SYNC, 1, (Band(0, 16),), 0)
@@ -146,7 +180,6 @@ def test_a_parallelized_model_is_not_parallelized_twice():
 @pytest.mark.parametrize("layer", [
     nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"),
     nn.Conv2d(2, 2, 3, padding=0),
-    Downsample2D(2, use_conv=True, padding=0),  # pads the bottom of every band by hand
     nn.ConvTranspose2d(2, 2, 4, stride=2, padding=1),
 ])
 def test_layers_that_cannot_be_split_into_bands_are_refused(layer):
@@ -154,6 +187,22 @@ def test_layers_that_cannot_be_split_into_bands_are_refused(layer):
     with pytest.raises(DoesNotFit):
         parallelize(model, PatchPlan(Mode.SYNC, GroupNormMode.SYNC, 1, (Band(0, 8),), 0), None)
     assert type(model[0]) is nn.Conv2d  # nothing left half-swapped
+
+
+def test_a_vae_encoders_padded_downsampler_is_stood_in_for_whole_and_one_band_equals_it():
+    # diffusers pads the whole image's bottom row before the stride-2 convolution: its conv alone cannot be split.
+    torch.manual_seed(0)
+    down = Downsample2D(4, use_conv=True, padding=0, name="op")
+    model = nn.Sequential(down)
+    x = torch.randn(2, 4, 8, 6)
+    with torch.no_grad():
+        expected = model(x)
+        handle = parallelize(model, PatchPlan(Mode.SYNC, GroupNormMode.SYNC, 0, (Band(0, 8),), 0), None)
+        assert type(model[0]).__name__ == "BandDownsample" and model[0].weight is down.conv.weight
+        got = model(x)
+        handle.remove()
+    assert model[0] is down
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_unet_layers_cover_every_exchanging_layer_at_its_scale():
@@ -255,6 +304,14 @@ def test_band_parallel_vae_decode_equals_one_process(checks):
     assert vae["error"] <= 1e-4
     assert vae["vae_restored"]
     assert sum(vae["rows"]) == (5 * checks["world_size"] + 1) * vae["scale"]
+
+
+@pytest.mark.mpi
+def test_band_parallel_vae_encode_equals_one_process(checks):
+    encode = checks["vae"]["encode"]
+    assert encode["error"] <= 1e-4
+    assert encode["vae_restored"]
+    assert sum(encode["rows"]) == 5 * checks["world_size"] + 1 and encode["channels"] == 8  # mean and log-variance
 
 
 def test_latent_bands_of_the_checked_sizes_are_uneven():
@@ -450,3 +507,19 @@ def test_band_conv_rows_are_the_rows_a_band_convolution_computes(kernel, stride,
                     assert sum(computed) == band_conv_rows(hi - lo, kernel, stride, pad, dilation, i == 0, i == 2)
                     tried += 1
     assert tried > 10
+
+
+@pytest.mark.mpi
+def test_diffusers_own_pipeline_loop_drives_a_parallelized_unet_on_2_ranks():
+    if not MPIEXEC.exists():
+        pytest.skip(f"no mpiexec beside {sys.executable}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPTS)}
+    done = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(SCRIPTS / "driver_checks.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    assert report["world_size"] == 2 and report["bands"] == [[0, 8], [8, 18]]
+    assert report["sync"]["error"] <= 1e-4 and (report["sync"]["sync_steps"], report["sync"]["async_steps"]) == (4, 0)
+    # the pre-hook counted the pipeline's forwards: one warm-up step, then displaced ones
+    assert (report["displaced"]["sync_steps"], report["displaced"]["async_steps"]) == (1, 3)
+    assert report["displaced"]["error"] < 0.5

@@ -1,5 +1,6 @@
 """Patch parallelism through the commands: `hpcrender verify` against single-device on 2, 3 and 4 ranks (sync,
-displaced, naive, split_cfg), a displaced render's meta.json, and the layouts that must be refused with exit 2."""
+displaced, naive, split_cfg; text-to-image and img2img), a displaced render's meta.json, and the layouts that must be
+refused with exit 2."""
 
 from __future__ import annotations
 
@@ -150,3 +151,34 @@ def test_a_world_that_does_not_divide_into_the_groups_exits_2(manifest, tmp_path
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == ["hpcrender: error: 3 ranks do not divide into groups of 2"]
     assert not (tmp_path / "out").exists()
+
+
+# img2img: the same layouts, each job starting from an image (the VAE encodes it band-parallel over the group).
+IMG2IMG = JOBS.replace("[defaults]\n", '[defaults]\ninit_image = "sketches/start.png"\nstrength = 0.75\n', 1) \
+    .replace("steps = 6", "steps = 8")
+
+
+@pytest.fixture(scope="module")
+def img2img_manifest(tmp_path_factory):
+    import shutil
+    from pathlib import Path
+
+    folder = tmp_path_factory.mktemp("verify-img2img")
+    (folder / "sketches").mkdir()
+    shutil.copy(Path(__file__).parent / "data" / "manifests" / "sketches" / "harbor.png", folder / "sketches" / "start.png")
+    return write_manifest(folder / "jobs.toml", IMG2IMG)
+
+
+@pytest.mark.parametrize("job, ranks", [("xl", 2), ("sd", 3)])
+def test_img2img_sync_equals_single_device_and_displaced_beats_naive(img2img_manifest, job, ranks):
+    got = verify(img2img_manifest, job, ranks, "sync", "displaced", "naive")
+    sync, displaced, naive = got["sync"], got["displaced"], got["naive"]
+    print(job, ranks, "ranks, img2img:", {mode: (r["latent"], r["psnr"]) for mode, r in got.items()})
+    assert sync["latent"] <= 1e-4 and sync["level"] <= 1
+    assert displaced["psnr"] >= naive["psnr"] + 3, got
+    assert displaced["latent"] < naive["latent"]
+
+
+def test_img2img_with_split_cfg_equals_single_device(img2img_manifest):
+    got = verify(img2img_manifest, "xl-split", 2, "sync")["sync"]
+    assert got["split"] and got["latent"] <= 1e-4 and got["level"] <= 1

@@ -1,15 +1,13 @@
 """Patch parallelism put around an unmodified diffusers model and taken off again: `parallelize(model, plan, group)`
-swaps its Conv2d and GroupNorm layers for band-parallel ones and installs band attention processors; `remove()`
-restores the originals. Also the band-parallel VAE decode."""
+swaps its Conv2d and GroupNorm layers for band-parallel ones, installs band attention processors and a forward
+pre-hook that counts the denoising steps; `remove()` restores the originals."""
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
@@ -26,6 +24,7 @@ from hpcrender.parallel.bands import (
     layer_scale,
 )
 from hpcrender.parallel.conv import BandConv2d, needs_halo
+from hpcrender.parallel.downsample import BandDownsample, is_padded_downsample
 from hpcrender.parallel.exchange import DEFAULT_BUCKET_BYTES, Exchange
 from hpcrender.parallel.groupnorm import BandGroupNorm
 
@@ -100,7 +99,13 @@ class BandContext:
 
 
 class Parallelized:
-    """A model running patch-parallel; `remove()` gives back the original model."""
+    """A model running patch-parallel; `remove()` gives back the original model.
+
+    Each forward of the model is a denoising step: a forward pre-hook starts the step after the previous forward's
+    (the first after begin_image() is step 0), so that any loop over timesteps - ours, a diffusers pipeline's -
+    drives the model as it is. begin_step(i) before a forward makes that forward step i instead (to repeat a step,
+    say); the count goes on from there.
+    """
 
     def __init__(self, model: nn.Module, plan: PatchPlan, ctx: BandContext,
                  swaps: list[tuple[nn.Module, str, nn.Module]], processors: list[tuple[Attention, BandAttnProcessor, list]]):
@@ -112,9 +117,26 @@ class Parallelized:
         self._sync_steps: set[int] = set()
         self._async_steps: set[int] = set()
         self._removed = False
+        self._next_step = 0     # the step the next forward starts, unless begin_step said otherwise
+        self._explicit = False  # begin_step was called for the next forward
+        self._hook = model.register_forward_pre_hook(self._before_forward)
+
+    def _before_forward(self, module: nn.Module, args) -> None:
+        if self._explicit:
+            self._explicit = False
+        else:
+            self._start_step(self._next_step)
+        self._next_step = self.ctx.step + 1
+
+    @property
+    def step(self) -> int:
+        """The step the model's last forward ran as (0 before the first)."""
+        return self.ctx.step
 
     def begin_image(self) -> None:
         """Start an image: step counter, stale buffers and cached text keys/values are reset."""
+        self._next_step = 0
+        self._explicit = False
         ctx = self.ctx
         ctx.exchange.begin_image()
         ctx.step = 0
@@ -126,8 +148,13 @@ class Parallelized:
         self._async_steps.clear()
 
     def begin_step(self, step: int) -> None:
-        """Before the model's forward of denoising step `step` (0-based): fresh blocking exchange in sync steps,
-        stale activations and asynchronous exchange otherwise."""
+        """Make the model's next forward denoising step `step` (0-based); without it, the forward pre-hook counts."""
+        self._start_step(step)
+        self._explicit = True
+
+    def _start_step(self, step: int) -> None:
+        """Before the forward of step `step`: fresh blocking exchange in sync steps, stale activations and
+        asynchronous exchange otherwise."""
         ctx = self.ctx
         ctx.step = step
         # The registration pass (an image's first exchanging step) is synchronous whatever the step number.
@@ -154,6 +181,7 @@ class Parallelized:
         """Finish what is in flight and restore the original modules and attention processors."""
         if self._removed:
             return
+        self._hook.remove()
         self.ctx.exchange.release()
         for parent, name, original in reversed(self._swaps):
             parent._modules[name] = original
@@ -173,8 +201,10 @@ INPUT_CONV = "conv_in"
 
 def _band_layer(module: nn.Module, ctx: BandContext, name: str) -> nn.Module | None:
     """The band-parallel stand-in for `module`, None when it needs none (it only reads its own rows)."""
-    if isinstance(module, (BandConv2d, BandGroupNorm)):
+    if isinstance(module, (BandConv2d, BandGroupNorm, BandDownsample)):
         raise BadInput(f"{name} is already band-parallel; remove() the earlier plan first")
+    if is_padded_downsample(module):  # a VAE encoder's: its zero row is the image's, not each band's
+        return BandDownsample(module, ctx, name)
     if isinstance(module, nn.GroupNorm):
         if type(module) is not nn.GroupNorm:
             raise DoesNotFit(f"{name}: {type(module).__name__} cannot be split into bands")
@@ -199,18 +229,24 @@ def _band_layer(module: nn.Module, ctx: BandContext, name: str) -> nn.Module | N
 def _swap_layers(model: nn.Module, ctx: BandContext) -> list[tuple[nn.Module, str, nn.Module]]:
     """Swap every layer that needs one for its band-parallel stand-in, under every name it is registered as.
 
-    All stand-ins are made before the first swap, so a layer that cannot be split leaves the model untouched."""
+    All stand-ins are made before the first swap, so a layer that cannot be split leaves the model untouched. A
+    module that is stood in for as a whole is not looked into."""
     names = {id(m): n for n, m in model.named_modules()}
     stand_ins: dict[int, nn.Module | None] = {}
     places = []
-    for parent in model.modules():
+
+    def visit(parent: nn.Module) -> None:
         for name, child in parent._modules.items():
             if child is None:
                 continue
             if id(child) not in stand_ins:
                 stand_ins[id(child)] = _band_layer(child, ctx, names.get(id(child), name))
+                if stand_ins[id(child)] is None:
+                    visit(child)
             if stand_ins[id(child)] is not None:
                 places.append((parent, name, child))
+
+    visit(model)
     for parent, name, child in places:
         parent._modules[name] = stand_ins[id(child)]
     return places
@@ -231,8 +267,8 @@ def _install_processors(model: nn.Module, ctx: BandContext) -> list[tuple[Attent
 
 def parallelize(model: nn.Module, plan: PatchPlan, group) -> Parallelized:
     """Run `model` on this rank's band of `plan`, exchanging with the other bands over `group` (the K ranks in band
-    order; None only for a single band). The model is used as before: call begin_image() per image and
-    begin_step(i) before each forward; remove() restores it."""
+    order; None only for a single band). The model is used as before, one forward per denoising step; call
+    begin_image() between images; remove() restores it."""
     size = len(plan.bands)
     if group is None:
         if size != 1:
@@ -329,25 +365,6 @@ def _unet_level(path: str, levels: int) -> int:
         level = levels - 1 - int(parts[1])
         return level - 1 if "upsamplers" in parts else level
     return 0
-
-
-def decode_parallel(vae, latent_band: torch.Tensor, bands: Sequence[Band], rank: int, group) -> torch.Tensor:
-    """This rank's band of `vae.decode(latent)` (rows scaled by the VAE's factor), decoded band-parallel with fresh
-    exchanges: equal to the single-device decode. The VAE is left as it was."""
-    bands = tuple(bands)
-    if len(bands) == 1:
-        return vae.decode(latent_band, return_dict=False)[0]
-    post = getattr(vae, "post_quant_conv", None)
-    if post is not None and isinstance(post, nn.Conv2d) and needs_halo(post):
-        raise DoesNotFit("the VAE's post-quantization convolution reads neighbouring rows")
-    plan = PatchPlan(mode=Mode.SYNC, groupnorm=GroupNormMode.SYNC, warmup_steps=0, bands=bands, rank=rank)
-    handle = parallelize(vae.decoder, plan, group)
-    try:
-        handle.begin_step(0)
-        z = post(latent_band) if post is not None else latent_band
-        return vae.decoder(z)
-    finally:
-        handle.remove()
 
 
 class _LiveBytes(TorchDispatchMode):

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from hpcrender.config import GroupNormMode, Mode
 from hpcrender.parallel.bands import exchange_buffers, expected_bytes, latent_bands, split_rows, unet_alignment
-from hpcrender.parallel.plan import PatchPlan, decode_parallel, parallelize, unet_layers
+from hpcrender.parallel.plan import PatchPlan, parallelize, unet_layers
+from hpcrender.parallel.vae import decode_parallel, encode_parallel
 from parallel_models import conditioning, noise, sd_unet, sdxl_unet, small_vae, start_torch_distributed
 
 STEPS = 8
@@ -155,8 +156,21 @@ def check_vae(rank: int, size: int, group) -> dict:
         part = decode_parallel(vae, latent[:, :, band.start:band.stop], bands, rank, group)
     scale = reference.shape[2] // latent.shape[2]
     untouched = all(type(m).__name__ not in ("BandConv2d", "BandGroupNorm") for m in vae.modules())
-    return {"error": relative_error(part, reference[:, :, band.start * scale:band.stop * scale], group),
-            "rows": gathered(part.shape[2], size, group), "scale": scale, "vae_restored": untouched}
+    report = {"error": relative_error(part, reference[:, :, band.start * scale:band.stop * scale], group),
+              "rows": gathered(part.shape[2], size, group), "scale": scale, "vae_restored": untouched}
+
+    # The encoder: an image whose latent rows split into uneven bands, its pixel rows 8 per latent row.
+    image = torch.rand(1, 3, latent.shape[2] * scale, 56, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        reference = vae.encode(image).latent_dist.parameters
+        part = encode_parallel(vae, image[:, :, band.start * scale:band.stop * scale], bands, rank, group)
+    report["encode"] = {
+        "error": relative_error(part, reference[:, :, band.start:band.stop], group),
+        "rows": gathered(part.shape[2], size, group), "channels": part.shape[1],
+        "vae_restored": all(type(m).__name__ not in ("BandConv2d", "BandGroupNorm", "BandDownsample")
+                            for m in vae.modules()),
+    }
+    return report
 
 
 def main() -> None:
