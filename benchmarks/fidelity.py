@@ -183,13 +183,16 @@ def main() -> int:
     for run in runs:
         out = parallel_run(unet, inputs, args.steps, run, size, rank, group)
         if rank == 0:
+            steady = out["seconds"][max(run["warmup"], 1) if run["mode"] is Mode.DISPLACED else 1:] or out["seconds"]
             row = {"run": run_name(run), **compare(out["latent"], reference),
                    "seconds_per_step": sum(out["seconds"]) / len(out["seconds"]),
+                   "seconds_per_steady_step": sum(steady) / len(steady),
                    "bytes_per_step": out["stats"]["bytes_total"] / args.steps,
                    "sync_steps": out["stats"]["sync_steps"], "async_steps": out["stats"]["async_steps"]}
             rows.append(row)
             print(f"{row['run']:<44} rel L2 {row['rel_l2']:.3e}  PSNR {row['psnr_db']:6.1f} dB  "
-                  f"{row['seconds_per_step']:.2f} s/step  {row['bytes_per_step'] / 2**20:.1f} MiB/step", flush=True)
+                  f"{row['seconds_per_step']:.2f} s/step ({row['seconds_per_steady_step']:.2f} after the warm-up)  "
+                  f"{row['bytes_per_step'] / 2**20:.1f} MiB/step", flush=True)
     if rank == 0 and args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
