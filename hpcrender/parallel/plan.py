@@ -8,6 +8,7 @@ import weakref
 from dataclasses import dataclass
 from fractions import Fraction
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention

@@ -18,7 +18,6 @@ import json
 import torch
 import torch.distributed as dist
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from hpcrender.config import GroupNormMode, HaloMode, Mode
