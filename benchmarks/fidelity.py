@@ -7,7 +7,7 @@ torch's default initialisation after torch.manual_seed(1234), fp32; a latent fro
 guidance 5; one loop for every run, only the UNet call differs.
 
     OMP_NUM_THREADS=1 .venv/bin/mpiexec -n 2 .venv/bin/python benchmarks/fidelity.py --size 512 --steps 12 \\
-        --run sync --run naive --run displaced:w=1 --run displaced:w=2:halo=stale --json out/fidelity.json
+        --run sync --run naive --run displaced:w=1 --run displaced:w=2:halo=fresh --json out/fidelity.json
 
 A run is MODE[:w=WARMUP][:gn=GROUPNORM][:halo=fresh|stale]; warm-up counts synchronous steps. The reference
 latent is cached under --cache (keyed by size, steps and the weights' hash).
@@ -38,7 +38,7 @@ SEED_WEIGHTS = 1234
 
 def parse_run(text: str) -> dict:
     mode, *options = text.split(":")
-    run = {"mode": Mode(mode), "warmup": 1, "groupnorm": GroupNormMode.CORRECTED, "halo": HaloMode.FRESH}
+    run = {"mode": Mode(mode), "warmup": 1, "groupnorm": GroupNormMode.CORRECTED, "halo": HaloMode.STALE}
     for option in options:
         key, _, value = option.partition("=")
         if key == "w":

@@ -28,8 +28,8 @@ class GroupNormMode(str, enum.Enum):
 
 
 class HaloMode(str, enum.Enum):
-    FRESH = "fresh"  # displaced steps too exchange halo rows fresh, while the band's interior is convolved
     STALE = "stale"  # displaced steps use the previous step's halo rows (DistriFusion)
+    FRESH = "fresh"  # displaced steps too exchange halo rows fresh, while the band's interior is convolved
 
 
 class SchedulerName(str, enum.Enum):
@@ -49,7 +49,7 @@ class ParallelConfig:
     mode: Mode = Mode.DISPLACED
     warmup_steps: int = 4
     groupnorm: GroupNormMode = GroupNormMode.CORRECTED
-    halo: HaloMode = HaloMode.FRESH
+    halo: HaloMode = HaloMode.STALE
     split_cfg: bool = False
     ranks_per_image: int = 0  # 0: all ranks render each image together
 

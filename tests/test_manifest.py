@@ -154,13 +154,13 @@ def test_inline_tables_and_dotted_keys_merge_like_sub_tables(tmp_path):
         tmp_path,
         f"""
         [defaults]
-        parallel = {{ mode = "naive", groupnorm = "stale", halo = "stale" }}
+        parallel = {{ mode = "naive", groupnorm = "stale", halo = "fresh" }}
         {JOB}
         parallel.groupnorm = "separate"
         """,
     )
     job = load_manifest(path).jobs[0]
-    assert job.parallel == ParallelConfig(mode=Mode.NAIVE, groupnorm=GroupNormMode.SEPARATE, halo=HaloMode.STALE)
+    assert job.parallel == ParallelConfig(mode=Mode.NAIVE, groupnorm=GroupNormMode.SEPARATE, halo=HaloMode.FRESH)
 
 
 def test_integers_are_accepted_where_floats_are_expected(tmp_path):
@@ -271,7 +271,7 @@ CASES = [
     ("groupnorm-unknown", '[defaults.parallel]\ngroupnorm = "fresh"\n' + JOB, 2,
      "defaults.parallel.groupnorm: must be one of corrected, stale, sync, separate, got 'fresh'"),
     ("halo-unknown", JOB + '[jobs.parallel]\nhalo = "corrected"\n', 5,
-     "jobs[harbor].parallel.halo: must be one of fresh, stale, got 'corrected'"),
+     "jobs[harbor].parallel.halo: must be one of stale, fresh, got 'corrected'"),
     ("builtin-unknown", JOB + 'model = "builtin:tiny-sdx"\n', 4,
      "jobs[harbor].model: unknown builtin model 'tiny-sdx' (known: tiny-sd, tiny-sdxl, sdxl-mini, sdxl)"),
     ("model-path-missing", JOB + 'model = "./nowhere"\n', 4, "jobs[harbor].model: no such folder or file: "),

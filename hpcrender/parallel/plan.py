@@ -42,7 +42,7 @@ class PatchPlan:
     bands: tuple[Band, ...]
     rank: int
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # largest flat buffer of one asynchronous collective
-    halo: HaloMode = HaloMode.FRESH
+    halo: HaloMode = HaloMode.STALE
 
     def __post_init__(self):
         if self.mode is Mode.NONE:
