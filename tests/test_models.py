@@ -22,15 +22,15 @@ TINY = ("tiny-sd", "tiny-sdxl")
 # sha256 of each component's state dict (weights_checksum); a change here changes every builtin image.
 PINNED = {
     "tiny-sd": {
-        "text_encoder": "141acc1bdad046cc1e1ab1e56876053acc99d6417f5483c5ac94adabd526a037",
-        "unet": "26ead7677614d23ca2f2075c0fd81f0c437d1156c0c9d14c136b469722be3666",
-        "vae": "05b718ba58f71c9aead94c7b19d9020ffb8434826284c0f91c233a53b8e44cf2",
+        "text_encoder": "3e2d703d8e0596ed6517425503a7be142580a0ae64c19c7076c0ceab36ec5b27",
+        "unet": "73c691c7a210aa948c9a9182a9a3091967ac69a470a2cbedb4bd858a1eeb2563",
+        "vae": "4c10b85a2ac7bffd333c48690a68952e472dc4764222ef59889f04d4ecd3692e",
     },
     "tiny-sdxl": {
-        "text_encoder": "25649bc5d12a8caa2103cdad1feaff53492c5fe80c4c2e6ad9762ee489953c51",
-        "text_encoder_2": "eb962c474580a8fe4f8d0b890297a0f12048760b0b1632c49bf9edb654688ce2",
-        "unet": "bd07997670065e5a8847d5894b0a411bbf67ed8525c02769db492ecab6f9120c",
-        "vae": "833150629d91dc06e1fe5ed54931b88f49cc30eea87db74eb49d5917c75d96e8",
+        "text_encoder": "f44876e6cfbc24e6daf93cdfd554b844ec4d3c9446751e9382802d19328ae17b",
+        "text_encoder_2": "f83b648a7d5d8af926eeadb1d5e419359f87a29e4229ea74a8606d58245a8cca",
+        "unet": "86fa9c02096d64db0a7cf9eec0313e904ab4705f921365c18a70e09464d274ef",
+        "vae": "4945780149b3edd2a05f1e922f8eab95b1007909fe2a0528c598ff581daed071",
     },
 }
 
