@@ -51,6 +51,9 @@ write_conf() {
   local d=$1 host=$2 port=$3
   cat >"$d/slurm.conf" <<EOF
 ClusterName=hpcrender-test
+# Job ids from a random start: MPICH names its shared-memory segments after the job, and a segment that a
+# killed run of an earlier test cluster left in /dev/shm must not be reopened by a new job with the same id.
+FirstJobId=$(( (RANDOM << 10 | RANDOM % 1024) % 30000000 + 1000 ))
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$port
 SlurmdPort=$((port + 1))
