@@ -175,10 +175,9 @@ def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
     first one includes encoding the prompt)."""
     import torch
 
-    from hpcrender.pipeline import TORCH_DTYPES, _sync, initial_noise, make_scheduler
+    from hpcrender.pipeline import TORCH_DTYPES, _sync, initial_noise, make_scheduler, vae_scale_of
 
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    latents = initial_noise(job, pipe.unet.config.in_channels, vae_scale).to(device=device,
+    latents = initial_noise(job, pipe.unet.config.in_channels, vae_scale_of(pipe)).to(device=device,
                                                                            dtype=TORCH_DTYPES[job.dtype])
     original, threads_before = pipe.scheduler, torch.get_num_threads()
     pipe.scheduler = make_scheduler(job.scheduler, original.config)
@@ -206,21 +205,13 @@ def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
 def planned(job: Job, size: int) -> dict | None:
     """What the run plan says a group of `size` needs per step, rank by rank: bytes sent in a steady step,
     multiply-accumulates, and the memory the loop adds (exchange buffers + activations)."""
-    from hpcrender.parallel.bands import expected_bytes, latent_bands, unet_alignment
-    from hpcrender.parallel.plan import unet_layers
-    from hpcrender.pipeline import TORCH_DTYPES
-    from hpcrender.runner import _meta_unet, job_costs
+    from hpcrender.models.shapes import model_shape
+    from hpcrender.run.plan import plan_job
 
-    costs = job_costs(job, size)
-    unet = _meta_unet(job.model)
-    if costs is None or unet is None:
+    costs = plan_job(0, job, size, model_shape(job.model)).costs
+    if costs is None:
         return None
-    exchanging = job.parallel.mode in (Mode.SYNC, Mode.DISPLACED) and size > 1
-    bands = latent_bands(job.height // 8, unet_alignment(unet.config), size) if exchanging else ()
-    layers = unet_layers(unet, job.width // 8)
-    batch = 2 if job.guidance_scale > 1.0 else 1
-    element = TORCH_DTYPES[job.dtype].itemsize
-    return {"bytes_per_step": [expected_bytes(layers, bands, r, batch, element) if bands else 0 for r in range(size)],
+    return {"bytes_per_step": [c.bytes_sent for c in costs],
             "macs_per_step": [c.macs for c in costs], "loop_memory_bytes": [c.memory.step for c in costs],
             "activation_bytes": [c.memory.activations for c in costs],
             "buffer_bytes": [c.memory.buffers.total for c in costs]}
@@ -228,10 +219,12 @@ def planned(job: Job, size: int) -> dict | None:
 
 def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: bool = True) -> dict:
     """One render of `job` by this rank in a group of `group` ranks: its step times, exchange and memory."""
+    from hpcrender.models.shapes import model_shape
     from hpcrender.pipeline import GroupLayout, _peak_memory, render_image
+    from hpcrender.run.plan import plan_job
 
     env = world.env
-    pipe = models.get(job)
+    pipe = models.get(job.model, job.dtype)
     layout = GroupLayout(size=group, rank=env.rank % group, mode=job.parallel.mode)
     probe = LoopMemory(pipe.unet, env.device) if measure_memory else None
 
@@ -240,7 +233,8 @@ def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: b
             probe.stop_sampling()
 
     try:
-        result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, decode=False)
+        bands = plan_job(0, job, group, model_shape(job.model)).bands
+        result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, decode=False, bands=bands)
     finally:
         loop_memory = probe.result() if probe is not None else None
     return {"rank": env.rank, **summarize(result.step_seconds), "step_seconds": result.step_seconds,
@@ -291,19 +285,22 @@ def run_bench(world, req: BenchRequest) -> int:
     import diffusers
     import torch
 
+    from hpcrender.models.cache import ModelCache
+    from hpcrender.models.shapes import model_shape
+    from hpcrender.parallel.groups import make_comms
     from hpcrender.pipeline import Comms
-    from hpcrender.runner import _Models, _make_groups, check_request
+    from hpcrender.run.plan import make_run_plan
 
     env = world.env
     size = env.world_size
     modes = parallel_modes(req.modes, size)
     world.init_torch_distributed()
-    models = _Models(device=env.device)
+    models = ModelCache(device=env.device)
     if env.rank == 0:
         from hpcrender.config import Manifest
 
         jobs = tuple(bench_job(req, m) for m in modes)
-        check_request(Manifest(path=Path("bench"), jobs=jobs), tuple(range(len(jobs))), size)
+        make_run_plan(Manifest(path=Path("bench"), jobs=jobs), tuple(range(len(jobs))), size, model_shape)
     placements = world.allgather((env.node, env.threads))
     threads = node_threads(placements, placements[0][0])
     single = Comms(group=None, patch_group=None, global_ranks=(0,))
@@ -312,7 +309,7 @@ def run_bench(world, req: BenchRequest) -> int:
     # 1. What a user would run instead: diffusers' loop in one process with the node's cores; the rest wait.
     one_job = bench_job(req, Mode.NONE)
     if env.rank == 0:
-        seconds = diffusers_steps(models.get(one_job), one_job, env.device, threads)
+        seconds = diffusers_steps(models.get(one_job.model, one_job.dtype), one_job, env.device, threads)
         rows.append(_row(DIFFUSERS, req, 1, threads, env.device, [{"rank": 0, **summarize(seconds),
                                                                    "step_seconds": seconds}]))
     _idle_barrier(world)
@@ -326,7 +323,7 @@ def run_bench(world, req: BenchRequest) -> int:
     # 3. Every rank together, mode by mode.
     for mode in modes:
         job = bench_job(req, mode)
-        comms = _make_groups(world, (tuple(range(size)),), size, False)[False]
+        comms = make_comms(world, (tuple(range(size)),), size, False)[False]
         world.barrier()
         run = _hpcrender_run(world, models, job, size, comms)
         per_rank = world.allgather(run)

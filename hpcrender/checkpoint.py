@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hpcrender.records import write_atomic
+from hpcrender.files import write_atomic
 
 FILE_NAME = "checkpoint.h5"
 FORMAT_VERSION = 1
@@ -75,7 +75,7 @@ def checkpoint_path(job_dir: str | os.PathLike) -> Path:
 
 
 def write_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint, params_hash: str) -> None:
-    """Write atomically (records.write_atomic): a kill while writing leaves the previous checkpoint or none."""
+    """Write atomically (files.write_atomic): a kill while writing leaves the previous checkpoint or none."""
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = FORMAT_VERSION

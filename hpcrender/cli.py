@@ -68,7 +68,10 @@ def render(manifest, out, only, mode, ranks_per_image, warmup_steps, steps, no_r
            array_index, array_count, debug):
     """Render the jobs of MANIFEST (under mpiexec/srun the ranks share the work)."""
     from hpcrender.environment import guarded, rank_memory_limit
-    from hpcrender.runner import RenderOptions, check_request, run_render, selected_jobs
+    from hpcrender.models.shapes import model_shape
+    from hpcrender.run.kinds import RenderOptions
+    from hpcrender.run.plan import make_run_plan, selected_jobs
+    from hpcrender.run.runner import run_render
 
     world = _start_world(debug)
     with guarded(world, debug):
@@ -78,9 +81,9 @@ def render(manifest, out, only, mode, ranks_per_image, warmup_steps, steps, no_r
                 m = _load(manifest, only=only, mode=mode, ranks_per_image=ranks_per_image,
                           warmup_steps=warmup_steps, steps=steps)
                 array = _array(world.env, array_index, array_count)
-                check_request(m, selected_jobs(m, array), world.env.world_size,
-                              rank_memory_limit(world.env.device, os.environ))
-                request = (m, array)
+                plan = make_run_plan(m, selected_jobs(m, array), world.env.world_size, model_shape,
+                                     rank_memory_limit(world.env.device, os.environ))
+                request = (m, array, plan)
             except HpcrenderError as e:
                 error = e
         request, error = world.bcast((request, error))
@@ -88,10 +91,10 @@ def render(manifest, out, only, mode, ranks_per_image, warmup_steps, steps, no_r
             code = _fail(error, debug) if world.env.rank == 0 else error.exit_code
             world.close()
             sys.exit(code)
-        m, array = request
+        m, array, plan = request
         options = RenderOptions(out=Path(out) if out else _default_out(manifest), resume=not no_resume,
                                 save_latent=save_latent, array=array, debug=debug)
-        code = run_render(world, m, options)
+        code = run_render(world, m, plan, options)
     sys.exit(code)
 
 
@@ -118,10 +121,17 @@ def _array(env, index, count) -> tuple[int, int] | None:
 
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-def validate(manifest):
+@click.option("--ranks", type=click.IntRange(min=1), help="Also check that every job fits a world of this size "
+              "(group sizes, bands; loads model configs, not weights).")
+def validate(manifest, ranks):
     """Check MANIFEST and print its jobs; exit 2 with one line per problem."""
     try:
         m = _load(manifest, only=(), mode=None, ranks_per_image=None, warmup_steps=None, steps=None)
+        if ranks is not None:
+            from hpcrender.models.shapes import model_shape
+            from hpcrender.run.plan import make_run_plan, selected_jobs
+
+            make_run_plan(m, selected_jobs(m, None), ranks, model_shape)
     except HpcrenderError as e:
         sys.exit(_fail(e, False))
     for job in m.jobs:
@@ -135,14 +145,20 @@ def validate(manifest):
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True, help="World size to plan for.")
 @click.option("--ranks-per-image", type=click.IntRange(min=0), help="Override ranks per image (0: all).")
-def plan(manifest, ranks, ranks_per_image):
-    """Show how MANIFEST's jobs would be spread over RANKS ranks: groups, bands, memory per rank."""
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="GMAC/S",
+              help="Multiply-accumulates per second of one rank, for the estimated times "
+                   "[default: one CPU core, measured with sdxl-mini].")
+def plan(manifest, ranks, ranks_per_image, rate):
+    """Show how MANIFEST's jobs would be spread over RANKS ranks: groups, bands, bytes, memory and time per job."""
     from hpcrender.environment import memory_limit, max_memory_bytes
-    from hpcrender.runner import describe_plan
+    from hpcrender.models.shapes import model_shape
+    from hpcrender.run.plan import CPU_CORE_MACS_PER_S, describe_plan, make_run_plan, selected_jobs
 
     try:
         m = _load(manifest, only=(), mode=None, ranks_per_image=ranks_per_image, warmup_steps=None, steps=None)
-        click.echo(describe_plan(m, ranks, memory_limit("cpu", None, max_memory_bytes(os.environ))))
+        run_plan = make_run_plan(m, selected_jobs(m, None), ranks, model_shape,
+                                 memory_limit("cpu", None, max_memory_bytes(os.environ)))
+        click.echo(describe_plan(m, run_plan, rate * 1e9 if rate else CPU_CORE_MACS_PER_S))
     except HpcrenderError as e:
         sys.exit(_fail(e, False))
 
@@ -163,11 +179,12 @@ def verify(manifest, name, modes, debug):
         job, error = None, None
         if world.env.rank == 0:
             try:
+                from hpcrender.models.shapes import model_shape
+                from hpcrender.run.plan import make_run_plan
+
                 m = _load(manifest, only=(name,), mode=modes[0] if modes else None, ranks_per_image=0,
                           warmup_steps=None, steps=None)
-                from hpcrender.runner import check_request
-
-                check_request(m, (0,), world.env.world_size)
+                make_run_plan(m, (0,), world.env.world_size, model_shape)
                 job = m.jobs[0]
             except HpcrenderError as e:
                 error = e
@@ -193,7 +210,8 @@ def stitch(jobdir, fmt, out):
     try:
         if not path.exists():
             raise BadInput(f"{path}: no tile store here")
-        target = Path(out) if out else Path(jobdir) / {"tiff": "image.tif", "png": "image.png", "dzi": "image.dzi"}[fmt]
+        target = Path(out) if out else Path(jobdir) / {"tiff": "image.tif", "png": "image.png",
+                                                       "dzi": "image.dzi"}[fmt]
         with TileStore.read(path) as store:
             if not store.complete():
                 click.echo(f"hpcrender: warning: {len(store.missing())} tile(s) not finished; exported as black",

@@ -19,6 +19,7 @@ import tifffile
 from PIL import Image
 
 from hpcrender.errors import BadInput
+from hpcrender.files import atomic_path
 from hpcrender.store import TileStore
 
 MAX_PNG_PIXELS = 64 * 2**20   # contract: image.png up to 64 Mpx, image.tif above
@@ -44,7 +45,7 @@ def export_png(store: TileStore, path: str | os.PathLike) -> Path:
     """The full image as an RGB8 PNG, encoded strip by strip (Paeth filter, zlib)."""
     path = Path(path)
     grid = store.grid
-    with _atomic(path) as part, open(part, "wb") as fh:
+    with atomic_path(path) as part, open(part, "wb") as fh:
         strips = (strip for *_, strip in _strips(_store_rows(store), grid.height, grid.tile))
         _write_png(fh, grid.height, grid.width, strips)
     return path
@@ -71,7 +72,7 @@ def export_preview(store: TileStore, path: str | os.PathLike, max_side: int = PR
         scale = max_side / longest
         size = (max(1, min(max_side, round(width * scale))), max(1, min(max_side, round(height * scale))))
         image = image.resize(size, Image.Resampling.LANCZOS)
-    with _atomic(path) as part:
+    with atomic_path(path) as part:
         image.save(part, format="PNG")
     return path
 
@@ -95,7 +96,7 @@ def export_tiff(
         options["predictor"] = True
     if compression is not None and compression.lower() in {"zlib", "deflate", "adobe_deflate"}:
         options["compressionargs"] = {"level": TIFF_ZLIB_LEVEL}
-    with _atomic(path) as part, _scratch(path) as scratch:
+    with atomic_path(path) as part, _scratch(path) as scratch:
         with tifffile.TiffWriter(part, bigtiff=True) as tif:
             for level, read, below in _levels(store, shapes, scratch):
                 h, w = shapes[level]
@@ -144,9 +145,14 @@ def export_dzi(store: TileStore, path: str | os.PathLike) -> Path:
         f'  <Size Width="{width}" Height="{height}"/>\n'
         "</Image>\n"
     )
-    with _atomic(dzi) as tmp:
+    with atomic_path(dzi) as tmp:
         tmp.write_text(xml)
     return dzi
+
+
+def image_name(height: int, width: int) -> str:
+    """The full image's file of a job: image.png up to 64 Mpx, image.tif above (the contract's rule)."""
+    return "image.png" if height * width <= MAX_PNG_PIXELS else "image.tif"
 
 
 def export_job(store: TileStore, job_dir: str | os.PathLike, *, allow_incomplete: bool = False) -> list[Path]:
@@ -159,10 +165,9 @@ def export_job(store: TileStore, job_dir: str | os.PathLike, *, allow_incomplete
             "render the job again to finish it"
         )
     job_dir.mkdir(parents=True, exist_ok=True)
-    if store.grid.height * store.grid.width <= MAX_PNG_PIXELS:
-        image = export_png(store, job_dir / "image.png")
-    else:
-        image = export_tiff(store, job_dir / "image.tif")
+    name = image_name(store.grid.height, store.grid.width)
+    exporter = export_png if name.endswith(".png") else export_tiff
+    image = exporter(store, job_dir / name)
     return [image, export_preview(store, job_dir / "preview.png")]
 
 
@@ -300,18 +305,6 @@ def _png_chunk(fh, kind: bytes, data: bytes) -> None:
 
 
 # -- files -----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path`, renamed onto it on success: no half-written image.png."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f".{path.name}.part")
-    try:
-        yield part
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

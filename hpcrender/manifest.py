@@ -31,9 +31,8 @@ from hpcrender.config import (
     HaloMode,
     first_step,
 )
-from hpcrender.errors import BadInput, ManifestError
+from hpcrender.errors import BadInput, ManifestError, ModelNotFound
 
-BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "sdxl-mini", "sdxl")
 
 DEFAULT_SIDE = 1024
 MAX_SIDE = 65536
@@ -41,11 +40,8 @@ MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 # Names a job directory may not take: they are OUT's own entries.
 RESERVED_NAMES = frozenset({"logs", "status.json"})
-# Pickled weights can run code when loaded; they are refused, never loaded.
-PICKLED_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def derive_seed(name: str) -> int:
@@ -175,40 +171,16 @@ def _job_name(value: object) -> str:
     return name
 
 
-def _looks_local(ref: str) -> bool:
-    return os.path.isabs(ref) or ref.startswith((".", "~")) or ref.endswith(".safetensors")
-
-
 def _check_model(value: object, base_dir: Path) -> str:
-    """A model reference, with local paths resolved against `base_dir` and checked to exist."""
+    """A model reference by models.reference's rules, local paths made absolute against `base_dir`."""
+    from hpcrender.models.reference import SourceKind, resolve
+
     ref = _as_str(value)
-    if ref.startswith("builtin:"):
-        name = ref[len("builtin:"):]
-        if name not in BUILTIN_MODELS:
-            raise _Invalid(
-                f"unknown builtin model {_show(name)} (known: {', '.join(BUILTIN_MODELS)})"
-                f"{_did_you_mean(name, BUILTIN_MODELS)}"
-            )
-        return ref
-    if ref.lower().endswith(PICKLED_SUFFIXES):
-        raise _Invalid(
-            f"pickled weights are never loaded, got {_show(ref)}; convert them to .safetensors"
-        )
-    if _looks_local(ref):
-        path = Path(os.path.normpath(base_dir / Path(ref).expanduser()))
-        if path.is_dir():
-            return str(path)
-        if path.is_file():
-            if path.suffix == ".safetensors":
-                return str(path)
-            raise _Invalid(f"must be a diffusers folder or a .safetensors file, got {path}")
-        raise _Invalid(f"no such folder or file: {path}")
-    if _HUB_ID_RE.match(ref):
-        return ref
-    raise _Invalid(
-        "must be builtin:NAME, a diffusers folder, a .safetensors file or a hub id owner/name, "
-        f"got {_show(ref)}"
-    )
+    try:
+        spec = resolve(ref, base_dir)
+    except ModelNotFound as e:
+        raise _Invalid(str(e).removeprefix(f"model {ref!r}: ")) from None
+    return spec.location if spec.kind in (SourceKind.FOLDER, SourceKind.SINGLE_FILE) else ref
 
 
 # Formats an init_image may have (what Pillow reports); others are refused rather than half-supported.

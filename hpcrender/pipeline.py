@@ -19,66 +19,12 @@ import torch
 
 from hpcrender.checkpoint import Checkpoint, restore_scheduler, scheduler_state
 from hpcrender.config import DType, Job, Mode, SchedulerName
-from hpcrender.errors import BadInput
+from hpcrender.parallel.layout import Comms, GroupLayout, check_layout
 
 if TYPE_CHECKING:
     from hpcrender.parallel.plan import Parallelized
 
 TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class GroupLayout:
-    """Where this rank sits in the group that renders one image.
-
-    With split_cfg the group's first half runs the unconditional branch and the second half the conditional
-    one, each half patch-parallel over the same bands; rank r of one half pairs with rank r of the other.
-    """
-
-    size: int
-    rank: int
-    mode: Mode
-    split_cfg: bool = False
-
-    @property
-    def branches(self) -> int:
-        return 2 if self.split_cfg else 1
-
-    @property
-    def patch_ranks(self) -> int:
-        return self.size // self.branches
-
-    @property
-    def patch_rank(self) -> int:
-        return self.rank % self.patch_ranks
-
-    @property
-    def branch(self) -> int:
-        return self.rank // self.patch_ranks
-
-
-def check_layout(size: int, split_cfg: bool, guidance: bool) -> None:
-    """Reject a group layout that cannot work, before anything is loaded."""
-    if split_cfg and not guidance:
-        raise BadInput("split_cfg needs classifier-free guidance (guidance_scale > 1)")
-    if split_cfg and size % 2:
-        raise BadInput(f"split_cfg needs an even number of ranks per image, got {size}")
-
-
-def unet_bands(job: Job, layout: GroupLayout, alignment: int, vae_scale: int = 8) -> tuple:
-    """The latent row bands of one image; DoesNotFit when the coarsest feature map has too few rows."""
-    from hpcrender.parallel.bands import latent_bands
-
-    return latent_bands(job.height // vae_scale, alignment, layout.patch_ranks)
-
-
-@dataclass(frozen=True)
-class Comms:
-    """torch.distributed handles of the group (in group-rank order) and of this rank's branch half."""
-
-    group: object | None
-    patch_group: object | None
-    global_ranks: tuple[int, ...]
 
 
 @dataclass
@@ -107,14 +53,12 @@ def make_scheduler(name: SchedulerName, config):
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
 
 
-def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None or getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
-
-
 def encode_prompt(pipe, job: Job, device, guidance: bool) -> tuple[torch.Tensor, dict | None]:
     """Text conditioning for the batch [uncond, cond] (or [cond] without guidance), and SDXL's extra inputs."""
+    from hpcrender.models import Family, family
+
     negative = job.negative_prompt or None
-    if is_sdxl(pipe):
+    if family(pipe) is Family.SDXL:
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
             job.prompt, device=device, num_images_per_prompt=1,
             do_classifier_free_guidance=guidance, negative_prompt=negative)
@@ -160,8 +104,10 @@ def load_init_image(path: str, width: int, height: int) -> torch.Tensor:
 
 
 def vae_scale_of(pipe) -> int:
-    """Pixel rows per latent row: 2 per down block of the VAE but its last."""
-    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    """Pixel rows per latent row of the pipeline's VAE."""
+    from hpcrender.parallel.bands import vae_scale
+
+    return vae_scale(pipe.vae.config)
 
 
 def to_latent_space(vae_config, latent: torch.Tensor) -> torch.Tensor:
@@ -428,9 +374,10 @@ def img2img(run: Render, resume: Checkpoint | None = None, decode: bool = True) 
 def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
                  on_step: Callable[[int, int], None] | None = None, decode: bool = True,
                  should_stop: Callable[[], bool] | None = None, resume: Checkpoint | None = None,
-                 on_collective: Callable[[], None] | None = None) -> ImageResult:
+                 on_collective: Callable[[], None] | None = None, bands: tuple = ()) -> ImageResult:
     """Render `job` with this rank's share of the work; the group's first rank gets the image (and the latent).
 
+    bands: the run plan's latent bands for a band-parallel layout; found from the loaded model when not given.
     decode=False stops after the denoising loop (benchmarks of the UNet alone). should_stop is asked after every
     step but the last, on every rank of the group alike (it must give the group's common answer): when it says
     yes, the loop ends there and the group's first rank gets a checkpoint instead of an image. resume continues
@@ -441,9 +388,11 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
     run = Render(pipe, job, layout, comms, device, on_step=on_step, should_stop=should_stop,
                  on_collective=on_collective)
     if run.parallel:
-        from hpcrender.parallel.bands import unet_alignment
+        from hpcrender.parallel.bands import image_bands, unet_alignment
 
-        run.bands = run.result.bands = unet_bands(job, layout, unet_alignment(pipe.unet.config), vae_scale_of(pipe))
+        if not bands:
+            bands = image_bands(job.height, vae_scale_of(pipe), unet_alignment(pipe.unet.config), layout.patch_ranks)
+        run.bands = run.result.bands = tuple(bands)
     compose = img2img if job.init_image is not None else text_to_image
     return compose(run, resume, decode)
 

@@ -10,16 +10,17 @@ import dataclasses
 import enum
 import json
 import os
-import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from hpcrender import files
 from hpcrender.errors import BadInput
 
 STATE_DIR = ".state"
+GROUPS_DIR = "groups"
 STATUS_FILE = "status.json"
 META_FILE = "meta.json"
 
@@ -31,40 +32,9 @@ class JobState(str, enum.Enum):
     FAILED = "failed"
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Have `write` create a temporary file beside `path`, fsync it, then rename it onto `path`.
-
-    Readers see the old file or the new one, never a torn one, even if the writer is killed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name per writer (pid + random) so concurrent writers never share a temporary file;
-    # created by `write` rather than mkstemp so the file gets the user's umask, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.filename is not None:
-            raise
-        raise OSError(e.errno, f"{path}: {e.strerror}") from e  # a full disk says which file it stopped
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """JSON, written with write_atomic."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "x", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, default=_jsonable)
-            fh.write("\n")
-
-    write_atomic(path, write)
+    """JSON, written atomically (files.write_json_atomic); dataclasses, enums and paths as plain values."""
+    files.write_json_atomic(path, obj, default=_jsonable)
 
 
 def state_path(out_dir: str | os.PathLike, name: str) -> Path:
@@ -169,6 +139,23 @@ def format_status(status: dict) -> str:
     return "\n".join(lines)
 
 
+def clear_groups(out_dir: str | os.PathLike) -> None:
+    """Forget the group records of an earlier run into OUT (called by rank 0 before any group starts)."""
+    folder = Path(out_dir) / STATE_DIR / GROUPS_DIR
+    if folder.is_dir():
+        for path in folder.glob("*.json"):
+            path.unlink(missing_ok=True)
+
+
+def record_group(out_dir: str | os.PathLike, phase: int, group: int, ranks: Sequence[int], size: int,
+                 busy_seconds: float, units: Sequence[str]) -> None:
+    """OUT/.state/groups/PHASE-GROUP.json, written by the group's first rank after every unit it finishes: which
+    ranks the group is, how long it has been busy, and the units (jobs) it took, in order."""
+    record = {"phase": phase, "group": group, "ranks": list(ranks), "group_size": size,
+              "busy_seconds": round(busy_seconds, 3), "units": list(units), "updated": _iso(_now())}
+    write_json_atomic(Path(out_dir) / STATE_DIR / GROUPS_DIR / f"{phase}-{group}.json", record)
+
+
 def write_meta(job_dir: str | os.PathLike, meta: dict) -> None:
     """OUT/JOB/meta.json: the resolved job, model, versions, layout, timings (atomic)."""
     write_json_atomic(Path(job_dir) / META_FILE, meta)
@@ -190,7 +177,14 @@ def _merge(out: Path, job_names: Sequence[str]) -> dict:
         jobs[name] = _entry(recorded.pop(name, None))
     for name in sorted(recorded):
         jobs[name] = _entry(recorded[name])
-    return {"updated": _iso(_now()), "counts": _counts(jobs), "jobs": jobs}
+    groups = []
+    if (state_dir / GROUPS_DIR).is_dir():
+        for path in (state_dir / GROUPS_DIR).glob("*.json"):
+            record = _read_json(path)
+            if isinstance(record, dict):
+                groups.append(record)
+    groups.sort(key=lambda g: (g.get("phase", 0), g.get("group", 0)))
+    return {"updated": _iso(_now()), "counts": _counts(jobs), "jobs": jobs, "groups": groups}
 
 
 def _entry(record: dict | None) -> dict:

@@ -81,6 +81,15 @@ def assign_jobs(costs: Sequence[float], n_groups: int) -> tuple[tuple[int, ...],
     return tuple(tuple(sorted(s)) for s in shares)
 
 
+def queue_order(costs: Sequence[float]) -> tuple[int, ...]:
+    """The order a work queue hands jobs out in: largest cost first (ties: manifest order), so that the long jobs
+    start early and the short ones fill the gaps at the end, as longest-processing-time-first does statically."""
+    for i, c in enumerate(costs):
+        if not math.isfinite(c) or c < 0:
+            raise BadInput(f"job {i}: cost must be finite and >= 0, got {c}")
+    return tuple(sorted(range(len(costs)), key=lambda i: (-costs[i], i)))
+
+
 # Above ~16 Mpx self-attention's quadratic term is as large as the linear one: the single-GPU SDXL
 # latencies of DistriFusion (5.0 s at 1 Mpx, 23.7 s at 4.2 Mpx, 140 s at 14.7 Mpx) fit a*p + b*p^2 with a/b ~ 16.
 _QUADRATIC_MPX = 16.0

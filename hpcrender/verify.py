@@ -15,27 +15,30 @@ def run_verify(world, job: Job, modes: Sequence[Mode] = ()) -> int:
     """Rank 0 renders the reference alone, then all ranks render together once per mode (the job's own mode when
     none is given); rank 0 prints one comparison block per mode."""
     from hpcrender.metrics import psnr, relative_l2, ssim
+    from hpcrender.models.cache import ModelCache
+    from hpcrender.models.shapes import model_shape
+    from hpcrender.parallel.groups import make_comms
     from hpcrender.pipeline import Comms, GroupLayout, render_image
-    from hpcrender.runner import _Models, _make_groups
+    from hpcrender.run.plan import plan_job
 
     modes = tuple(modes) or (job.parallel.mode,)
     if Mode.NONE in modes:
         raise BadInput("verify compares a parallel mode with single-device: use --mode sync|displaced|naive")
     env = world.env
     world.init_torch_distributed()
-    models = _Models(device=env.device)
-    pipe = models.get(job)
+    pipe = ModelCache(device=env.device).get(job.model, job.dtype)
     reference = None
     if env.rank == 0:
         single = GroupLayout(size=1, rank=0, mode=Mode.NONE)
         reference = render_image(pipe, job, single, Comms(None, None, (0,)), env.device)
     world.barrier()
     size = env.world_size
-    comms = _make_groups(world, (tuple(range(size)),), size, job.parallel.split_cfg)[job.parallel.split_cfg]
+    comms = make_comms(world, (tuple(range(size)),), size, job.parallel.split_cfg)[job.parallel.split_cfg]
     for mode in modes:
         run = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, mode=mode))
         layout = GroupLayout(size=size, rank=env.rank, mode=mode, split_cfg=job.parallel.split_cfg)
-        result = render_image(pipe, run, layout, comms, env.device)
+        bands = plan_job(0, run, size, model_shape(run.model)).bands
+        result = render_image(pipe, run, layout, comms, env.device, bands=bands)
         if env.rank == 0:
             print(_report(run, size, result, reference, relative_l2, psnr, ssim), flush=True)
     world.barrier()

@@ -12,12 +12,18 @@ import hpcrender.pipeline as pipeline
 from hpcrender.parallel import gather
 from hpcrender.config import DType, Job, Mode, ParallelConfig
 from hpcrender.pipeline import Comms, GroupLayout, branch_partner
-from hpcrender.runner import failure_ends_world, job_memory
+from hpcrender.models.shapes import model_shape
+from hpcrender.run.kinds import failure_ends_world
+from hpcrender.run.plan import job_memory as plan_job_memory
 
 
 # --- split_cfg's partner exchange ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size", [2, 4, 6, 8])
+def job_memory(job, size):
+    return plan_job_memory(job, size, model_shape)
+
+
 def test_branch_partners_pair_each_band_of_one_half_with_the_same_band_of_the_other(size):
     layouts = [GroupLayout(size=size, rank=r, mode=Mode.SYNC, split_cfg=True) for r in range(size)]
     partners = [branch_partner(layout) for layout in layouts]

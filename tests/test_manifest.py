@@ -21,7 +21,8 @@ from hpcrender.config import (
     HaloMode,
 )
 from hpcrender.errors import BadInput, ManifestError
-from hpcrender.manifest import BUILTIN_MODELS, apply_overrides, derive_seed, load_manifest
+from hpcrender.models.reference import BUILTIN_NAMES
+from hpcrender.manifest import apply_overrides, derive_seed, load_manifest
 
 DATA = Path(__file__).parent / "data" / "manifests"
 REPO = Path(__file__).resolve().parent.parent
@@ -171,7 +172,7 @@ def test_integers_are_accepted_where_floats_are_expected(tmp_path):
 
 
 def test_every_builtin_model_and_a_hub_id_are_accepted(tmp_path):
-    refs = [f"builtin:{name}" for name in BUILTIN_MODELS] + ["stabilityai/stable-diffusion-xl-base-1.0"]
+    refs = [f"builtin:{name}" for name in BUILTIN_NAMES] + ["stabilityai/stable-diffusion-xl-base-1.0"]
     text = "".join(f'[[jobs]]\nname = "j{i}"\nprompt = "p"\nmodel = "{ref}"\n' for i, ref in enumerate(refs))
     assert [job.model for job in load_manifest(write(tmp_path, text)).jobs] == refs
 
@@ -273,12 +274,12 @@ CASES = [
     ("halo-unknown", JOB + '[jobs.parallel]\nhalo = "corrected"\n', 5,
      "jobs[harbor].parallel.halo: must be one of stale, fresh, got 'corrected'"),
     ("builtin-unknown", JOB + 'model = "builtin:tiny-sdx"\n', 4,
-     "jobs[harbor].model: unknown builtin model 'tiny-sdx' (known: tiny-sd, tiny-sdxl, sdxl-mini, sdxl)"),
+     "jobs[harbor].model: unknown builtin model 'tiny-sdx' (builtins: tiny-sd, tiny-sdxl, sdxl-mini, sdxl) (did you mean 'tiny-sdxl'?)"),
     ("model-path-missing", JOB + 'model = "./nowhere"\n', 4, "jobs[harbor].model: no such folder or file: "),
     ("safetensors-missing", JOB + 'model = "w.safetensors"\n', 4, "jobs[harbor].model: no such folder or file: "),
-    ("ckpt-refused", JOB + 'model = "./sd15.ckpt"\n', 4, "jobs[harbor].model: pickled weights are never loaded"),
+    ("ckpt-refused", JOB + 'model = "./sd15.ckpt"\n', 4, "jobs[harbor].model: pickled checkpoints"),
     ("bin-hub-style-refused", JOB + 'model = "pytorch_model.bin"\n', 4,
-     "jobs[harbor].model: pickled weights are never loaded"),
+     "jobs[harbor].model: pickled checkpoints"),
     ("model-not-a-reference", JOB + 'model = "not a model"\n', 4,
      "jobs[harbor].model: must be builtin:NAME, a diffusers folder, a .safetensors file or a hub id"),
     ("parallel-not-table", JOB + "parallel = 3\n", 4, "jobs[harbor].parallel: must be a table, got 3"),
@@ -336,13 +337,13 @@ def test_largest_seed_is_accepted(tmp_path):
 def test_local_file_other_than_safetensors_is_refused(tmp_path):
     (tmp_path / "weights.onnx").write_bytes(b"")
     message = only_problem(write(tmp_path, JOB + 'model = "./weights.onnx"\n'))
-    assert ":4: jobs[harbor].model: must be a diffusers folder or a .safetensors file" in message
+    assert ":4: jobs[harbor].model: a file must be a .safetensors checkpoint" in message
 
 
 def test_ckpt_is_refused_even_when_the_file_exists(tmp_path):
     (tmp_path / "sd15.ckpt").write_bytes(b"")
     message = only_problem(write(tmp_path, JOB + 'model = "./sd15.ckpt"\n'))
-    assert ":4: jobs[harbor].model: pickled weights are never loaded" in message
+    assert ":4: jobs[harbor].model: pickled checkpoints" in message
 
 
 def test_a_bad_default_is_reported_once_at_its_own_line(tmp_path):

@@ -206,17 +206,36 @@ def test_resolve_finds_folders_and_safetensors_files(tmp_path):
     ("builtin:huge", "unknown builtin"),
     ("builtin:", "unknown builtin"),
     ("", "empty"),
-    ("/no/such/model.safetensors", "no such file"),
-    ("./missing-folder", "no such file"),
-    ("a/b/c", "no such file"),
+    ("/no/such/model.safetensors", "no such folder or file"),
+    ("./missing-folder", "no such folder or file"),
+    ("a/b/c", "must be builtin:NAME, a diffusers folder, a .safetensors file or a hub id"),
     ("model.ckpt", "pickled"),
     ("weights/model.bin", "pickled"),
     ("owner/model.pt", "pickled"),
 ])
-def test_bad_references_fail_with_one_line(ref, fragment):
+def test_bad_references_fail_with_one_line(ref, fragment, tmp_path):
     with pytest.raises(ModelNotFound) as exc:
         load_pipeline(ref)
     assert_one_line(exc, fragment)
+    if ref:  # the manifest refuses it by the same rule, with the same words
+        from hpcrender.errors import ManifestError
+        from hpcrender.manifest import load_manifest
+
+        (tmp_path / "m.toml").write_text(f'[[jobs]]\nname = "a"\nprompt = "p"\nmodel = "{ref}"\n')
+        with pytest.raises(ManifestError) as problem:
+            load_manifest(tmp_path / "m.toml")
+        assert fragment in str(problem.value)
+
+
+def test_manifest_resolves_a_relative_folder_from_its_own_folder(tmp_path, monkeypatch):
+    from hpcrender.manifest import load_manifest
+
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "m.toml").write_text('[[jobs]]\nname = "a"\nprompt = "p"\nmodel = "models/mine"\n')
+    monkeypatch.chdir("/")
+    job = load_manifest(tmp_path / "m.toml").jobs[0]
+    assert job.model == str((tmp_path / "models" / "mine").resolve())
+    assert resolve(job.model).kind is SourceKind.FOLDER
 
 
 def test_existing_pickled_checkpoint_is_refused_unread(tmp_path):

@@ -433,7 +433,7 @@ def test_a_job_that_fails_on_one_rank_of_its_group_ends_the_world_instead_of_han
 
 
 def test_a_second_ctrl_c_stops_at_once():
-    from hpcrender.runner import StopFlag
+    from hpcrender.run.runner import StopFlag
 
     flag = StopFlag()
     flag._handle(signal.SIGTERM, None)

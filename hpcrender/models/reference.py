@@ -5,7 +5,9 @@ Resolving looks at the file system only; nothing is loaded here, so `hpcrender v
 
 from __future__ import annotations
 
+import difflib
 import enum
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,29 +44,40 @@ class ModelSpec:
     location: str
 
 
-def resolve(ref: str) -> ModelSpec:
-    """Classify a model reference; raises ModelNotFound (one line) for anything that cannot name a model."""
+def resolve(ref: str, base_dir: str | os.PathLike | None = None) -> ModelSpec:
+    """Classify a model reference; raises ModelNotFound (one line) for anything that cannot name a model.
+
+    The one set of rules for references: `hpcrender validate` and the loaders both call this. A reference that
+    looks like a path (absolute, starting with `.` or `~`, or ending in .safetensors) or names an existing folder
+    or file is local, relative to `base_dir` (the manifest's folder) when given; otherwise owner/name is a hub id.
+    """
     if not isinstance(ref, str) or not ref.strip():
         raise ModelNotFound(f"model {ref!r}: empty model reference")
     if ref.startswith(BUILTIN_PREFIX):
         name = ref[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_NAMES:
+            close = difflib.get_close_matches(name, BUILTIN_NAMES, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ModelNotFound(
-                f"model {ref!r}: unknown builtin model (builtins: {', '.join(BUILTIN_NAMES)})"
+                f"model {ref!r}: unknown builtin model {name!r} (builtins: {', '.join(BUILTIN_NAMES)}){hint}"
             )
         return ModelSpec(ref, SourceKind.BUILTIN, name)
-    path = Path(ref).expanduser()
-    if path.suffix.lower() in PICKLED_SUFFIXES:
+    if ref.lower().endswith(PICKLED_SUFFIXES):
         raise ModelNotFound(
-            f"model {ref!r}: pickled checkpoints ({path.suffix}) are never loaded because they can run code;"
+            f"model {ref!r}: pickled checkpoints ({Path(ref).suffix}) are never loaded because they can run code;"
             " convert it to .safetensors"
         )
+    path = Path(os.path.normpath(Path(base_dir or ".") / Path(ref).expanduser()))
+    local = os.path.isabs(ref) or ref.startswith((".", "~")) or ref.lower().endswith(".safetensors")
     if path.is_dir():
         return ModelSpec(ref, SourceKind.FOLDER, str(path.resolve()))
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
-            raise ModelNotFound(f"model {ref!r}: a file must be a .safetensors checkpoint")
+            raise ModelNotFound(f"model {ref!r}: a file must be a .safetensors checkpoint, got {path}")
         return ModelSpec(ref, SourceKind.SINGLE_FILE, str(path.resolve()))
-    if _HUB_ID.match(ref) and path.suffix.lower() != ".safetensors":
+    if local:
+        raise ModelNotFound(f"model {ref!r}: no such folder or file: {path}")
+    if _HUB_ID.match(ref):
         return ModelSpec(ref, SourceKind.HUB, ref)
-    raise ModelNotFound(f"model {ref!r}: no such file or folder (nor a builtin:NAME or a hub id owner/name)")
+    raise ModelNotFound(f"model {ref!r}: must be builtin:NAME, a diffusers folder, a .safetensors file or a hub id "
+                        "owner/name")

@@ -62,6 +62,20 @@ def latent_bands(latent_rows: int, align: int, parts: int, pixels_per_row: int =
     return tuple(bands)
 
 
+def image_bands(height: int, vae_scale: int, align: int, parts: int) -> tuple[Band, ...]:
+    """The latent row bands of an image `height` px high: the one place bands are computed (the run plan and the
+    pipeline both call it), with the model's own VAE scale."""
+    if vae_scale < 1:
+        raise DoesNotFit(f"VAE scale must be at least 1, got {vae_scale}")
+    return latent_bands(height // vae_scale, align, parts, pixels_per_row=vae_scale)
+
+
+def vae_scale(vae_config: Mapping | object) -> int:
+    """Pixel rows per latent row of a VAE: 2 per down block but the last (8 for SD, SDXL and their kin)."""
+    channels = vae_config["block_out_channels"] if isinstance(vae_config, Mapping) else vae_config.block_out_channels
+    return 2 ** (len(channels) - 1)
+
+
 def unet_alignment(unet_config: Mapping | object) -> int:
     """Latent rows per row of a UNet's coarsest feature map: 2 ** (number of downsampling blocks).
 

@@ -13,7 +13,7 @@ import sys
 from mpi4py import MPI
 
 import hpcrender.pipeline
-import hpcrender.runner
+import hpcrender.run.kinds
 from hpcrender.cli import cli
 
 job_name, fail_step, ranks = sys.argv[1], int(sys.argv[2]), {int(r) for r in sys.argv[3].split(",")}
@@ -33,6 +33,6 @@ def render_image(pipe, job, *a, on_step=None, **kw):
 
 hpcrender.pipeline.render_image = render_image
 if os.environ.get("FAULT_AS_NCCL") == "1":
-    decide = hpcrender.runner.failure_ends_world
-    hpcrender.runner.failure_ends_world = lambda device, issued: decide("cuda:0", issued)
+    decide = hpcrender.run.kinds.failure_ends_world
+    hpcrender.run.kinds.failure_ends_world = lambda device, issued: decide("cuda:0", issued)
 cli.main(args=args, prog_name="hpcrender")

@@ -1,0 +1,28 @@
+"""The pipelines a rank has loaded: a manifest's jobs usually share one model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelCache:
+    """Pipelines by (reference, dtype), one at a time: memory, not load time, is the scarce thing."""
+
+    device: str
+    cache: dict = field(default_factory=dict)
+
+    def get(self, ref: str, dtype):
+        """The pipeline of `ref` in `dtype` (config.DType), its VAE in float32 (fp16 VAEs overflow on decode, and the
+        decode is a small part of the time)."""
+        import torch
+
+        from hpcrender.models import load_pipeline
+
+        key = (ref, dtype)
+        if key not in self.cache:
+            self.cache.clear()
+            pipe = load_pipeline(ref, dtype=getattr(torch, dtype.value), device=self.device)
+            pipe.vae.to(torch.float32)
+            self.cache[key] = pipe
+        return self.cache[key]

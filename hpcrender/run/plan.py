@@ -1,0 +1,275 @@
+"""The run plan: from the manifest, the selected jobs and the world size, everything decided before a model loads.
+
+Group sizes, rank groups, the order the work queue hands jobs out in, each job's layout and latent bands (from the
+model's own VAE scale and alignment), the bytes each rank sends per step, compute, memory and an estimated time.
+`validate`, `plan`, `render`, `verify` and `bench` all read it; nothing else computes bands (parallel.bands.
+image_bands is the one formula, and the pipeline only calls it itself for a model this plan could not see).
+
+make_run_plan is pure given its `shapes` lookup (models.shapes.model_shape, or a test's own).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from hpcrender.config import Job, Manifest, Mode
+from hpcrender.errors import DoesNotFit, HpcrenderError
+from hpcrender.parallel.layout import check_layout
+from hpcrender.schedule import array_shard, assign_jobs, job_cost, queue_order, rank_groups
+
+# Prompt tokens a step's cross-attention reads: CLIP's context length, to which SD and SDXL pipelines pad.
+TEXT_TOKENS = 77
+# Multiply-accumulates per second of one CPU core running a UNet step in float32, measured on this project's
+# reference machine: sdxl-mini at 512x512 with CFG (batch 2), 1 process, 1 thread, 2.36 s per step
+# (BENCHMARKS.md, "Cost per step"). `hpcrender plan --rate` replaces it with a rate of the user's own.
+CPU_CORE_MACS_PER_S = 65.0e9
+
+
+@dataclass(frozen=True)
+class RankCost:
+    """What one rank of a group costs per steady denoising step of a job: multiply-accumulates (band-parallel runs
+    keep the text's cross-attention keys and values from the first step), bytes sent, and memory."""
+
+    rank: int
+    macs: int
+    bytes_sent: int
+    memory: object  # bands.MemoryEstimate
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """One job's layout. bands is () when the image is not cut (mode none, one rank) or the model's shapes could not
+    be read before loading (costs is None then, and the pipeline finds the bands from the loaded model)."""
+
+    index: int
+    job: Job
+    size: int                # ranks in the group that renders it
+    patch_ranks: int         # ranks that share its bands (half the group with split_cfg)
+    bands: tuple             # latent row bands (parallel.bands.Band)
+    costs: tuple[RankCost, ...] | None
+    estimate: float          # relative cost (schedule.job_cost), which orders the queue
+
+    @property
+    def banded(self) -> bool:
+        return self.job.parallel.mode is not Mode.NONE and self.patch_ranks > 1
+
+    @property
+    def steps_run(self) -> int:
+        return self.job.steps - self.job.first_step
+
+    def seconds(self, macs_per_s: float) -> float | None:
+        """Estimated time of the denoising loop at `macs_per_s` per rank (the slowest rank sets it)."""
+        if self.costs is None:
+            return None
+        return self.steps_run * max(c.macs for c in self.costs) / macs_per_s
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Jobs rendered by groups of one size; the queue hands them out in `order` (largest estimate first)."""
+
+    size: int
+    groups: tuple[tuple[int, ...], ...]
+    order: tuple[int, ...]   # job indices
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    world_size: int
+    phases: tuple[Phase, ...]
+    jobs: Mapping[int, JobPlan]
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return tuple(self.jobs)
+
+
+def ranks_per_image(job: Job, world_size: int) -> int:
+    """Group size for a job: 1 in mode none, else ranks_per_image (0: the whole world)."""
+    if job.parallel.mode is Mode.NONE:
+        return 1
+    return job.parallel.ranks_per_image or world_size
+
+
+def selected_jobs(manifest: Manifest, array: tuple[int, int] | None) -> tuple[int, ...]:
+    """Indices of the manifest's jobs this run renders (a job array's share, or all)."""
+    if array is None:
+        return tuple(range(len(manifest.jobs)))
+    return array_shard(len(manifest.jobs), array[0], array[1])
+
+
+def make_run_plan(manifest: Manifest, indices: tuple[int, ...], world_size: int,
+                  shapes: Callable[[str], object | None], limit=None) -> RunPlan:
+    """The plan for rendering jobs `indices` of `manifest` on `world_size` ranks.
+
+    DoesNotFit lists every job that cannot work: a world that does not divide into its groups, too few latent rows
+    for its bands, split_cfg without guidance or an odd group, and with a memory `limit`
+    (environment.MemoryLimit) a rank that cannot hold the job's weights, buffers and activations.
+    """
+    by_size: dict[int, list[int]] = {}
+    for i in indices:
+        by_size.setdefault(ranks_per_image(manifest.jobs[i], world_size), []).append(i)
+    problems, phases, jobs = [], [], {}
+    for size, members in by_size.items():
+        try:
+            groups = rank_groups(world_size, size)
+        except HpcrenderError as e:
+            problems.extend(f"{manifest.path}: jobs[{manifest.jobs[i].name}]: {e}" for i in members)
+            continue
+        for i in members:
+            job = manifest.jobs[i]
+            try:
+                jobs[i] = plan_job(i, job, size, shapes(job.model))
+                need = _largest_need(jobs[i]) if limit is not None else None
+                if need is not None and need.total > limit.bytes:
+                    raise DoesNotFit(f"does not fit: a rank needs at least {describe_memory(need)} but "
+                                     f"{limit.source} is {_size(limit.bytes)}")
+            except HpcrenderError as e:
+                problems.append(f"{manifest.path}: jobs[{job.name}]: {e}")
+        order = queue_order([job_cost(manifest.jobs[i].width, manifest.jobs[i].height, manifest.jobs[i].steps)
+                             for i in members])
+        phases.append(Phase(size=size, groups=groups, order=tuple(members[k] for k in order)))
+    if problems:
+        raise DoesNotFit("\n".join(problems))
+    return RunPlan(world_size=world_size, phases=tuple(phases), jobs={i: jobs[i] for i in indices})
+
+
+def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
+    """One job's layout on a group of `size`, from the model's shape (None: not known before loading)."""
+    from hpcrender.parallel.bands import image_bands
+
+    check_layout(size, job.parallel.split_cfg, job.guidance_scale > 1.0)
+    patch = size // (2 if job.parallel.split_cfg else 1)
+    estimate = job_cost(job.width, job.height, job.steps)
+    banded = job.parallel.mode is not Mode.NONE and patch > 1
+    if shape is None:
+        return JobPlan(index, job, size, patch, (), None, estimate)
+    bands = image_bands(job.height, shape.vae_scale, shape.alignment, patch) if banded else ()
+    return JobPlan(index, job, size, patch, bands, _rank_costs(job, size, patch, bands, shape), estimate)
+
+
+def _rank_costs(job: Job, size: int, patch: int, bands: tuple, shape) -> tuple[RankCost, ...]:
+    """RankCost of every rank of the group (split_cfg: both halves alike)."""
+    from hpcrender.parallel.bands import (
+        Band, expected_bytes, gathered_keys_values, memory_estimate, step_macs,
+    )
+
+    exchanging = bool(bands) and job.parallel.mode in (Mode.SYNC, Mode.DISPLACED)
+    rows, width = job.height // shape.vae_scale, job.width // shape.vae_scale
+    whole = bands or (Band(0, rows),)
+    batch = 2 if job.guidance_scale > 1.0 and not job.parallel.split_cfg else 1
+    element = _element_size(job.dtype.value)
+    layers, compute = _layers(shape, width), _compute(shape, width)
+    costs = []
+    for rank in range(size):
+        band = rank % len(whole)
+        own = _band_activations(shape, batch, whole[band].size, width)
+        activations = 0
+        if own is not None:
+            extra = gathered_keys_values(layers, whole, band, batch, element) if exchanging else 0
+            activations = own * element // 4 + extra  # the meta model is float32
+        memory = memory_estimate(layers, shape.parameters, whole if exchanging else (), batch, element, activations)
+        macs = step_macs(compute, whole, band, batch, TEXT_TOKENS, exchanging, text_kv_cached=bool(bands))
+        sent = expected_bytes(layers, whole, band, batch, element) if exchanging else 0
+        costs.append(RankCost(rank, macs, sent, memory))
+    return tuple(costs)
+
+
+def _element_size(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
+
+@functools.lru_cache(maxsize=64)
+def _layers(shape, width: int):
+    from hpcrender.parallel.plan import unet_layers
+
+    return unet_layers(shape.unet, width)
+
+
+@functools.lru_cache(maxsize=64)
+def _compute(shape, width: int):
+    from hpcrender.parallel.plan import unet_compute
+
+    return unet_compute(shape.unet, width)
+
+
+@functools.lru_cache(maxsize=64)
+def _band_activations(shape, batch: int, rows: int, width: int) -> int | None:
+    from hpcrender.parallel.plan import unet_activation_bytes
+
+    return unet_activation_bytes(shape.unet, batch, rows, width, TEXT_TOKENS)
+
+
+def _largest_need(plan: JobPlan):
+    if plan.costs is None:
+        return None
+    return max((c.memory for c in plan.costs), key=lambda m: m.total)
+
+
+def job_memory(job: Job, size: int, shapes: Callable[[str], object | None]):
+    """bands.MemoryEstimate of the rank of a group of `size` that needs the most for `job`; None for a model whose
+    shapes cannot be read before loading."""
+    return _largest_need(plan_job(0, job, size, shapes(job.model)))
+
+
+# --- words --------------------------------------------------------------------------------------------------------
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _macs(n: int) -> str:
+    return f"{n / 1e12:.2f} TMAC" if n >= 1e12 else f"{n / 1e9:.2f} GMAC"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def describe_memory(need) -> str:
+    return (f"{_size(need.total)} (UNet weights {_size(need.weights)}, exchange buffers {_size(need.buffers.total)} "
+            f"of which stale keys/values {_size(need.buffers.keys_values)}, activations {_size(need.activations)})")
+
+
+def describe_costs(costs) -> str:
+    """Per rank: multiply-accumulates of a step and activation memory (a group's ranks in order)."""
+    return ", ".join(f"rank {c.rank} {_macs(c.macs)} + {_size(c.memory.activations)}" for c in costs)
+
+
+def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_CORE_MACS_PER_S) -> str:
+    """`hpcrender plan`: per job its group (as the queue would hand jobs out if the estimates held), bands, bytes
+    per step, memory and estimated time at `macs_per_s` per rank."""
+    lines = [f"{manifest.path}: {len(plan.jobs)} job(s) on {plan.world_size} rank(s); estimated times at "
+             f"{macs_per_s / 1e9:.0f} GMAC/s per rank"]
+    for phase in plan.phases:
+        seconds = [plan.jobs[i].seconds(macs_per_s) for i in phase.order]
+        known = [s for s in seconds if s is not None]
+        fallback = max(known) if known else 1.0
+        shares = assign_jobs([s if s is not None else fallback for s in seconds], len(phase.groups))
+        group_of = {phase.order[k]: g for g, share in enumerate(shares) for k in share}
+        lines.append(f"{len(phase.groups)} group(s) of {phase.size} rank(s), jobs handed out by a work queue "
+                     "(predicted groups):")
+        for i in phase.order:
+            p = plan.jobs[i]
+            job, g = p.job, group_of[i]
+            ranks = phase.groups[g]
+            where = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"{ranks[0]}"
+            bands = ",".join(f"{b.start}:{b.stop}" for b in p.bands) if p.bands else "-"
+            cfg = " split_cfg" if job.parallel.split_cfg else ""
+            steps = f"{job.steps} steps" + (f" from step {job.first_step} (img2img)" if job.init_image else "")
+            lines.append(f"  {job.name:<24} group {g} (rank {where})  {job.width}x{job.height}  {steps}  "
+                         f"{job.parallel.mode.value}{cfg}  latent bands {bands}")
+            if p.costs is None:
+                lines.append(f"  {'':<24} model shapes not readable before loading (a hub id not in the cache)")
+                continue
+            need = _largest_need(p)
+            sent = max(c.bytes_sent for c in p.costs)
+            lines.append(f"  {'':<24} sends per step: {_size(sent)} per rank at most; estimated "
+                         f"{_duration(p.seconds(macs_per_s))} for {p.steps_run} steps")
+            lines.append(f"  {'':<24} memory per rank: at least {describe_memory(need)}")
+            lines.append(f"  {'':<24} per step, compute + activations: {describe_costs(p.costs)}")
+    return "\n".join(lines)

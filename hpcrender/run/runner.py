@@ -1,0 +1,116 @@
+"""The render command: run plan -> work queue over MPI -> job kinds (pipeline + parallel layer) -> store -> records.
+
+Every rank runs this. Rank 0 checks the whole request (the run plan) before any model is loaded; then, phase by
+phase (one per group size), each rank group takes the next unit of work from the queue whenever it is free, and a
+failed job is recorded without stopping the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+from hpcrender.config import Manifest
+from hpcrender.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
+from hpcrender.run.kinds import RenderOptions, UnitContext, kind_of
+from hpcrender.run.plan import RunPlan
+from hpcrender.run.protocol import GroupProtocol, Outcome
+
+log = logging.getLogger("hpcrender")
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1/SIGINT; checked between denoising steps and between units, so that a stop loses neither
+    a finished image nor the finished steps of the current one. A second SIGINT stops at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.signum = signum
+        log.warning("signal %s received: stopping after the current denoising step", signal.Signals(signum).name)
+
+
+def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions) -> int:
+    """Render the plan's jobs; returns the contract's exit code (the same on every rank)."""
+    from hpcrender.models.cache import ModelCache
+    from hpcrender.parallel.groups import make_comms
+    from hpcrender.progress import Progress, setup_rank_logging
+    from hpcrender.records import clear_groups, merge_status, record_group
+    from hpcrender.run.queue import WorkQueue
+
+    env = world.env
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    setup_rank_logging(out, env.rank, env.node, debug=options.debug,
+                       array_task=options.array[0] if options.array is not None else None)
+    names = [manifest.jobs[i].name for i in plan.indices]
+    if env.rank == 0:
+        clear_groups(out)
+        merge_status(out, names)
+    stop = StopFlag()
+    stop.install()
+    world.init_torch_distributed()  # collective: the group records above are cleared before any group writes
+    models = ModelCache(device=env.device)
+    progress = Progress(enabled=env.rank == 0)
+    failed = 0
+    interrupted = False
+    log.info("rank %d/%d on %s (%s, pid %d), device %s, %d threads", env.rank, env.world_size, env.node,
+             env.launcher.value, os.getpid(), env.device, env.threads)
+
+    for number, phase in enumerate(plan.phases):
+        size = phase.size
+        comms = make_comms(world, phase.groups, size, any(plan.jobs[i].job.parallel.split_cfg for i in phase.order))
+        g = env.rank // size
+        group = GroupProtocol(world.split(g), g, phase.groups[g])
+        units = [u for i in phase.order for u in kind_of(plan.jobs[i].job).units(plan.jobs[i])]
+        queue = WorkQueue(world.comm, units)
+        context = UnitContext(world=world, protocol=group, comms=comms, models=models, progress=progress,
+                              options=options, stop=stop)
+        busy, taken = 0.0, []
+        while not interrupted:
+            # The group agrees on stopping, so that no rank waits in a collective for a rank that left.
+            if group.stop(stop.signum is not None):
+                interrupted = True
+                break
+            index = group.take(queue)
+            if index is None:
+                break
+            unit = units[index]
+            job_plan = plan.jobs[unit.job]
+            started = time.monotonic()
+            outcome = kind_of(job_plan.job).render(unit, job_plan, context)
+            if outcome is not Outcome.SKIPPED:
+                busy += time.monotonic() - started
+                taken.append(job_plan.job.name)
+            failed += outcome is Outcome.FAILED
+            interrupted = outcome is Outcome.STOPPED
+            if group.leader:
+                record_group(out, number, g, phase.groups[g], size, busy, taken)
+            if env.rank == 0:  # the other groups' jobs show up too: they keep their own state files current
+                merge_status(out, names)
+        # Every rank goes through every phase: the world-wide collectives here stay matched.
+        queue.free()
+        group.free()
+    world.barrier()
+    if env.rank == 0:
+        status = merge_status(out, names)
+        counts = {s: sum(1 for j in status["jobs"].values() if j["state"] == s)
+                  for s in ("done", "failed", "pending", "running")}
+        print(f"hpcrender: {counts['done']} done, {counts['failed']} failed, "
+              f"{counts['pending'] + counts['running']} not finished -> {out}", file=sys.stderr)
+    failed = world.allreduce_max(failed)
+    interrupted = world.allreduce_max(int(interrupted))
+    world.close()
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_JOB_FAILED if failed else EXIT_OK
