@@ -149,7 +149,8 @@ def test_too_few_coarse_rows_for_the_ranks_exits_2_before_any_model_is_loaded(ma
 def test_a_world_that_does_not_divide_into_the_groups_exits_2(manifest, tmp_path):
     done = hpcrender("render", manifest, "--only", "pairs", "--out", tmp_path / "out", ranks=3)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.splitlines() == ["hpcrender: error: 3 ranks do not divide into groups of 2"]
+    assert done.stderr.splitlines() == [f"hpcrender: error: {manifest}: jobs[pairs]: 3 ranks do not divide into "
+                                        "groups of 2"]
     assert not (tmp_path / "out").exists()
 
 

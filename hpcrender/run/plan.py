@@ -21,10 +21,10 @@ from hpcrender.schedule import array_shard, assign_jobs, job_cost, queue_order, 
 
 # Prompt tokens a step's cross-attention reads: CLIP's context length, to which SD and SDXL pipelines pad.
 TEXT_TOKENS = 77
-# Multiply-accumulates per second of one CPU core running a UNet step in float32, measured on this project's
-# reference machine: sdxl-mini at 512x512 with CFG (batch 2), 1 process, 1 thread, 2.36 s per step
-# (BENCHMARKS.md, "Cost per step"). `hpcrender plan --rate` replaces it with a rate of the user's own.
-CPU_CORE_MACS_PER_S = 65.0e9
+# Multiply-accumulates per second of one CPU core running a UNet step in float32: sdxl-mini at 512x512 with CFG
+# (batch 2) is 109.7 GMAC per step by this plan's count and took 2.36 s on one process with one thread
+# (BENCHMARKS.md, "Cost per step"; 2-core x86 VM). `hpcrender plan --rate` replaces it with the user's own rate.
+CPU_CORE_MACS_PER_S = 46.5e9
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def make_run_plan(manifest: Manifest, indices: tuple[int, ...], world_size: int,
         for i in members:
             job = manifest.jobs[i]
             try:
-                jobs[i] = plan_job(i, job, size, shapes(job.model))
+                jobs[i] = plan_job(i, job, size, _shape(shapes, job, size))
                 need = _largest_need(jobs[i]) if limit is not None else None
                 if need is not None and need.total > limit.bytes:
                     raise DoesNotFit(f"does not fit: a rank needs at least {describe_memory(need)} but "
@@ -134,6 +134,18 @@ def make_run_plan(manifest: Manifest, indices: tuple[int, ...], world_size: int,
     if problems:
         raise DoesNotFit("\n".join(problems))
     return RunPlan(world_size=world_size, phases=tuple(phases), jobs={i: jobs[i] for i in indices})
+
+
+def _shape(shapes: Callable[[str], object | None], job: Job, size: int):
+    """The model's shape; a model whose configs cannot be read is refused here only when its bands need them (else
+    it is the job's own failure when it is loaded, and the rest of the batch renders)."""
+    try:
+        return shapes(job.model)
+    except HpcrenderError:
+        patch = size // (2 if job.parallel.split_cfg else 1)
+        if job.parallel.mode is not Mode.NONE and patch > 1:
+            raise
+        return None
 
 
 def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:

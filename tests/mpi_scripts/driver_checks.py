@@ -7,7 +7,6 @@ error against the pipeline on one process (sync and displaced), and the steps ea
 
 from __future__ import annotations
 
-import json
 
 import torch
 import torch.distributed as dist
@@ -17,7 +16,7 @@ from hpcrender.models import load_pipeline
 from hpcrender.parallel.bands import latent_bands, unet_alignment
 from hpcrender.parallel.gather import gather_rows
 from hpcrender.parallel.plan import PatchPlan, parallelize
-from parallel_models import start_torch_distributed
+from parallel_models import start_torch_distributed, report_and_finish
 
 STEPS = 4
 WIDTH = 64
@@ -51,10 +50,7 @@ def main() -> None:
         whole = gather_rows(band, bands, group, dim=2)
         report[mode.value] = {"error": float((whole - reference).norm() / reference.norm()),
                               "sync_steps": stats["sync_steps"], "async_steps": stats["async_steps"]}
-    if rank == 0:
-        print(json.dumps(report), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    report_and_finish(report, rank)
 
 
 if __name__ == "__main__":

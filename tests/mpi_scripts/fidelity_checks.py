@@ -13,7 +13,6 @@ Rank 0 prints one JSON object:
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.distributed as dist
@@ -24,7 +23,7 @@ from hpcrender.config import GroupNormMode, HaloMode, Mode
 from hpcrender.models.builtin import architecture
 from hpcrender.parallel.bands import Band, latent_bands, unet_alignment
 from hpcrender.parallel.plan import PatchPlan, parallelize
-from parallel_models import start_torch_distributed
+from parallel_models import start_torch_distributed, report_and_finish
 
 DEEP_SIDE = {2: 32, 3: 48}  # latent rows and columns: 256 and 384 px, coarsest feature map 8 and 12 rows
 DEEP_STEPS = 8
@@ -170,10 +169,7 @@ def main() -> None:
     report["repeat"] = repeat_check(unet, rank, size, group)
     if args.deep:
         report["deep"] = deep_checks(unet, rank, size, group)
-    if rank == 0:
-        print(json.dumps(report), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    report_and_finish(report, rank)
 
 
 if __name__ == "__main__":

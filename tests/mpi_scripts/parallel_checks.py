@@ -8,7 +8,6 @@ each rank sent against the analytic count, the warm-up and remove() checks; then
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.distributed as dist
@@ -17,7 +16,7 @@ from hpcrender.config import GroupNormMode, Mode
 from hpcrender.parallel.bands import exchange_buffers, expected_bytes, latent_bands, split_rows, unet_alignment
 from hpcrender.parallel.plan import PatchPlan, parallelize, unet_layers
 from hpcrender.parallel.vae import decode_parallel, encode_parallel
-from parallel_models import conditioning, noise, sd_unet, sdxl_unet, small_vae, start_torch_distributed
+from parallel_models import conditioning, noise, sd_unet, sdxl_unet, small_vae, start_torch_distributed, report_and_finish
 
 STEPS = 8
 WARMUP = 1
@@ -183,10 +182,7 @@ def main() -> None:
     for shape in BUILDERS:
         report["unet"][shape] = check_unet(shape, rank, size, group, groupnorms)
     report["vae"] = check_vae(rank, size, group)
-    if rank == 0:
-        print(json.dumps(report), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    report_and_finish(report, rank)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,15 @@ def start_torch_distributed():
     port = comm.bcast(port)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     return rank, size
+
+
+def report_and_finish(report: dict, rank: int) -> None:
+    """Rank 0 prints the checks' report as one JSON line; then every rank leaves torch.distributed together."""
+    import json
+
+    import torch.distributed as dist
+
+    if rank == 0:
+        print(json.dumps(report), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,147 @@
+"""The run plan: groups, queue order, bands from the model's own VAE scale, bytes per step, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import pytest
+
+from hpcrender.config import Job, Manifest, Mode, ParallelConfig
+from hpcrender.environment import MemoryLimit
+from hpcrender.errors import DoesNotFit, ModelNotFound
+from hpcrender.models.shapes import model_shape
+from hpcrender.parallel.bands import image_bands, latent_bands
+from hpcrender.run.plan import CPU_CORE_MACS_PER_S, describe_plan, make_run_plan, plan_job
+from hpcrender.schedule import job_cost, queue_order
+
+TINY = "builtin:tiny-sd"
+
+
+def job(name: str, mode: Mode = Mode.SYNC, width: int = 64, height: int = 256, rpi: int = 0, **kw) -> Job:
+    return Job(name=name, prompt=name, width=width, height=height, seed=1, model=kw.pop("model", TINY), steps=4,
+               parallel=ParallelConfig(mode=mode, ranks_per_image=rpi, split_cfg=kw.pop("split_cfg", False)), **kw)
+
+
+def manifest(*jobs: Job) -> Manifest:
+    return Manifest(path=Path("m.toml"), jobs=tuple(jobs))
+
+
+def plan_of(m: Manifest, world: int, shapes=model_shape, limit=None):
+    return make_run_plan(m, tuple(range(len(m.jobs))), world, shapes, limit)
+
+
+def test_phases_group_jobs_by_size_and_hand_them_out_largest_first():
+    m = manifest(job("small", Mode.NONE, 64, 64), job("wide", Mode.SYNC, 128, 256, rpi=2),
+                 job("big", Mode.NONE, 128, 128), job("all", Mode.DISPLACED, 64, 256),
+                 job("tie", Mode.NONE, 64, 64))
+    plan = plan_of(m, 4)
+    assert [(p.size, p.groups) for p in plan.phases] == [
+        (1, ((0,), (1,), (2,), (3,))), (2, ((0, 1), (2, 3))), (4, ((0, 1, 2, 3),))]
+    assert [p.order for p in plan.phases] == [(2, 0, 4), (1,), (3,)]
+    assert plan.indices == (0, 1, 2, 3, 4)
+    assert plan.jobs[1].patch_ranks == 2 and len(plan.jobs[1].bands) == 2
+    assert plan.jobs[3].patch_ranks == 4 and len(plan.jobs[3].bands) == 4
+    assert plan.jobs[0].bands == () and not plan.jobs[0].banded
+
+
+@pytest.mark.parametrize("costs", [[], [1.0], [3.0, 1.0, 2.0], [1.0, 1.0, 1.0], [0.0, 5.0, 5.0, 0.5]])
+def test_queue_order_is_largest_first_then_manifest_order(costs):
+    order = queue_order(costs)
+    assert sorted(order) == list(range(len(costs)))
+    for a, b in itertools.pairwise(order):
+        assert costs[a] > costs[b] or (costs[a] == costs[b] and a < b)
+
+
+def test_bands_come_from_the_model_own_vae_scale_not_a_fixed_8():
+    tiny = model_shape(TINY)
+    assert tiny.vae_scale == 8
+    coarse = dataclasses.replace(tiny, vae_scale=16)
+    one = plan_job(0, job("j", height=512), 2, tiny)
+    other = plan_job(0, job("j", height=512), 2, coarse)
+    assert one.bands == latent_bands(64, tiny.alignment, 2) == image_bands(512, 8, tiny.alignment, 2)
+    assert other.bands == latent_bands(32, tiny.alignment, 2, pixels_per_row=16)
+    assert other.bands[-1].stop == 32
+
+
+@pytest.mark.parametrize("height", range(64, 64 * 9, 8))
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_image_bands_cover_every_latent_row_once_on_aligned_edges(height, parts):
+    align = 8
+    try:
+        bands = image_bands(height, 8, align, parts)
+    except DoesNotFit:
+        assert (height // 8) // align < parts
+        return
+    assert bands[0].start == 0 and bands[-1].stop == height // 8
+    assert all(a.stop == b.start for a, b in itertools.pairwise(bands))
+    assert all(b.start % align == 0 for b in bands)
+    assert len(bands) == parts
+
+
+def test_bytes_per_step_only_where_bands_exchange():
+    shape = model_shape(TINY)
+    sent = {mode: [c.bytes_sent for c in plan_job(0, job("j", mode, height=384), 3, shape).costs] for mode in Mode}
+    assert sent[Mode.SYNC] == sent[Mode.DISPLACED]
+    assert all(b > 0 for b in sent[Mode.SYNC])
+    assert sent[Mode.NAIVE] == [0, 0, 0]
+    assert sent[Mode.SYNC][1] > sent[Mode.SYNC][0], "a middle band sends halos both ways"
+    assert plan_job(0, job("j", Mode.NONE), 1, shape).costs[0].bytes_sent == 0
+
+
+def test_split_cfg_bands_over_half_the_group():
+    plan = plan_job(0, job("j", Mode.SYNC, height=256, split_cfg=True), 4, model_shape(TINY))
+    assert plan.patch_ranks == 2 and len(plan.bands) == 2 and len(plan.costs) == 4
+    assert plan.costs[0].bytes_sent == plan.costs[2].bytes_sent
+
+
+def test_every_problem_is_listed_before_anything_loads():
+    m = manifest(job("fits"), job("short", height=64), job("odd", split_cfg=True, rpi=3),
+                 job("unguided", split_cfg=True, rpi=2, guidance_scale=1.0), job("three", rpi=3))
+    with pytest.raises(DoesNotFit) as e:
+        plan_of(m, 4)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 4 and not any("jobs[fits]" in line for line in lines)
+    assert any("jobs[short]" in line and "fewer than its 4 ranks" in line for line in lines)
+    assert any("jobs[odd]" in line and "do not divide into groups of 3" in line for line in lines)
+    assert any("jobs[unguided]" in line and "classifier-free guidance" in line for line in lines)
+    assert any("jobs[three]" in line and "do not divide into groups of 3" in line for line in lines)
+
+
+def test_a_model_whose_shapes_cannot_be_read_is_refused_only_when_its_bands_need_them():
+    def unreadable(ref):
+        raise ModelNotFound(f"model {ref!r}: no config")
+
+    alone = plan_of(manifest(job("a", Mode.NONE)), 2, shapes=unreadable)
+    assert alone.jobs[0].costs is None and alone.jobs[0].bands == ()
+    with pytest.raises(DoesNotFit, match="no config"):
+        plan_of(manifest(job("b", Mode.SYNC)), 2, shapes=unreadable)
+    unknown = plan_of(manifest(job("c", Mode.SYNC)), 2, shapes=lambda ref: None)  # a hub id not in the cache
+    assert unknown.jobs[0].bands == () and unknown.jobs[0].seconds(1e9) is None
+
+
+def test_a_memory_limit_refuses_what_does_not_fit():
+    m = manifest(job("j"))
+    need = max(c.memory.total for c in plan_of(m, 2).jobs[0].costs)
+    assert plan_of(m, 2, limit=MemoryLimit(need, "HPCRENDER_MAX_MEMORY")).jobs[0]
+    with pytest.raises(DoesNotFit, match="does not fit: a rank needs at least .* but HPCRENDER_MAX_MEMORY is"):
+        plan_of(m, 2, limit=MemoryLimit(need - 1, "HPCRENDER_MAX_MEMORY"))
+
+
+def test_estimated_time_is_the_slowest_rank_over_the_steps_run():
+    p = plan_job(0, job("j", Mode.SYNC, height=384), 3, model_shape(TINY))
+    assert p.seconds(2e9) == pytest.approx(4 * max(c.macs for c in p.costs) / 2e9)
+    assert p.estimate == job_cost(64, 384, 4)
+
+
+def test_describe_plan_shows_each_job_once_with_group_bands_bytes_and_time():
+    m = manifest(job("a", Mode.NONE, 64, 64), job("b", Mode.NONE, 64, 64), job("c", Mode.SYNC, 64, 256))
+    text = describe_plan(m, plan_of(m, 2), CPU_CORE_MACS_PER_S)
+    for name in "abc":
+        assert sum(line.split()[0] == name for line in text.splitlines() if line.startswith("  ") and
+                   line.split()) == 1
+    assert "group 0 (rank 0)" in text and "group 1 (rank 1)" in text and "group 0 (rank 0-1)" in text
+    assert "latent bands 0:16,16:32" in text
+    assert "sends per step:" in text and "estimated" in text
+
