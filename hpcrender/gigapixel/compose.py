@@ -1,0 +1,118 @@
+"""The writer's side of a level: patches in, the level image out, composed tile by tile in a fixed order."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpcrender.gigapixel.pixels import low_frequencies, seam_score
+from hpcrender.gigapixel.plan import Box, GigaPlan, TilePlan, contributors, tile_weights
+
+
+def compose_level(store, plan: GigaPlan, level: int) -> int:
+    """Blend the stored patches of `level` into its image, one core tile at a time in raster order; returns how
+    many tiles were composed (tiles composed before, by a run that was stopped, are kept).
+
+    Each core pixel is a blend of the patches that reach it with their feather weights: the low frequencies (what
+    the colour fix took from the shared reference) as a weighted mean, the detail as a weighted sum scaled so that
+    its contrast stays that of the patches (blend_detail). Sums run in float32 in raster order of the patches, so
+    the bytes do not depend on the order the tiles were rendered in. Memory: the patches of a 3 x 3 neighbourhood
+    (more only when the overlap exceeds the tile), whatever the level's size."""
+    lp = plan.levels[level]
+    missing = store.missing_patches(level)
+    if missing:
+        raise ValueError(f"level {level}: {len(missing)} tile(s) not rendered yet, first {missing[0]}")
+    cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    correlations: dict[tuple[int, int, int, int], float] = {}
+    composed = 0
+    for row in range(lp.rows):
+        for col in range(lp.cols):
+            if store.is_composed(level, row, col):
+                continue
+            core = lp.tile_at(row, col).core
+            parts = []
+            for other in contributors(lp, row, col):
+                part = other.extended.intersect(core)
+                e = other.extended
+                inside = (slice(part.y0 - e.y0, part.y1 - e.y0), slice(part.x0 - e.x0, part.x1 - e.x0))
+                w = tile_weights(lp, other, plan.overlap)[inside]
+                if not w.any():
+                    continue
+                pixels, detail = _patch(store, level, other, cache)
+                parts.append((other, part, w, pixels[inside], detail[inside]))
+            rgb = blend_detail(core, parts, lambda a, b: _correlation(a, b, cache, correlations))
+            store.write_level_tile(level, row, col, rgb)
+            composed += 1
+            # Within a row a patch is needed again only by the next `reach` tiles; each row reads its own.
+            for key in [k for k in cache if k[1] < col + 1 - lp.reach]:
+                del cache[key]
+        cache.clear()
+        correlations.clear()
+    return composed
+
+
+def blend_detail(core: Box, parts: list, correlation) -> np.ndarray:
+    """uint8 pixels of `core` from the patches reaching it: parts of (tile, box inside the core, weights (h, w, 1),
+    pixels, detail) in a fixed order; correlation(tile_a, tile_b) of two patches' detail where they overlap.
+
+    Low frequencies: sum w_i low_i / sum w_i. Detail: sum w_i d_i / sqrt(sum_ij w_i w_j rho_ij), the weighted sum
+    of patches with correlation rho scaled back to one patch's contrast: a plain mean where the patches agree
+    (rho = 1), no faded band where their detail differs (a linear cross-fade of two unrelated textures halves the
+    contrast's variance along the seam)."""
+    shape = (core.height, core.width)
+    low = np.zeros((*shape, 3), np.float32)
+    detail = np.zeros((*shape, 3), np.float32)
+    total = np.zeros((*shape, 1), np.float32)
+    spread = np.zeros((*shape, 1), np.float32)
+    for i, (tile, box, w, pixels, d) in enumerate(parts):
+        into = (slice(box.y0 - core.y0, box.y1 - core.y0), slice(box.x0 - core.x0, box.x1 - core.x0))
+        low[into] += w * (pixels.astype(np.float32) - d)
+        detail[into] += w * d
+        total[into] += w
+        spread[into] += w * w
+        for tile_b, box_b, w_b, _, _ in parts[:i]:
+            both = box.intersect(box_b)
+            if both is None:
+                continue
+            rho = np.float32(correlation(tile_b, tile))
+            here = (slice(both.y0 - core.y0, both.y1 - core.y0), slice(both.x0 - core.x0, both.x1 - core.x0))
+            mine = w[both.y0 - box.y0:both.y1 - box.y0, both.x0 - box.x0:both.x1 - box.x0]
+            theirs = w_b[both.y0 - box_b.y0:both.y1 - box_b.y0, both.x0 - box_b.x0:both.x1 - box_b.x0]
+            spread[here] += 2 * rho * mine * theirs
+    # Every core pixel has its own tile's weight (above 1/2 with overlap, 1 without).
+    out = low / total + detail / np.sqrt(np.maximum(spread, np.float32(1e-12)))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _patch(store, level: int, tile: TilePlan, cache: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A stored patch and its detail (what is left after the colour fix's low pass), cached for the row."""
+    key = (tile.row, tile.col)
+    if key not in cache:
+        box = tile.extended
+        stored_box, pixels = store.read_patch(level, tile.row, tile.col)
+        if stored_box != (box.y0, box.y1, box.x0, box.x1):
+            raise ValueError(f"{store.path}: level {level} tile {key} was stored over {stored_box}, the plan has "
+                             f"{(box.y0, box.y1, box.x0, box.x1)}")
+        pixels = np.asarray(pixels)
+        as_float = pixels.astype(np.float32)
+        cache[key] = (pixels, as_float - low_frequencies(as_float))
+    return cache[key]
+
+
+def _correlation(a: TilePlan, b: TilePlan, cache: dict, known: dict) -> float:
+    """Correlation of two patches' detail over the overlap of their boxes, clipped to [0, 1]."""
+    key = (a.row, a.col, b.row, b.col)
+    if key not in known:
+        both = a.extended.intersect(b.extended)
+        da = cache[(a.row, a.col)][1][both.y0 - a.extended.y0:both.y1 - a.extended.y0,
+                                      both.x0 - a.extended.x0:both.x1 - a.extended.x0].astype(np.float64)
+        db = cache[(b.row, b.col)][1][both.y0 - b.extended.y0:both.y1 - b.extended.y0,
+                                      both.x0 - b.extended.x0:both.x1 - b.extended.x0].astype(np.float64)
+        norm = np.sqrt((da * da).sum() * (db * db).sum())
+        known[key] = float(np.clip((da * db).sum() / norm, 0.0, 1.0)) if norm > 0 else 1.0
+    return known[key]
+
+
+def level_seam_score(store, plan: GigaPlan, level: int) -> float | None:
+    """seam_score of a composed level, over its tile grid, read tile by tile from the store."""
+    lp = plan.levels[level]
+    return seam_score(lambda y0, y1, x0, x1: store.read_level(level, y0, y1, x0, x1), lp.height, lp.width, lp.tile)
