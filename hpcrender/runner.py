@@ -411,9 +411,12 @@ def _render_job(world, job: Job, layout, comms, models: _Models, progress, optio
         issued = True
 
     try:
-        if job.gigapixel is not None:
-            raise NotImplementedError("gigapixel refinement ([jobs.gigapixel]) is not available in this version")
         pipe = models.get(job)
+        if job.gigapixel is not None:  # levels of tiles, one group for now
+            from hpcrender.gigapixel.job import run_for_render
+
+            return run_for_render(world, job, layout, comms, pipe, progress, out, resume=options.resume,
+                                  should_stop=should_stop, agree=agree, started=started)
 
         last_record = time.monotonic()
 
