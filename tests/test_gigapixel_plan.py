@@ -321,3 +321,10 @@ def test_a_level_store_reads_and_exports_as_its_final_level(tmp_path):
         page = tif.pages[0]
         assert len(page.subifds) >= 2
         np.testing.assert_array_equal(page.asarray(), final)
+
+
+def test_seam_period_is_the_alignment_halved_until_a_tile_holds_a_line():
+    from hpcrender.gigapixel.compose import seam_period
+
+    assert [seam_period(t, 32) for t in (64, 72, 48, 32, 16, 1024)] == [32, 32, 16, 16, 8, 32]
+    assert seam_period(8, 64) == 4

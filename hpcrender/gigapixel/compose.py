@@ -113,6 +113,17 @@ def _correlation(a: TilePlan, b: TilePlan, cache: dict, known: dict) -> float:
 
 
 def level_seam_score(store, plan: GigaPlan, level: int) -> float | None:
-    """seam_score of a composed level, over its tile grid, read tile by tile from the store."""
+    """seam_score of a composed level over its tile grid, read tile by tile from the store, against lines inside
+    the tiles on the same phase of the model's coarsest grid as the boundaries (seam_period)."""
     lp = plan.levels[level]
-    return seam_score(lambda y0, y1, x0, x1: store.read_level(level, y0, y1, x0, x1), lp.height, lp.width, lp.tile)
+    return seam_score(lambda y0, y1, x0, x1: store.read_level(level, y0, y1, x0, x1), lp.height, lp.width, lp.tile,
+                      seam_period(lp.tile, plan.alignment))
+
+
+def seam_period(tile: int, alignment: int) -> int:
+    """The pixel alignment of the model (whose grid a random or real UNet leaves faint steps on), halved until a
+    tile holds at least one such line besides its edge."""
+    period = alignment
+    while period > 1 and tile < 2 * period:
+        period //= 2
+    return period

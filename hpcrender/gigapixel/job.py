@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hpcrender.config import Job
 from hpcrender.errors import HpcrenderError
+from hpcrender.gigapixel.compose import seam_period
 from hpcrender.gigapixel.plan import GigaPlan, preview_level
 from hpcrender.store import LevelShape, LevelStore
 
@@ -86,8 +87,9 @@ def gigapixel_meta(outcome: GigaJobOutcome) -> dict:
                    for lp in plan.levels],
         "seam_score": _round(result.seam_scores.get(final)),
         "seam_score_definition": "summed |difference| of pixel pairs straddling tile boundaries of the final level, "
-                                 "divided by its expectation from pairs across lines 8 px apart inside the tiles "
-                                 "(1.0: no seams)",
+                                 "divided by its expectation from pairs across the lines inside the tiles that are "
+                                 "multiples of seam_period px from their edges (1.0: no seams)",
+        "seam_period": seam_period(plan.levels[-1].tile, plan.alignment),
         "overlap": plan.overlap,
         "alignment": plan.alignment,
         "tiles": plan.total_tiles,

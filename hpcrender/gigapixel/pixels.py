@@ -14,7 +14,7 @@ import numpy as np
 ReadBox = Callable[[int, int, int, int], np.ndarray]
 
 CUBIC_A = -0.5        # Keys' bicubic, as PIL and OpenCV use it
-# The seam score compares tile boundaries with lines this far apart inside the tiles: the VAE's 8 px.
+# The seam score compares tile boundaries with lines this far apart inside the tiles (default: the VAE's 8 px).
 SEAM_PERIOD = 8
 WAVELET_LEVELS = 5    # StableSR's wavelet colour fix: detail from the tile, the rest (blur radius 31 px) from the reference
 
@@ -90,8 +90,9 @@ def seam_score(read: ReadBox, height: int, width: int, tile: int, period: int = 
     lines inside the tiles that lie a multiple of `period` px from the tile's edge (per direction: side by side for
     vertical boundaries, one above the other for horizontal ones).
 
-    Those lines have the boundaries' phase on the decoder's 8-px grid and on a x2 upscale's pixel grid, whose own
-    steps would otherwise count as seams. 1.0: the boundaries look like any other such line. Above 1: steps in
+    Those lines have the boundaries' phase on the model's grids (the decoder's 8 px, the UNet's coarsest feature
+    map: pass the model's pixel alignment) and on a x2 upscale's pixel grid, whose own faint steps would otherwise
+    count as seams. 1.0: the boundaries look like any other such line. Above 1: steps in
     colour or brightness at the boundaries; below 1: tile borders flatter than the rest (a decoder's padding shows
     so). None for a level of one tile or without differences inside the tiles. Reads one tile (and one row and
     column more) at a time."""
