@@ -167,3 +167,41 @@ def _assert_viewer_shows_tiles(page, shot):
     middle = shown[120:360, 160:480]
     assert middle.mean() > 0.9, f"only {middle.mean():.0%} of the middle shows the image"
     assert pixels[120:360, 160:480].std() > 10  # tiles with content, not a flat placeholder
+
+
+@pytest.mark.mpi
+def test_tiles_render_band_parallel_on_a_group_of_two_ranks(pipe, tmp_path):
+    """mode sync on 2 ranks: the group's first rank holds the store and hands each tile's upscaled box to the
+    other; the image is the one-rank image up to the bands' rounding."""
+    small = dataclasses.replace(JOB, name="small", width=128, height=128,
+                                gigapixel=dataclasses.replace(JOB.gigapixel, base=64))
+    plan = plan_for(pipe, small)
+    with open_store(tmp_path / "one", small, plan) as store:
+        render_gigapixel(pipe, small, store, *ALONE, "cpu")
+        alone = np.asarray(store.read_level(len(plan.levels) - 1, 0, 128, 0, 128)).astype(np.int16)
+    manifest = write_manifest(tmp_path / "sync.toml", f"""
+[defaults]
+model = "{small.model}"
+steps = {small.steps}
+guidance_scale = {small.guidance_scale}
+[defaults.parallel]
+mode = "sync"
+ranks_per_image = 2
+[[jobs]]
+name = "small"
+prompt = "{small.prompt}"
+width = 128
+height = 128
+seed = {small.seed}
+[jobs.gigapixel]
+base = 64
+tile = {small.gigapixel.tile}
+overlap = {small.gigapixel.overlap}
+strength = {small.gigapixel.strength}
+""")
+    run = hpcrender("render", manifest, "--out", tmp_path / "out", ranks=2)
+    assert run.returncode == 0, run.stderr
+    meta = json.loads((tmp_path / "out" / "small" / "meta.json").read_text())
+    assert meta["layout"]["ranks"] == [0, 1] and meta["gigapixel"]["tiles"] == plan.total_tiles
+    banded = np.asarray(Image.open(tmp_path / "out" / "small" / "image.png")).astype(np.int16)
+    assert np.abs(banded - alone).max() <= 8 and np.abs(banded - alone).mean() < 0.5
