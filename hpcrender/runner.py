@@ -76,6 +76,10 @@ def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int,
             job = manifest.jobs[i]
             try:
                 check_layout(size, job.parallel.split_cfg, job.guidance_scale > 1.0)
+                if job.gigapixel is not None:  # sides on the model's alignment, a step per tile
+                    from hpcrender.gigapixel.plan import check_plan
+
+                    check_plan(job, unet_config_of(job.model))
                 patch = size // (2 if job.parallel.split_cfg else 1)
                 config = unet_config_of(job.model) if patch > 1 else None
                 if config is not None:  # a hub id not yet cached is checked once loaded

@@ -328,3 +328,19 @@ def test_seam_period_is_the_alignment_halved_until_a_tile_holds_a_line():
 
     assert [seam_period(t, 32) for t in (64, 72, 48, 32, 16, 1024)] == [32, 32, 16, 16, 8, 32]
     assert seam_period(8, 64) == 4
+
+
+def test_a_gigapixel_job_off_the_models_alignment_is_refused_before_loading():
+    from hpcrender.config import Manifest
+    from hpcrender.errors import DoesNotFit
+    from hpcrender.gigapixel.plan import check_plan
+    from hpcrender.models import unet_config_of
+    from hpcrender.runner import check_request
+
+    bad = giga_job(width=264, model="builtin:tiny-sdxl")
+    with pytest.raises(BadInput, match="width: a gigapixel image needs a multiple of 32"):
+        check_plan(bad, unet_config_of("builtin:tiny-sdxl"))
+    check_plan(bad, None)  # shapes unknown before loading: checked at render time
+    with pytest.raises(DoesNotFit, match=r"jobs\[g\]: width"):
+        check_request(Manifest(path="m.toml", jobs=(bad,)), (0,), 1)
+    check_request(Manifest(path="m.toml", jobs=(giga_job(model="builtin:tiny-sdxl"),)), (0,), 1)

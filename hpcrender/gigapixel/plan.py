@@ -110,22 +110,22 @@ def gigapixel_plan(job: Job, vae_scale: int, alignment: int) -> GigaPlan:
     the last by any factor in (1, 2] on the longer side up to the job's width x height."""
     giga = job.gigapixel
     if giga is None:
-        raise BadInput(f"jobs[{job.name}]: not a gigapixel job")
+        raise BadInput(f"{job.name}: not a gigapixel job")
     if vae_scale < 1 or alignment < 1:
         raise BadInput(f"vae_scale and alignment must be positive, got {vae_scale} and {alignment}")
     align = vae_scale * alignment
     for key, value in (("width", job.width), ("height", job.height)):
         if value % align:
-            raise BadInput(f"jobs[{job.name}].{key}: a gigapixel image needs a multiple of {align} px with this "
+            raise BadInput(f"{key}: a gigapixel image needs a multiple of {align} px with this "
                            f"model ({vae_scale} px per latent x {alignment} latents), got {value}")
     if not 0 <= giga.overlap < giga.tile:
-        raise BadInput(f"jobs[{job.name}].gigapixel.overlap: must be >= 0 and smaller than the tile ({giga.tile}), "
+        raise BadInput(f"gigapixel.overlap: must be >= 0 and smaller than the tile ({giga.tile}), "
                        f"got {giga.overlap}")
     if not 0 < giga.base <= max(job.width, job.height):
-        raise BadInput(f"jobs[{job.name}].gigapixel.base: must be in 1..{max(job.width, job.height)}, got {giga.base}")
+        raise BadInput(f"gigapixel.base: must be in 1..{max(job.width, job.height)}, got {giga.base}")
     first = first_step(job.steps, giga.strength)
     if first >= job.steps:
-        raise BadInput(f"jobs[{job.name}].gigapixel.strength: {giga.strength} with {job.steps} steps runs no "
+        raise BadInput(f"gigapixel.strength: {giga.strength} with {job.steps} steps runs no "
                        "denoising step on a tile")
     sizes = level_sizes(job.height, job.width, giga.base, align)
     levels = [_base_level(*sizes[0])]
@@ -242,3 +242,13 @@ class TilePatch:
     col: int
     box: tuple[int, int, int, int]
     pixels: np.ndarray
+
+
+def check_plan(job: Job, unet_config, vae_scale: int = 8) -> None:
+    """Before a model is loaded: BadInput when a gigapixel job cannot be planned for the UNet of `unet_config`
+    (None: shapes unknown here, checked once the model is loaded)."""
+    if job.gigapixel is None or unet_config is None:
+        return
+    from hpcrender.parallel.bands import unet_alignment
+
+    gigapixel_plan(job, vae_scale, unet_alignment(unet_config))
