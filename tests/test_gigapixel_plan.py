@@ -178,8 +178,8 @@ def test_blend_of_agreeing_patches_is_the_image_and_unrelated_detail_keeps_its_c
     rng = np.random.default_rng(4)
     image = rng.integers(0, 256, (lp.height, lp.width, 3)).astype(np.uint8)
     patches = {(t.row, t.col): image[t.extended.y0:t.extended.y1, t.extended.x0:t.extended.x1] for t in lp.tiles}
-    composed = _compose(lp, plan.overlap, patches)
-    np.testing.assert_array_equal(composed, image)
+    composed = _compose(lp, plan.overlap, patches).astype(np.int16)
+    assert np.abs(composed - image).max() <= 1 and (composed == image).mean() > 0.999  # float rounding only
     # Unrelated noise per tile: the blend keeps its contrast along the boundaries (no faded band).
     noise = {(t.row, t.col): np.clip(128 + rng.normal(0, 30, (t.extended.height, t.extended.width, 3)), 0, 255)
              .astype(np.uint8) for t in lp.tiles}
@@ -190,10 +190,15 @@ def test_blend_of_agreeing_patches_is_the_image_and_unrelated_detail_keeps_its_c
 
 
 def _compose(lp, overlap, patches):
-    from hpcrender.gigapixel.compose import _correlation
+    """The composition of compose_level, from patches in memory."""
+    from hpcrender.gigapixel.compose import _covariance, _local_mean
 
     out = np.zeros((lp.height, lp.width, 3), np.uint8)
-    cache = {k: (v, v.astype(np.float32) - low_frequencies(v.astype(np.float32))) for k, v in patches.items()}
+    cache = {}
+    for k, v in patches.items():
+        detail = v.astype(np.float32) - low_frequencies(v.astype(np.float32))
+        cache[k] = (v, detail, _local_mean(detail * detail))
+    known = {}
     for t in lp.tiles:
         parts = []
         for o in contributors(lp, t.row, t.col):
@@ -202,9 +207,9 @@ def _compose(lp, overlap, patches):
             inside = (slice(part.y0 - e.y0, part.y1 - e.y0), slice(part.x0 - e.x0, part.x1 - e.x0))
             w = tile_weights(lp, o, overlap)[inside]
             if w.any():
-                parts.append((o, part, w, cache[(o.row, o.col)][0][inside], cache[(o.row, o.col)][1][inside]))
+                parts.append((o, part, w, *(a[inside] for a in cache[(o.row, o.col)])))
         c = t.core
-        out[c.y0:c.y1, c.x0:c.x1] = blend_detail(c, parts, lambda a, b: _correlation(a, b, cache, {}))
+        out[c.y0:c.y1, c.x0:c.x1] = blend_detail(c, parts, lambda a, b: _covariance(a, b, cache, known))
     return out
 
 

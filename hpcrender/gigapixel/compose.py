@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from hpcrender.gigapixel.pixels import low_frequencies, seam_score
+
+# The reach of the local correlation of two tiles' detail: a-trous levels 1..8 px, a window of about 31 px.
+CORRELATION_LEVELS = 4
 from hpcrender.gigapixel.plan import Box, GigaPlan, TilePlan, contributors, tile_weights
 
 
@@ -37,9 +40,9 @@ def compose_level(store, plan: GigaPlan, level: int) -> int:
                 w = tile_weights(lp, other, plan.overlap)[inside]
                 if not w.any():
                     continue
-                pixels, detail = _patch(store, level, other, cache)
-                parts.append((other, part, w, pixels[inside], detail[inside]))
-            rgb = blend_detail(core, parts, lambda a, b: _correlation(a, b, cache, correlations))
+                pixels, detail, variance = _patch(store, level, other, cache)
+                parts.append((other, part, w, pixels[inside], detail[inside], variance[inside]))
+            rgb = blend_detail(core, parts, lambda a, b: _covariance(a, b, cache, correlations))
             store.write_level_tile(level, row, col, rgb)
             composed += 1
             # Within a row a patch is needed again only by the next `reach` tiles; each row reads its own.
@@ -50,41 +53,48 @@ def compose_level(store, plan: GigaPlan, level: int) -> int:
     return composed
 
 
-def blend_detail(core: Box, parts: list, correlation) -> np.ndarray:
+def blend_detail(core: Box, parts: list, covariance) -> np.ndarray:
     """uint8 pixels of `core` from the patches reaching it: parts of (tile, box inside the core, weights (h, w, 1),
-    pixels, detail) in a fixed order; correlation(tile_a, tile_b) of two patches' detail where they overlap.
+    pixels, detail (h, w, 3), local detail variance (h, w, 1)) in a fixed order; covariance(tile_a, tile_b) ->
+    (their boxes' overlap, local covariance of their detail over it).
 
-    Low frequencies: sum w_i low_i / sum w_i. Detail: sum w_i d_i / sqrt(sum_ij w_i w_j rho_ij), the weighted sum
-    of patches with correlation rho scaled back to one patch's contrast: a plain mean where the patches agree
-    (rho = 1), no faded band where their detail differs (a linear cross-fade of two unrelated textures halves the
-    contrast's variance along the seam)."""
+    Low frequencies: sum w_i low_i / sum w_i. Detail: sum w_i d_i scaled so that its local variance is the
+    weighted mean of the patches' own, sum w_i v_i / sum w_i, instead of sum_ij w_i w_j c_ij: a plain mean where
+    the patches agree, no faded band where their detail differs (a linear cross-fade of two unrelated textures
+    halves the variance of their detail along the seam)."""
     shape = (core.height, core.width)
     low = np.zeros((*shape, 3), np.float32)
     detail = np.zeros((*shape, 3), np.float32)
     total = np.zeros((*shape, 1), np.float32)
+    target = np.zeros((*shape, 1), np.float32)
     spread = np.zeros((*shape, 1), np.float32)
-    for i, (tile, box, w, pixels, d) in enumerate(parts):
+    for i, (tile, box, w, pixels, d, v) in enumerate(parts):
         into = (slice(box.y0 - core.y0, box.y1 - core.y0), slice(box.x0 - core.x0, box.x1 - core.x0))
         low[into] += w * (pixels.astype(np.float32) - d)
         detail[into] += w * d
         total[into] += w
-        spread[into] += w * w
-        for tile_b, box_b, w_b, _, _ in parts[:i]:
+        target[into] += w * v
+        spread[into] += w * w * v
+        for tile_b, box_b, w_b, *_ in parts[:i]:
             both = box.intersect(box_b)
             if both is None:
                 continue
-            rho = np.float32(correlation(tile_b, tile))
+            pair, cov = covariance(tile_b, tile)
+            cov = cov[both.y0 - pair.y0:both.y1 - pair.y0, both.x0 - pair.x0:both.x1 - pair.x0]
             here = (slice(both.y0 - core.y0, both.y1 - core.y0), slice(both.x0 - core.x0, both.x1 - core.x0))
             mine = w[both.y0 - box.y0:both.y1 - box.y0, both.x0 - box.x0:both.x1 - box.x0]
             theirs = w_b[both.y0 - box_b.y0:both.y1 - box_b.y0, both.x0 - box_b.x0:both.x1 - box_b.x0]
-            spread[here] += 2 * rho * mine * theirs
+            spread[here] += 2 * mine * theirs * cov
     # Every core pixel has its own tile's weight (above 1/2 with overlap, 1 without).
-    out = low / total + detail / np.sqrt(np.maximum(spread, np.float32(1e-12)))
+    tiny = np.float32(1e-6)
+    scale = np.where(spread > tiny, np.sqrt(np.maximum(target / total, 0) / np.maximum(spread, tiny)), 1 / total)
+    out = low / total + detail * scale
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _patch(store, level: int, tile: TilePlan, cache: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A stored patch and its detail (what is left after the colour fix's low pass), cached for the row."""
+def _patch(store, level: int, tile: TilePlan, cache: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A stored patch, its detail (what the colour fix's low pass leaves) and the detail's local variance, cached
+    for the row."""
     key = (tile.row, tile.col)
     if key not in cache:
         box = tile.extended
@@ -93,22 +103,27 @@ def _patch(store, level: int, tile: TilePlan, cache: dict) -> tuple[np.ndarray, 
             raise ValueError(f"{store.path}: level {level} tile {key} was stored over {stored_box}, the plan has "
                              f"{(box.y0, box.y1, box.x0, box.x1)}")
         pixels = np.asarray(pixels)
-        as_float = pixels.astype(np.float32)
-        cache[key] = (pixels, as_float - low_frequencies(as_float))
+        detail = pixels.astype(np.float32) - low_frequencies(pixels.astype(np.float32))
+        cache[key] = (pixels, detail, _local_mean(detail * detail))
     return cache[key]
 
 
-def _correlation(a: TilePlan, b: TilePlan, cache: dict, known: dict) -> float:
-    """Correlation of two patches' detail over the overlap of their boxes, clipped to [0, 1]."""
+def _local_mean(a: np.ndarray) -> np.ndarray:
+    """Mean over the channels and a window of about 31 px (a-trous levels 1..8 px), (h, w, 1)."""
+    return low_frequencies(a.mean(axis=2, keepdims=True), CORRELATION_LEVELS)
+
+
+def _covariance(a: TilePlan, b: TilePlan, cache: dict, known: dict) -> tuple[Box, np.ndarray]:
+    """Local covariance of two patches' detail over the overlap of their boxes, computed over the whole overlap so
+    that a pixel's value does not depend on the core it is composed in."""
     key = (a.row, a.col, b.row, b.col)
     if key not in known:
         both = a.extended.intersect(b.extended)
         da = cache[(a.row, a.col)][1][both.y0 - a.extended.y0:both.y1 - a.extended.y0,
-                                      both.x0 - a.extended.x0:both.x1 - a.extended.x0].astype(np.float64)
+                                      both.x0 - a.extended.x0:both.x1 - a.extended.x0]
         db = cache[(b.row, b.col)][1][both.y0 - b.extended.y0:both.y1 - b.extended.y0,
-                                      both.x0 - b.extended.x0:both.x1 - b.extended.x0].astype(np.float64)
-        norm = np.sqrt((da * da).sum() * (db * db).sum())
-        known[key] = float(np.clip((da * db).sum() / norm, 0.0, 1.0)) if norm > 0 else 1.0
+                                      both.x0 - b.extended.x0:both.x1 - b.extended.x0]
+        known[key] = (both, _local_mean(da * db))
     return known[key]
 
 
