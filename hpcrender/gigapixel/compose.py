@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from hpcrender.gigapixel.pixels import low_frequencies, seam_score
-
-# The reach of the local correlation of two tiles' detail: a-trous levels 1..8 px, a window of about 31 px.
-CORRELATION_LEVELS = 4
 from hpcrender.gigapixel.plan import Box, GigaPlan, TilePlan, contributors, tile_weights
+
+# The window of the tiles' local detail variance and covariance: a-trous levels of 1..8 px, about 31 px across.
+CORRELATION_LEVELS = 4
 
 
 def compose_level(store, plan: GigaPlan, level: int) -> int:
@@ -17,15 +17,15 @@ def compose_level(store, plan: GigaPlan, level: int) -> int:
 
     Each core pixel is a blend of the patches that reach it with their feather weights: the low frequencies (what
     the colour fix took from the shared reference) as a weighted mean, the detail as a weighted sum scaled so that
-    its contrast stays that of the patches (blend_detail). Sums run in float32 in raster order of the patches, so
+    its local variance stays that of the patches (blend_detail). Sums run in float32 in raster order of the patches, so
     the bytes do not depend on the order the tiles were rendered in. Memory: the patches of a 3 x 3 neighbourhood
     (more only when the overlap exceeds the tile), whatever the level's size."""
     lp = plan.levels[level]
     missing = store.missing_patches(level)
     if missing:
         raise ValueError(f"level {level}: {len(missing)} tile(s) not rendered yet, first {missing[0]}")
-    cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-    correlations: dict[tuple[int, int, int, int], float] = {}
+    cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    covariances: dict[tuple[int, int, int, int], tuple[Box, np.ndarray]] = {}
     composed = 0
     for row in range(lp.rows):
         for col in range(lp.cols):
@@ -42,14 +42,16 @@ def compose_level(store, plan: GigaPlan, level: int) -> int:
                     continue
                 pixels, detail, variance = _patch(store, level, other, cache)
                 parts.append((other, part, w, pixels[inside], detail[inside], variance[inside]))
-            rgb = blend_detail(core, parts, lambda a, b: _covariance(a, b, cache, correlations))
+            rgb = blend_detail(core, parts, lambda a, b: _covariance(a, b, cache, covariances))
             store.write_level_tile(level, row, col, rgb)
             composed += 1
             # Within a row a patch is needed again only by the next `reach` tiles; each row reads its own.
             for key in [k for k in cache if k[1] < col + 1 - lp.reach]:
                 del cache[key]
+            for key in [k for k in covariances if max(k[1], k[3]) < col + 1 - lp.reach]:
+                del covariances[key]
         cache.clear()
-        correlations.clear()
+        covariances.clear()
     return composed
 
 
