@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP    = $(VENV)/bin/pip
 RANKS  ?= 2
 
-.PHONY: venv demo test slurm-deps clean
+.PHONY: venv demo test slurm-deps viewer-deps clean
 
 venv: $(VENV)/.installed
 
@@ -32,7 +32,15 @@ slurm-deps:
 	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
 	else echo "slurm-wlm missing and not root: the Slurm tests will be skipped"; fi
 
-test: venv slurm-deps
+# Chromium, in which the tests open a DeepZoom export's OpenSeadragon page headless (root only).
+viewer-deps:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium"; \
+	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium missing and not root: the DeepZoom viewer test will be skipped"; fi
+
+test: venv slurm-deps viewer-deps
 	$(VENV)/bin/python -m pytest
 
 clean:

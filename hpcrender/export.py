@@ -147,6 +147,7 @@ def export_dzi(store: TileStore, path: str | os.PathLike) -> Path:
     )
     with atomic_path(dzi) as tmp:
         tmp.write_text(xml)
+    write_viewer(dzi, width, height)
     return dzi
 
 
@@ -155,8 +156,65 @@ def image_name(height: int, width: int) -> str:
     return "image.png" if height * width <= MAX_PNG_PIXELS else "image.tif"
 
 
-def export_job(store: TileStore, job_dir: str | os.PathLike, *, allow_incomplete: bool = False) -> list[Path]:
-    """The contract's outputs of a finished job: image.png (<= 64 Mpx) or image.tif, and preview.png."""
+VIEWER = Path(__file__).parent / "viewer" / "openseadragon"  # OpenSeadragon's build, BSD-3-Clause (LICENSE.txt there)
+
+_VIEWER_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>html, body {{ margin: 0; height: 100%; background: #111; }} #viewer {{ width: 100%; height: 100%; }}</style>
+</head>
+<body>
+<div id="viewer"></div>
+<script src="openseadragon/openseadragon.min.js"></script>
+<script>
+// The DeepZoom descriptor is given inline: browsers refuse to fetch image.dzi from a file:// page, but load its
+// tiles as images. The canvas drawer shows file:// tiles, which WebGL may not use.
+OpenSeadragon({{
+  id: "viewer",
+  prefixUrl: "openseadragon/images/",
+  drawer: "canvas",
+  showNavigator: true,
+  maxZoomPixelRatio: 4,
+  tileSources: {{
+    Image: {{
+      xmlns: "http://schemas.microsoft.com/deepzoom/2008",
+      Url: "{files}/",
+      Format: "png",
+      Overlap: "{overlap}",
+      TileSize: "{tile}",
+      Size: {{ Width: "{width}", Height: "{height}" }}
+    }}
+  }}
+}});
+</script>
+</body>
+</html>
+"""
+
+
+def write_viewer(dzi: Path, width: int, height: int) -> Path:
+    """index.html beside a DeepZoom export that shows it in OpenSeadragon, and the viewer's files it loads
+    (openseadragon/): opened straight from disk, no server and no network."""
+    folder = dzi.parent
+    target = folder / "openseadragon"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(VIEWER, target)
+    page = folder / "index.html"
+    base = dzi.name[: -len(".dzi")]
+    html = _VIEWER_PAGE.format(title=base, files=base + "_files", overlap=DZI_OVERLAP, tile=DZI_TILE,
+                               width=width, height=height)
+    with atomic_path(page) as tmp:
+        tmp.write_text(html)
+    return page
+
+
+def export_job(store: TileStore, job_dir: str | os.PathLike, *, allow_incomplete: bool = False,
+               preview_from: TileStore | None = None) -> list[Path]:
+    """The contract's outputs of a finished job: image.png (<= 64 Mpx) or image.tif, and preview.png (reduced from
+    `preview_from` when given: a gigapixel render's smaller level, read in a fraction of the time)."""
     job_dir = Path(job_dir)
     if not allow_incomplete and not store.complete():
         missing = len(store.missing())
@@ -168,7 +226,7 @@ def export_job(store: TileStore, job_dir: str | os.PathLike, *, allow_incomplete
     name = image_name(store.grid.height, store.grid.width)
     exporter = export_png if name.endswith(".png") else export_tiff
     image = exporter(store, job_dir / name)
-    return [image, export_preview(store, job_dir / "preview.png")]
+    return [image, export_preview(preview_from if preview_from is not None else store, job_dir / "preview.png")]
 
 
 # -- reading levels strip by strip -----------------------------------------------------------

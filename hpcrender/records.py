@@ -67,7 +67,7 @@ def record_job_state(
     if state is JobState.RUNNING:
         record["attempt"] = int(record.get("attempt", 0)) + 1
         record["started"] = _iso(now)
-        for key in ("finished", "seconds", "checkpoint_step", "step", "steps"):  # of an earlier attempt
+        for key in ("finished", "seconds", "checkpoint_step", "step", "steps", "tiles_per_s", "eta_s"):  # earlier
             record.pop(key, None)
     elif state in (JobState.DONE, JobState.FAILED):
         record["finished"] = _iso(now)
@@ -76,16 +76,19 @@ def record_job_state(
             record["seconds"] = round(now - started, 3)
     if state in (JobState.DONE, JobState.PENDING):  # a failed job keeps the step it failed at
         record.pop("step", None)
+        record.pop("tiles_per_s", None)  # a rate and ETA are of a running job only
+        record.pop("eta_s", None)
     record["updated"] = _iso(now)
     record.update(timings)
     write_json_atomic(path, record)
 
 
-def record_progress(out_dir: str | os.PathLike, name: str, step: int, steps: int) -> None:
-    """Steps done by a running job, in its state file (state, attempt and times unchanged)."""
+def record_progress(out_dir: str | os.PathLike, name: str, step: int, steps: int, **extra: Any) -> None:
+    """Steps (or tiles) done by a running job, in its state file (state, attempt and times unchanged); `extra`
+    (a gigapixel job's tiles per level, rate and ETA) is stored as given."""
     path = state_path(out_dir, name)
     record = _read_json(path) or {"name": name, "state": JobState.RUNNING.value, "error": None}
-    record.update(step=int(step), steps=int(steps), updated=_iso(_now()))
+    record.update(step=int(step), steps=int(steps), updated=_iso(_now()), **extra)
     write_json_atomic(path, record)
 
 
@@ -124,6 +127,12 @@ def format_status(status: dict) -> str:
         state = job.get("state", "")
         if state == JobState.PENDING.value and job.get("checkpoint_step"):
             state += f" (checkpoint after step {job['checkpoint_step']}/{job.get('steps', '?')})"
+        elif job.get("tiles"):  # a gigapixel job: tiles done of total per level, and while it runs rate and ETA
+            levels = ", ".join(f"L{k} {done}/{total}" for k, (done, total) in enumerate(job["tiles"]))
+            rate = job.get("tiles_per_s")
+            pace = f"; {rate:.2f} tile/s, ETA {_clock(job['eta_s'])}" if rate and job.get("eta_s") is not None \
+                and state == JobState.RUNNING.value else ""
+            state += f" (tiles {levels}{pace})"
         elif state == JobState.RUNNING.value and job.get("step") is not None:
             state += f" (step {job['step']}/{job.get('steps', '?')})"
         rows.append((name, state, seconds_text, error[0] if error else ""))
@@ -154,6 +163,11 @@ def record_group(out_dir: str | os.PathLike, phase: int, group: int, ranks: Sequ
     record = {"phase": phase, "group": group, "ranks": list(ranks), "group_size": size,
               "busy_seconds": round(busy_seconds, 3), "units": list(units), "updated": _iso(_now())}
     write_json_atomic(Path(out_dir) / STATE_DIR / GROUPS_DIR / f"{phase}-{group}.json", record)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def write_meta(job_dir: str | os.PathLike, meta: dict) -> None:

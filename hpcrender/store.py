@@ -1,4 +1,5 @@
-"""The tile store: an RGB8 image in an HDF5 file, written tile by tile, that survives kills and resumes.
+"""The tile store: an RGB8 image in an HDF5 file, written tile by tile, that survives kills and resumes; and the
+level store of a gigapixel render (LevelStore, below): every level's image and the patches composed into it.
 
 Layout (format_version 1): dataset `image` uint8 (H, W, 3) chunked one chunk per tile, gzip level 1;
 dataset `done` uint8 (rows, cols), 1 where a tile is finished; dataset `meta` holding a JSON object
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Iterator
@@ -47,7 +49,82 @@ class StoreBusy(HpcrenderError):
     """The store is held open for writing by a live process."""
 
 
-class TileStore:
+class _StoreFile:
+    """What both store layouts share: the JSON metadata, the write lock, closing, readable write errors."""
+
+    _file: h5py.File
+    _meta_ds: h5py.Dataset
+    _lock_fd: int | None
+    path: Path
+    writable: bool
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict:
+        """The JSON metadata set with set_attrs (a copy)."""
+        if not self.writable:
+            self._meta_ds.refresh()
+        return json.loads(self._meta_ds[...].tobytes().decode())
+
+    def set_attrs(self, **kv: Any) -> None:
+        """Merge JSON-able key/values into the store's metadata and flush."""
+        self._check_writable()
+        merged = self.attrs
+        merged.update(kv)
+        data = np.frombuffer(json.dumps(merged, sort_keys=True).encode(), np.uint8)
+        with self._writing():
+            self._meta_ds.resize(data.shape)
+            self._meta_ds[...] = data
+            self._file.flush()
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush and close; the file is closed and the lock released even when the flush fails (a full disk), so
+        that the error reaches the caller instead of a half-open HDF5 file at interpreter exit."""
+        try:
+            if self._file.id.valid and self.writable:
+                with self._writing():
+                    self._file.flush()
+        finally:
+            try:
+                if self._file.id.valid:
+                    with self._writing():
+                        self._file.close()
+            finally:
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)  # closing releases the flock
+                    self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except OSError:
+            if exc is None:
+                raise  # otherwise the first failure (say, a full disk) is the one worth reporting
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """HDF5's write failures as one readable OSError naming the store (its own text spans lines)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            found = re.search(r"errno = (\d+), error message = '([^']*)'", str(e))
+            code, reason = (int(found[1]), found[2]) if found else (getattr(e, "errno", None), str(e).splitlines()[0])
+            raise OSError(code, f"{self.path}: cannot write the tile store: {reason}") from e
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise ValueError(f"{self.path}: store opened read-only")
+        if not self._file.id.valid:
+            raise ValueError(f"{self.path}: store is closed")
+
+
+class TileStore(_StoreFile):
     """RGB8 image in an HDF5 file, written tile by tile; survives kills (SWMR, flush per tile) and resumes."""
 
     def __init__(self, file: h5py.File, path: Path, *, writable: bool, lock_fd: int | None = None):
@@ -97,8 +174,10 @@ class TileStore:
         return cls._create(path, grid, params_hash)
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> TileStore:
-        """Open read-only (export, status); works while a writer is running or after it was killed."""
+    def read(cls, path: str | os.PathLike) -> TileStore | LevelImage:
+        """Open read-only (export, status); works while a writer is running or after it was killed.
+
+        A gigapixel render's level store opens as its final level's image, which every reader takes alike."""
         path = Path(path)
         if not path.is_file():
             raise BadInput(f"{path}: no tile store there")
@@ -106,6 +185,10 @@ class TileStore:
             file = h5py.File(path, "r", libver="latest", swmr=True, **_LOCKING)
         except OSError as exc:
             raise BadInput(f"{path}: not a readable HDF5 file ({exc})") from exc
+        if _is_level_store(file):  # a gigapixel render's store: its final level is the image
+            file.close()
+            levels = LevelStore.read(path)
+            return LevelImage(levels, len(levels.levels) - 1, owns=True)
         problem = _layout_problem(file)
         if problem is not None:
             file.close()
@@ -125,7 +208,8 @@ class TileStore:
                 compression="gzip" if GZIP_LEVEL else None,
                 compression_opts=GZIP_LEVEL or None,
             )
-            file.create_dataset("done", shape=(grid.rows, grid.cols), dtype=np.uint8)
+            # Allocated now (see LevelStore._create): a reader may refresh it while the first tile is written.
+            file.create_dataset("done", data=np.zeros((grid.rows, grid.cols), np.uint8))
             # SWMR forbids creating attributes later: free-form metadata lives in a growable dataset.
             file.create_dataset(
                 "meta", data=np.frombuffer(b"{}", np.uint8), maxshape=(None,), chunks=(_META_CHUNK,)
@@ -232,75 +316,342 @@ class TileStore:
             self._done_ds.refresh()
             self._done = np.asarray(self._done_ds[...], dtype=bool)
 
-    # -- metadata ----------------------------------------------------------------------------
-
-    @property
-    def attrs(self) -> dict:
-        """The JSON metadata set with set_attrs (a copy)."""
-        if not self.writable:
-            self._meta_ds.refresh()
-        return json.loads(self._meta_ds[...].tobytes().decode())
-
-    def set_attrs(self, **kv: Any) -> None:
-        """Merge JSON-able key/values into the store's metadata and flush."""
-        self._check_writable()
-        merged = self.attrs
-        merged.update(kv)
-        data = np.frombuffer(json.dumps(merged, sort_keys=True).encode(), np.uint8)
-        with self._writing():
-            self._meta_ds.resize(data.shape)
-            self._meta_ds[...] = data
-            self._file.flush()
-
-    # -- lifetime ----------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Flush and close; the file is closed and the lock released even when the flush fails (a full disk), so
-        that the error reaches the caller instead of a half-open HDF5 file at interpreter exit."""
-        try:
-            if self._file.id.valid and self.writable:
-                with self._writing():
-                    self._file.flush()
-        finally:
-            try:
-                if self._file.id.valid:
-                    with self._writing():
-                        self._file.close()
-            finally:
-                if self._lock_fd is not None:
-                    os.close(self._lock_fd)  # closing releases the flock
-                    self._lock_fd = None
-
-    def __enter__(self) -> TileStore:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.close()
-        except OSError:
-            if exc is None:
-                raise  # otherwise the first failure (say, a full disk) is the one worth reporting
-
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """HDF5's write failures as one readable OSError naming the store (its own text spans lines)."""
-        try:
-            yield
-        except (OSError, RuntimeError) as e:
-            found = re.search(r"errno = (\d+), error message = '([^']*)'", str(e))
-            code, reason = (int(found[1]), found[2]) if found else (getattr(e, "errno", None), str(e).splitlines()[0])
-            raise OSError(code, f"{self.path}: cannot write the tile store: {reason}") from e
-
     def __repr__(self) -> str:
         mode = "w" if self.writable else "r"
         g = self.grid
         return f"TileStore({str(self.path)!r}, {g.width}x{g.height}, tile {g.tile}, {mode})"
 
-    def _check_writable(self) -> None:
+
+LEVELS_FORMAT_VERSION = 2
+LEVELS_LAYOUT = "levels"
+
+
+@dataclass(frozen=True)
+class LevelShape:
+    """One level of a level store: the image's size, its tile (chunk) side, and the slot a patch is stored in."""
+
+    height: int
+    width: int
+    tile: int
+    patch_height: int
+    patch_width: int
+
+    @property
+    def grid(self) -> TileGrid:
+        return TileGrid(self.height, self.width, self.tile)
+
+
+class LevelStore(_StoreFile):
+    """The images of every level of a gigapixel render, and the refined patches they are composed from.
+
+    Layout (format_version 2, attribute `layout` = "levels"): per level a group `levels/K` with `image` uint8 (H, W, 3)
+    chunked one chunk per tile; `patches` uint8 (rows, cols, ph, pw, 3), one chunk per patch; `boxes` int64
+    (rows, cols, 4), each patch's box (y0, y1, x0, x1) in the level; `done` uint8 (rows, cols), 1 where a patch is
+    stored; `composed` uint8 (rows, cols), 1 where the level image's tile is final. All datasets are made when the
+    file is (SWMR allows no new ones later); HDF5 allocates their chunks only when written. One writer, SWMR, a flush
+    after every patch and every composed tile.
+    """
+
+    def __init__(self, file: h5py.File, path: Path, *, writable: bool, lock_fd: int | None = None):
+        self._file = file
+        self.path = path
+        self.writable = writable
+        self._lock_fd = lock_fd
+        self._meta_ds = file["meta"]
+        self.params_hash = str(file.attrs["params_hash"])
+        count = int(file.attrs["levels"])
+        self._groups = [file[f"levels/{k}"] for k in range(count)]
+        self.levels = tuple(_level_shape(g) for g in self._groups)
+        self._done = [np.asarray(g["done"][...], dtype=bool) for g in self._groups]
+        self._composed = [np.asarray(g["composed"][...], dtype=bool) for g in self._groups]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, levels: tuple[LevelShape, ...], params_hash: str,
+             resume: bool = True) -> LevelStore:
+        """A store for writing: a new file, or the existing one with its finished patches and levels.
+
+        An existing file written for other parameters or levels is refused (BadInput) and left as it is; with
+        resume=False it is moved aside to `NAME.<UTC stamp>.old` (never deleted) and a new file is started."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            _refuse_if_busy(path)
+            if not resume:
+                _move_aside(path, "resume disabled")
+            else:
+                reason = _levels_mismatch(path, levels, params_hash)
+                if reason is not None:
+                    raise BadInput(f"{path}: a tile store {reason}; it is kept as it is: render into another "
+                                   "--out, move it away, or render with --no-resume to set it aside")
+                _clear_status_flags(path)
+                file = h5py.File(path, "r+", libver="latest", **_LOCKING)
+                try:
+                    file.swmr_mode = True
+                    lock_fd = _hold_lock(path)
+                except BaseException:
+                    file.close()
+                    raise
+                store = cls(file, path, writable=True, lock_fd=lock_fd)
+                log.info("%s: resuming, %d of %d patches already done", path,
+                         sum(int(d.sum()) for d in store._done), sum(d.size for d in store._done))
+                return store
+        return cls._create(path, levels, params_hash)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> LevelStore:
+        """Open read-only; works while the writer runs or after it was killed."""
+        path = Path(path)
+        if not path.is_file():
+            raise BadInput(f"{path}: no tile store there")
+        try:
+            file = h5py.File(path, "r", libver="latest", swmr=True, **_LOCKING)
+        except OSError as exc:
+            raise BadInput(f"{path}: not a readable HDF5 file ({exc})") from exc
+        problem = _levels_problem(file)
+        if problem is not None:
+            file.close()
+            raise BadInput(f"{path}: not an hpcrender level store ({problem})")
+        return cls(file, path, writable=False)
+
+    @classmethod
+    def _create(cls, path: Path, levels: tuple[LevelShape, ...], params_hash: str) -> LevelStore:
+        if not levels:
+            raise ValueError("a level store needs at least one level")
+        file = h5py.File(path, "w", libver="latest", **_LOCKING)
+        try:
+            for k, shape in enumerate(levels):
+                group = file.create_group(f"levels/{k}")
+                grid = shape.grid
+                group.create_dataset(
+                    "image", shape=(shape.height, shape.width, 3), dtype=np.uint8,
+                    chunks=(min(shape.tile, shape.height), min(shape.tile, shape.width), 3),
+                    compression="gzip" if GZIP_LEVEL else None, compression_opts=GZIP_LEVEL or None)
+                group.create_dataset(
+                    "patches", shape=(grid.rows, grid.cols, shape.patch_height, shape.patch_width, 3),
+                    dtype=np.uint8, chunks=(1, 1, shape.patch_height, shape.patch_width, 3),
+                    compression="gzip" if GZIP_LEVEL else None, compression_opts=GZIP_LEVEL or None)
+                # Written now, before SWMR starts: a contiguous dataset's storage is otherwise allocated at its
+                # first write, which changes its header under a reader that is refreshing it.
+                group.create_dataset("boxes", data=np.zeros((grid.rows, grid.cols, 4), np.int64))
+                group.create_dataset("done", data=np.zeros((grid.rows, grid.cols), np.uint8))
+                group.create_dataset("composed", data=np.zeros((grid.rows, grid.cols), np.uint8))
+                group.attrs["tile"] = shape.tile
+            file.create_dataset(
+                "meta", data=np.frombuffer(b"{}", np.uint8), maxshape=(None,), chunks=(_META_CHUNK,))
+            file.attrs["params_hash"] = params_hash
+            file.attrs["format_version"] = LEVELS_FORMAT_VERSION
+            file.attrs["layout"] = LEVELS_LAYOUT
+            file.attrs["levels"] = len(levels)
+            file.swmr_mode = True
+            file.flush()
+            lock_fd = _hold_lock(path)
+        except BaseException:
+            file.close()
+            raise
+        return cls(file, path, writable=True, lock_fd=lock_fd)
+
+    # -- patches -----------------------------------------------------------------------------
+
+    def write_patch(self, level: int, unit, patch) -> None:
+        """Store a refined patch (`patch.box` (y0, y1, x0, x1), `patch.pixels` uint8) of tile (unit.row,
+        unit.col), mark it done, flush: the pixels reach the file before the mark does."""
+        self._check_writable()
+        shape = self._shape(level)
+        row, col = unit.row, unit.col
+        shape.grid.box(row, col)  # bounds check
+        y0, y1, x0, x1 = (int(v) for v in patch.box)
+        pixels = patch.pixels
+        h, w = y1 - y0, x1 - x0
+        fits = 0 <= y0 < y1 <= shape.height and 0 <= x0 < x1 <= shape.width
+        if not fits or h > shape.patch_height or w > shape.patch_width:
+            raise ValueError(f"level {level} tile ({row}, {col}): box {patch.box} does not fit the level")
+        if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.shape != (h, w, 3):
+            raise ValueError(f"level {level} tile ({row}, {col}) needs uint8 {(h, w, 3)}, got "
+                             f"{getattr(pixels, 'dtype', type(pixels).__name__)} {getattr(pixels, 'shape', '')}")
+        slot = np.zeros((shape.patch_height, shape.patch_width, 3), np.uint8)
+        slot[:h, :w] = pixels
+        group = self._groups[level]
+        with self._writing():
+            group["patches"][row, col] = slot
+            group["boxes"][row, col] = (y0, y1, x0, x1)
+            self._file.flush()
+            group["done"][row, col] = 1
+            self._file.flush()
+        self._done[level][row, col] = True
+
+    def read_patch(self, level: int, row: int, col: int) -> tuple[tuple[int, int, int, int], np.ndarray]:
+        """(box, pixels) of a stored patch."""
+        if not self.patch_done(level, row, col):
+            raise ValueError(f"{self.path}: level {level} tile ({row}, {col}) has no patch yet")
+        group = self._groups[level]
+        y0, y1, x0, x1 = (int(v) for v in group["boxes"][row, col])
+        return (y0, y1, x0, x1), group["patches"][row, col, : y1 - y0, : x1 - x0]
+
+    def patch_done(self, level: int, row: int, col: int) -> bool:
+        self._shape(level).grid.box(row, col)
+        self._refresh(level)
+        return bool(self._done[level][row, col])
+
+    def missing_patches(self, level: int) -> list[tuple[int, int]]:
+        """Tiles of a level without a stored patch, raster order."""
+        self._shape(level)
+        self._refresh(level)
+        return [(int(r), int(c)) for r, c in zip(*np.nonzero(~self._done[level]))]
+
+    # -- level images ------------------------------------------------------------------------
+
+    def write_level_tile(self, level: int, row: int, col: int, rgb: np.ndarray) -> None:
+        """Write one final tile of a level's image (exactly the tile's box), mark it composed, flush."""
+        self._check_writable()
+        grid = self._shape(level).grid
+        y0, y1, x0, x1 = grid.box(row, col)
+        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.shape != (y1 - y0, x1 - x0, 3):
+            got = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+            raise ValueError(f"level {level} tile ({row}, {col}) needs uint8 {(y1 - y0, x1 - x0, 3)}, got {got}")
+        group = self._groups[level]
+        with self._writing():
+            group["image"][y0:y1, x0:x1] = rgb
+            self._file.flush()
+            group["composed"][row, col] = 1
+            self._file.flush()
+        self._composed[level][row, col] = True
+
+    def is_composed(self, level: int, row: int, col: int) -> bool:
+        self._shape(level).grid.box(row, col)
+        self._refresh(level)
+        return bool(self._composed[level][row, col])
+
+    def level_complete(self, level: int) -> bool:
+        """Every tile of the level's image is final."""
+        self._shape(level)
+        self._refresh(level)
+        return bool(self._composed[level].all())
+
+    def read_level(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels of a box of a level's image; tiles not composed yet read as black."""
+        shape = self._shape(level)
+        if not (0 <= y0 < y1 <= shape.height and 0 <= x0 < x1 <= shape.width):
+            raise ValueError(f"region y {y0}:{y1}, x {x0}:{x1} outside level {level} ({shape.height}x{shape.width})")
+        return self._groups[level]["image"][y0:y1, x0:x1]
+
+    def level(self, level: int) -> LevelImage:
+        """One level's image as the exporters read a store."""
+        self._shape(level)
+        return LevelImage(self, level)
+
+    def final(self) -> LevelImage:
+        return self.level(len(self.levels) - 1)
+
+    def refresh(self) -> None:
         if not self.writable:
-            raise ValueError(f"{self.path}: store opened read-only")
-        if not self._file.id.valid:
-            raise ValueError(f"{self.path}: store is closed")
+            self._meta_ds.refresh()
+            for k in range(len(self.levels)):
+                self._refresh(k)
+                self._groups[k]["image"].refresh()
+
+    def _refresh(self, level: int) -> None:
+        if not self.writable:
+            group = self._groups[level]
+            for name, into in (("done", self._done), ("composed", self._composed)):
+                group[name].refresh()
+                into[level] = np.asarray(group[name][...], dtype=bool)
+            group["patches"].refresh()
+            group["boxes"].refresh()
+
+    def _shape(self, level: int) -> LevelShape:
+        if not 0 <= level < len(self.levels):
+            raise IndexError(f"level {level} outside the store's {len(self.levels)} levels")
+        return self.levels[level]
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s.width}x{s.height}" for s in self.levels)
+        return f"LevelStore({str(self.path)!r}, levels {sizes}, {'w' if self.writable else 'r'})"
+
+
+class LevelImage:
+    """One level's image of a LevelStore, with the reading side of TileStore (grid, read_region, complete,
+    missing), so that every exporter takes it as it takes a one-level store."""
+
+    def __init__(self, store: LevelStore, level: int, *, owns: bool = False):
+        self.store = store
+        self.index = level
+        shape = store.levels[level]
+        self.grid = shape.grid
+        self.path = store.path
+        self.params_hash = store.params_hash
+        self._owns = owns
+
+    def read_region(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return self.store.read_level(self.index, y0, y1, x0, x1)
+
+    def complete(self) -> bool:
+        return self.store.level_complete(self.index)
+
+    def missing(self) -> list[tuple[int, int]]:
+        self.store._refresh(self.index)
+        return [(int(r), int(c)) for r, c in zip(*np.nonzero(~self.store._composed[self.index]))]
+
+    def refresh(self) -> None:
+        self.store.refresh()
+
+    @property
+    def attrs(self) -> dict:
+        return self.store.attrs
+
+    def close(self) -> None:
+        if self._owns:
+            self.store.close()
+
+    def __enter__(self) -> LevelImage:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+
+def _level_shape(group: h5py.Group) -> LevelShape:
+    height, width, _ = group["image"].shape
+    _, _, ph, pw, _ = group["patches"].shape
+    return LevelShape(int(height), int(width), int(group.attrs["tile"]), int(ph), int(pw))
+
+
+def _levels_problem(file: h5py.File) -> str | None:
+    for key in ("params_hash", "format_version", "layout", "levels"):
+        if key not in file.attrs:
+            return f"no attribute {key!r}"
+    if str(file.attrs["layout"]) != LEVELS_LAYOUT or int(file.attrs["format_version"]) != LEVELS_FORMAT_VERSION:
+        return f"layout {file.attrs['layout']!r} format_version {int(file.attrs['format_version'])}"
+    if "meta" not in file:
+        return "no dataset 'meta'"
+    for k in range(int(file.attrs["levels"])):
+        for name in ("image", "patches", "boxes", "done", "composed"):
+            if f"levels/{k}/{name}" not in file:
+                return f"no dataset 'levels/{k}/{name}'"
+    return None
+
+
+def _is_level_store(file: h5py.File) -> bool:
+    return str(file.attrs.get("layout", "")) == LEVELS_LAYOUT
+
+
+def _levels_mismatch(path: Path, levels: tuple[LevelShape, ...], params_hash: str) -> str | None:
+    """Why the existing file cannot be resumed for these levels and parameters, or None when it can."""
+    try:
+        with h5py.File(path, "r", libver="latest", swmr=True, **_LOCKING) as file:
+            if not _is_level_store(file):
+                return "of another kind (not a gigapixel level store)"
+            problem = _levels_problem(file)
+            if problem is not None:
+                return f"that is damaged ({problem})"
+            old_hash = str(file.attrs["params_hash"])
+            if old_hash != params_hash:
+                return f"written for other parameters (params_hash {old_hash}, this job {params_hash})"
+            old = tuple(_level_shape(file[f"levels/{k}"]) for k in range(int(file.attrs["levels"])))
+            if old != tuple(levels):
+                return "written with other levels or tiles"
+    except (OSError, KeyError, ValueError) as exc:
+        return f"that cannot be read ({exc})"
+    return None
 
 
 # -- helpers ---------------------------------------------------------------------------------

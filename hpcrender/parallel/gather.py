@@ -37,3 +37,21 @@ def exchange_branch(prediction: torch.Tensor, branch: int, partner: int, group) 
     for req in dist.batch_isend_irecv(ops):
         req.wait()
     return torch.cat([prediction, other]) if branch == 0 else torch.cat([other, prediction])
+
+
+def array_from_leader(array, shape: tuple[int, ...], layout, comms):
+    """The group's first rank's float32 numpy array, on every rank of the group (the others pass None)."""
+    if layout.size == 1:
+        return array
+    tensor = torch.from_numpy(array) if layout.rank == 0 else torch.empty(shape, dtype=torch.float32)
+    dist.broadcast(tensor, src=comms.global_ranks[0], group=comms.group)
+    return tensor.numpy()
+
+
+def objects_from_leader(obj, layout, comms):
+    """The group's first rank's picklable `obj`, on every rank of the group."""
+    if layout.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=comms.global_ranks[0], group=comms.group)
+    return box[0]

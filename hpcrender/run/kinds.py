@@ -72,10 +72,31 @@ def store_path(out: Path, job: Job) -> Path:
 
 
 class ImageKind:
-    """Text-to-image and img2img: one unit per job, the whole image on one group; the group's first rank writes."""
+    """Text-to-image and img2img: one unit per job, the whole image on one group; the group's first rank writes.
 
-    def units(self, plan) -> tuple[Unit, ...]:
-        return (Unit(plan.index),)
+    The hooks of a kind (a phase's rounds: begin_round, between_units, end_round, end_phase) have nothing to do
+    here: an image needs no other group's work."""
+
+    rounds = 1
+    failed_jobs = 0  # failures found outside a unit's render (a unit's own count in the runner)
+
+    def __init__(self, plan=None, indices=()):
+        pass
+
+    def units(self, plan, r: int = 0) -> tuple[Unit, ...]:
+        return (Unit(plan.index),) if r == 0 else ()
+
+    def begin_round(self, r: int, ctx) -> None:
+        pass
+
+    def between_units(self, ctx) -> None:
+        pass
+
+    def end_round(self, r: int, ctx, leaders: int) -> None:
+        pass
+
+    def end_phase(self, ctx, interrupted: bool) -> None:
+        pass
 
     def already_done(self, out: Path, job: Job) -> bool:
         """A complete store of the same parameters and its exported image: nothing to render again."""
@@ -134,8 +155,6 @@ class ImageKind:
             issued = True
 
         try:
-            if job.gigapixel is not None:
-                raise NotImplementedError("gigapixel refinement ([jobs.gigapixel]) is not available in this version")
             pipe = ctx.models.get(job.model, job.dtype)
             last_record = time.monotonic()
 
@@ -197,12 +216,13 @@ class ImageKind:
             return Outcome.FAILED
 
 
-def kind_of(job: Job) -> ImageKind:
-    """The kind that renders `job`."""
-    return IMAGE
+def kind_of(job: Job) -> type:
+    """The kind (class) that renders `job`; the runner makes one of each per phase for the phase's jobs."""
+    if job.gigapixel is not None:
+        from hpcrender.run.gigapixel import GigapixelKind
 
-
-IMAGE = ImageKind()
+        return GigapixelKind
+    return ImageKind
 
 
 def _write_outputs(out: Path, job: Job, result, layout, comms, peaks, options: RenderOptions, started, world, group):

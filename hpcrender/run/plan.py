@@ -50,6 +50,7 @@ class JobPlan:
     bands: tuple             # latent row bands (parallel.bands.Band)
     costs: tuple[RankCost, ...] | None
     estimate: float          # relative cost (schedule.job_cost), which orders the queue
+    gigapixel: object = None  # gigapixel.plan.GigaPlan of a gigapixel job: its levels and tiles
 
     @property
     def banded(self) -> bool:
@@ -157,7 +158,17 @@ def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
     estimate = job_cost(job.width, job.height, job.steps)
     banded = job.parallel.mode is not Mode.NONE and patch > 1
     if shape is None:
+        if job.gigapixel is not None:
+            raise DoesNotFit("a gigapixel job's levels and tiles are planned from its model's configs before "
+                             "anything loads: the model must be a builtin, a folder, a file or a hub id in the cache")
         return JobPlan(index, job, size, patch, (), None, estimate)
+    if job.gigapixel is not None:  # sides on the model's alignment, a step per tile: refused before loading
+        from hpcrender.gigapixel.plan import gigapixel_plan
+
+        giga = gigapixel_plan(job, shape.vae_scale, shape.alignment)
+        base = giga.levels[0]
+        bands = image_bands(base.height, shape.vae_scale, shape.alignment, patch) if banded else ()
+        return JobPlan(index, job, size, patch, bands, None, estimate, giga)
     bands = image_bands(job.height, shape.vae_scale, shape.alignment, patch) if banded else ()
     return JobPlan(index, job, size, patch, bands, _rank_costs(job, size, patch, bands, shape), estimate)
 

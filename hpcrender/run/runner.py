@@ -40,6 +40,11 @@ class StopFlag:
         log.warning("signal %s received: stopping after the current denoising step", signal.Signals(signum).name)
 
 
+def _part(part: tuple) -> str:
+    """How a group record names a part of a job: a gigapixel tile as `@level/row/col`."""
+    return "@" + "/".join(str(p) for p in part) if part else ""
+
+
 def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions) -> int:
     """Render the plan's jobs; returns the contract's exit code (the same on every rank)."""
     from hpcrender.models.cache import ModelCache
@@ -72,34 +77,53 @@ def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions)
         comms = make_comms(world, phase.groups, size, any(plan.jobs[i].job.parallel.split_cfg for i in phase.order))
         g = env.rank // size
         group = GroupProtocol(world.split(g), g, phase.groups[g])
-        units = [u for i in phase.order for u in kind_of(plan.jobs[i].job).units(plan.jobs[i])]
-        queue = WorkQueue(world.comm, units)
         context = UnitContext(world=world, protocol=group, comms=comms, models=models, progress=progress,
                               options=options, stop=stop)
+        members: dict[type, list[int]] = {}
+        for i in phase.order:
+            members.setdefault(kind_of(plan.jobs[i].job), []).append(i)
+        kinds = {cls: cls(plan, indices) for cls, indices in members.items()}
         busy, taken = 0.0, []
-        while not interrupted:
-            # The group agrees on stopping, so that no rank waits in a collective for a rank that left.
-            if group.stop(stop.signum is not None):
-                interrupted = True
+        for r in range(max(k.rounds for k in kinds.values())):
+            # A round's units may need the previous round's results (a gigapixel level the one before): each
+            # round has its own queue, and every kind agrees on what the round holds before anyone takes.
+            for kind in kinds.values():
+                kind.begin_round(r, context)
+            units = [u for i in phase.order for u in kinds[kind_of(plan.jobs[i].job)].units(plan.jobs[i], r)]
+            queue = WorkQueue(world.comm, units)
+            while not interrupted:
+                for kind in kinds.values():
+                    kind.between_units(context)
+                # The group agrees on stopping, so that no rank waits in a collective for a rank that left.
+                if group.stop(stop.signum is not None):
+                    interrupted = True
+                    break
+                index = group.take(queue)
+                if index is None:
+                    break
+                unit = units[index]
+                job_plan = plan.jobs[unit.job]
+                started = time.monotonic()
+                outcome = kinds[kind_of(job_plan.job)].render(unit, job_plan, context)
+                if outcome is not Outcome.SKIPPED:
+                    busy += time.monotonic() - started
+                    taken.append(job_plan.job.name + _part(unit.part))
+                failed += outcome is Outcome.FAILED
+                interrupted = outcome is Outcome.STOPPED
+                if group.leader:
+                    record_group(out, number, g, phase.groups[g], size, busy, taken)
+                if env.rank == 0:  # the other groups' jobs show up too: they keep their own state files current
+                    merge_status(out, names)
+            # Every rank goes through every round of every phase: the world-wide collectives stay matched.
+            queue.free()
+            for kind in kinds.values():
+                kind.end_round(r, context, len(phase.groups))
+            interrupted = bool(world.allreduce_max(int(interrupted)))
+            if interrupted:
                 break
-            index = group.take(queue)
-            if index is None:
-                break
-            unit = units[index]
-            job_plan = plan.jobs[unit.job]
-            started = time.monotonic()
-            outcome = kind_of(job_plan.job).render(unit, job_plan, context)
-            if outcome is not Outcome.SKIPPED:
-                busy += time.monotonic() - started
-                taken.append(job_plan.job.name)
-            failed += outcome is Outcome.FAILED
-            interrupted = outcome is Outcome.STOPPED
-            if group.leader:
-                record_group(out, number, g, phase.groups[g], size, busy, taken)
-            if env.rank == 0:  # the other groups' jobs show up too: they keep their own state files current
-                merge_status(out, names)
-        # Every rank goes through every phase: the world-wide collectives here stay matched.
-        queue.free()
+        for kind in kinds.values():
+            kind.end_phase(context, interrupted)
+            failed += kind.failed_jobs
         group.free()
     world.barrier()
     if env.rank == 0:

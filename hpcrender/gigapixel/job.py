@@ -1,0 +1,174 @@
+"""A gigapixel job from start to outputs on one rank group: the level store opened (or resumed), the sequential
+driver, the exports, and what meta.json records of it (levels, tiles, timings, seam scores)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpcrender.config import Job
+from hpcrender.errors import HpcrenderError
+from hpcrender.gigapixel.compose import seam_period
+from hpcrender.gigapixel.plan import GigaPlan, preview_level
+from hpcrender.store import LevelShape, LevelStore
+
+STORE_NAME = "tiles.h5"
+
+
+def level_shapes(plan: GigaPlan) -> tuple[LevelShape, ...]:
+    """The level store's layout for a plan: each level's size, its tile as the chunk, the largest patch."""
+    return tuple(LevelShape(lp.height, lp.width, lp.tile, *lp.patch_shape) for lp in plan.levels)
+
+
+def open_store(job_dir: Path, job: Job, plan: GigaPlan, resume: bool = True) -> LevelStore:
+    """The job's level store for writing (resumed when it was written for the same job and plan)."""
+    store = LevelStore.open(Path(job_dir) / STORE_NAME, levels=level_shapes(plan), params_hash=job.params_hash(),
+                            resume=resume)
+    try:
+        if "job" not in store.attrs:
+            store.set_attrs(job=job.to_dict(), levels=[[lp.width, lp.height, lp.tile] for lp in plan.levels])
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+@dataclass
+class GigaJobOutcome:
+    result: object                                  # render.GigaResult
+    exported: list[Path] = field(default_factory=list)
+
+
+def render_job(pipe, job: Job, job_dir: Path, layout, comms, device, *, resume: bool = True, should_stop=None,
+               on_tile=None, colour_fix: bool = True) -> GigaJobOutcome:
+    """Render (or resume) a gigapixel job on this rank group; the group's first rank holds the store, writes every
+    unit and exports image.png or image.tif and preview.png (from a small level) when the job is complete."""
+    from hpcrender.export import PREVIEW_MAX_SIDE, export_job
+    from hpcrender.gigapixel.render import plan_for, render_gigapixel
+    from hpcrender.parallel.gather import objects_from_leader
+
+    plan = plan_for(pipe, job)
+    leader = layout.rank == 0
+    store, problem = None, None
+    if leader:
+        try:
+            store = open_store(job_dir, job, plan, resume)
+        except HpcrenderError as e:
+            problem = e
+    # The whole group stops when the store cannot be opened: the others would wait for the first rank forever.
+    refused = objects_from_leader(None if problem is None else str(problem), layout, comms)
+    if problem is not None:
+        raise problem
+    if refused is not None:
+        raise HpcrenderError(refused)
+    try:
+        result = render_gigapixel(pipe, job, store, layout, comms, device, should_stop, on_tile,
+                                  colour_fix=colour_fix)
+        exported = []
+        if leader and not result.stopped:
+            preview = store.level(preview_level(plan, PREVIEW_MAX_SIDE))
+            exported = export_job(store.final(), job_dir, preview_from=preview)
+    finally:
+        if store is not None:
+            store.close()
+    return GigaJobOutcome(result, exported)
+
+
+def gigapixel_meta(outcome: GigaJobOutcome) -> dict:
+    """meta.json's `gigapixel` section."""
+    result = outcome.result
+    plan = result.plan
+    final = plan.levels[-1].index
+    tiles = result.tile_seconds
+    return {
+        "levels": [{"level": lp.index, "width": lp.width, "height": lp.height, "tile": lp.tile, "rows": lp.rows,
+                    "cols": lp.cols, "seam_score": _round(result.seam_scores.get(lp.index))}
+                   for lp in plan.levels],
+        "seam_score": _round(result.seam_scores.get(final)),
+        "seam_score_definition": "summed |difference| of pixel pairs straddling tile boundaries of the final level, "
+                                 "divided by its expectation from pairs across the lines inside the tiles that are "
+                                 "multiples of seam_period px from their edges (1.0: no seams)",
+        "seam_period": seam_period(plan.levels[-1].tile, plan.alignment),
+        "overlap": plan.overlap,
+        "alignment": plan.alignment,
+        "tiles": plan.total_tiles,
+        "unet_evaluations": plan.unet_evaluations,
+        "first_step": plan.first_step,
+        "units_rendered": result.tiles_rendered,
+        "base_seconds": round(result.base_seconds, 4),
+        "tile_seconds_mean": round(sum(tiles) / len(tiles), 4) if tiles else None,
+        "tile_seconds_max": round(max(tiles), 4) if tiles else None,
+        "compose_seconds": round(result.compose_seconds, 4),
+    }
+
+
+def _round(x):
+    return None if x is None else round(x, 4)
+
+
+def job_meta(job: Job, outcome: GigaJobOutcome, layout, comms, peaks: list, started: float, world_size: int,
+             device) -> dict:
+    """meta.json of a gigapixel job: as an ordinary job's (job, model, versions, layout, timings, peak memory,
+    outputs) with the gigapixel section."""
+    import diffusers
+    import torch
+    import transformers
+
+    import hpcrender
+
+    return {
+        "job": job.to_dict(),
+        "params_hash": job.params_hash(),
+        "model": job.model,
+        "versions": {"hpcrender": hpcrender.__version__, "python": platform.python_version(),
+                     "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__},
+        "layout": {"world_size": world_size, "ranks": list(comms.global_ranks), "mode": job.parallel.mode.value,
+                   "split_cfg": layout.split_cfg, "nodes": sorted({p["node"] for p in peaks}), "device": str(device)},
+        "timings": {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 3)},
+        "peak_memory": peaks,
+        "gigapixel": gigapixel_meta(outcome),
+        "outputs": [p.name for p in outcome.exported],
+    }
+
+
+def run_for_render(world, job: Job, layout, comms, pipe, progress, out: Path, *, resume: bool, should_stop, agree,
+                   started: float) -> str:
+    """The render command's handling of a gigapixel job on this rank's group: "done" or "stopped" (a signal came;
+    the stored units are kept and the same command resumes). Failures propagate to the runner as any job's do."""
+    from hpcrender.records import JobState, record_job_state, record_progress, write_meta
+
+    env = world.env
+    leader = layout.rank == 0
+    last = [time.monotonic()]
+
+    def on_tile(unit, done: int, total: int) -> None:
+        if leader:
+            if done == 1 or progress_total[0] != total:
+                progress.start(job.name, total, unit="tile")
+                progress_total[0] = total
+                progress.update(done - 1)
+            progress.update(1)
+            if time.monotonic() - last[0] >= 5.0:
+                record_progress(out, job.name, done, total)
+                last[0] = time.monotonic()
+
+    progress_total = [None]
+    outcome = render_job(pipe, job, out / job.name, layout, comms, env.device, resume=resume,
+                         should_stop=should_stop, on_tile=on_tile)
+    result = outcome.result
+    if result.stopped:
+        if leader:
+            record_job_state(out, job.name, JobState.PENDING, rank=env.rank, node=env.node)
+            progress.finish(f"{job.name}: stopped; finished tiles are in the store")
+        return "stopped"
+    peaks = agree.allgather({"rank": env.rank, "node": env.node, "peak_memory_bytes": result.peak_memory_bytes})
+    if leader:
+        write_meta(out / job.name, job_meta(job, outcome, layout, comms, peaks, started, env.world_size, env.device))
+        progress.finish(f"{job.name}: done in {time.time() - started:.1f}s, seam score "
+                        f"{gigapixel_meta(outcome)['seam_score']}")
+        record_job_state(out, job.name, JobState.DONE, rank=env.rank, node=env.node, started=started,
+                         finished=time.time(), seconds=round(time.time() - started, 3))
+    return "done"
