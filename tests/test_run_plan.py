@@ -145,3 +145,21 @@ def test_describe_plan_shows_each_job_once_with_group_bands_bytes_and_time():
     assert "latent bands 0:16,16:32" in text
     assert "sends per step:" in text and "estimated" in text
 
+
+def test_a_gigapixel_job_plans_its_levels_tiles_evaluations_store_and_time():
+    from hpcrender.config import GigapixelConfig
+
+    giga = job("g", Mode.NONE, 384, 256, gigapixel=GigapixelConfig(base=128, tile=128, overlap=32, strength=0.5))
+    plan = plan_of(manifest(giga, job("p", Mode.NONE, 64, 64)), 2)
+    p = plan.jobs[0]
+    assert [(lv.width, lv.height, len(lv.tiles)) for lv in p.gigapixel.levels] == [(128, 64, 1), (256, 128, 2),
+                                                                                 (384, 256, 6)]
+    assert p.gigapixel.unet_evaluations == p.gigapixel.base_steps + 8 * p.gigapixel.tile_steps
+    tile = max(c.macs for c in p.costs)
+    base = max(c.macs for c in p.base_costs)
+    assert p.seconds(1e9) == pytest.approx((p.gigapixel.base_steps * base + 8 * p.gigapixel.tile_steps * tile) / 1e9)
+    assert p.store_bytes == sum(3 * (lv.height * lv.width + len(lv.tiles) * lv.patch_shape[0] * lv.patch_shape[1])
+                                for lv in p.gigapixel.levels)
+    text = describe_plan(manifest(giga), plan_of(manifest(giga), 2))
+    assert "gigapixel levels: 128x64 (1 tile), 256x128 (2 tiles), 384x256 (6 tiles)" in text
+    assert "UNet evaluations" in text and "uncompressed" in text and "on all 2 group(s)" in text

@@ -10,6 +10,7 @@ make_run_plan is pure given its `shapes` lookup (models.shapes.model_shape, or a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class JobPlan:
     costs: tuple[RankCost, ...] | None
     estimate: float          # relative cost (schedule.job_cost), which orders the queue
     gigapixel: object = None  # gigapixel.plan.GigaPlan of a gigapixel job: its levels and tiles
+    base_costs: tuple[RankCost, ...] | None = None  # a gigapixel job's base render (costs: one of its tiles)
 
     @property
     def banded(self) -> bool:
@@ -61,10 +63,27 @@ class JobPlan:
         return self.job.steps - self.job.first_step
 
     def seconds(self, macs_per_s: float) -> float | None:
-        """Estimated time of the denoising loop at `macs_per_s` per rank (the slowest rank sets it)."""
+        """Estimated time of the denoising loops at `macs_per_s` per rank (the slowest rank sets it), on one group;
+        a gigapixel job's tiles spread over all the groups of its phase."""
         if self.costs is None:
             return None
+        if self.gigapixel is not None:
+            giga = self.gigapixel
+            macs = giga.base_steps * max(c.macs for c in self.base_costs) + \
+                giga.total_tiles * giga.tile_steps * max(c.macs for c in self.costs)
+            return macs / macs_per_s
         return self.steps_run * max(c.macs for c in self.costs) / macs_per_s
+
+    @property
+    def store_bytes(self) -> int | None:
+        """A gigapixel store's size at most (uncompressed): every level's image and its refined patches."""
+        if self.gigapixel is None:
+            return None
+        total = 0
+        for level in self.gigapixel.levels:
+            h, w = level.patch_shape
+            total += 3 * (level.height * level.width + len(level.tiles) * h * w)
+        return total
 
 
 @dataclass(frozen=True)
@@ -167,8 +186,15 @@ def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
 
         giga = gigapixel_plan(job, shape.vae_scale, shape.alignment)
         base = giga.levels[0]
+        base_job = dataclasses.replace(job, width=base.width, height=base.height, gigapixel=None)
         bands = image_bands(base.height, shape.vae_scale, shape.alignment, patch) if banded else ()
-        return JobPlan(index, job, size, patch, bands, None, estimate, giga)
+        base_costs = _rank_costs(base_job, size, patch, bands, shape)
+        tile_h = max((lv.patch_shape[0] for lv in giga.levels[1:]), default=base.height)
+        tile_w = max((lv.patch_shape[1] for lv in giga.levels[1:]), default=base.width)
+        tile_job = dataclasses.replace(job, width=tile_w, height=tile_h, gigapixel=None)
+        tile_bands = image_bands(tile_h, shape.vae_scale, shape.alignment, patch) if banded else ()
+        tile_costs = _rank_costs(tile_job, size, patch, tile_bands, shape)
+        return JobPlan(index, job, size, patch, bands, tile_costs, estimate, giga, base_costs)
     bands = image_bands(job.height, shape.vae_scale, shape.alignment, patch) if banded else ()
     return JobPlan(index, job, size, patch, bands, _rank_costs(job, size, patch, bands, shape), estimate)
 
@@ -291,6 +317,20 @@ def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_COR
                 continue
             need = _largest_need(p)
             sent = max(c.bytes_sent for c in p.costs)
+            if p.gigapixel is not None:
+                giga = p.gigapixel
+                levels = ", ".join(f"{lv.width}x{lv.height} ({len(lv.tiles)} tile{'s' if len(lv.tiles) > 1 else ''})"
+                                   for lv in giga.levels)
+                seconds = p.seconds(macs_per_s)
+                lines.append(f"  {'':<24} gigapixel levels: {levels}")
+                lines.append(f"  {'':<24} {giga.total_tiles} tiles of {giga.tile_steps} steps + a base of "
+                             f"{giga.base_steps}: {giga.unet_evaluations} UNet evaluations; store at most "
+                             f"{_size(p.store_bytes)} uncompressed")
+                lines.append(f"  {'':<24} estimated UNet time {_duration(seconds)} on one group, "
+                             f"{_duration(seconds / len(phase.groups))} with the tiles on all {len(phase.groups)} "
+                             f"group(s); a tile sends {_size(sent)} per step per rank at most")
+                lines.append(f"  {'':<24} memory per rank for a tile: at least {describe_memory(need)}")
+                continue
             lines.append(f"  {'':<24} sends per step: {_size(sent)} per rank at most; estimated "
                          f"{_duration(p.seconds(macs_per_s))} for {p.steps_run} steps")
             lines.append(f"  {'':<24} memory per rank: at least {describe_memory(need)}")
