@@ -1,6 +1,7 @@
 """Models: turn a model reference (builtin:NAME, diffusers folder, .safetensors file, hub id) into a pipeline.
 
-Returns a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline, in eval mode, on the asked device/dtype.
+Returns a diffusers StableDiffusionPipeline, StableDiffusionXLPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline or
+FluxPipeline, in eval mode, on the asked device/dtype.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from hpcrender.models.reference import BUILTIN_NAMES, Family, ModelSpec, SourceK
 
 __all__ = [
     "Family", "ModelSpec", "SourceKind", "resolve", "load_pipeline", "family", "weights_checksum", "builtin_names",
-    "unet_config_of",
+    "unet_config_of", "denoiser_of",
 ]
 
 
@@ -43,14 +44,22 @@ def load_pipeline(ref: str, dtype: torch.dtype = torch.float32, device: str | to
 
 
 def family(pipe) -> Family:
-    """SD or SDXL, from the pipeline's class."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The model family, from the pipeline's class."""
+    from diffusers import (
+        FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+    )
 
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        return Family.SDXL
-    if isinstance(pipe, StableDiffusionPipeline):
-        return Family.SD
-    raise BadInput(f"{type(pipe).__name__} is not a Stable Diffusion 1.x or SDXL pipeline")
+    for cls, found in ((StableDiffusionXLPipeline, Family.SDXL), (StableDiffusionPipeline, Family.SD),
+                       (PixArtSigmaPipeline, Family.PIXART), (StableDiffusion3Pipeline, Family.SD3),
+                       (FluxPipeline, Family.FLUX)):
+        if isinstance(pipe, cls):
+            return found
+    raise BadInput(f"{type(pipe).__name__} is not a Stable Diffusion 1.x, SDXL, PixArt-Sigma, SD3 or Flux pipeline")
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    """The model the denoising loop calls: the transformer of a DiT pipeline, else the UNet."""
+    return pipe.transformer if family(pipe).transformer else pipe.unet
 
 
 def weights_checksum(module: torch.nn.Module) -> str:
@@ -65,23 +74,30 @@ def weights_checksum(module: torch.nn.Module) -> str:
 
 
 def unet_config_of(ref: str) -> dict | None:
-    """The UNet's config without loading any weights (for layout checks before loading); None when only a
-    download could tell (a hub id not in the local cache)."""
+    """The denoiser's config (the UNet's, or a transformer's with its `_class_name`) without loading any weights,
+    for layout checks before loading; None when only a download could tell (a hub id not in the local cache)."""
     import json
 
-    from hpcrender.models import builtin, checkpoints
+    from hpcrender.models import builtin, checkpoints, dit
 
     spec = resolve(ref)
     if spec.kind is SourceKind.BUILTIN:
+        if spec.location in dit.DIT_NAMES:
+            return dit.transformer_config(spec.location)
         return dict(builtin.architecture(spec.location).unet)
     if spec.kind is SourceKind.SINGLE_FILE:
         return dict(builtin.architecture(checkpoints.match_layout(checkpoints.read_shapes(spec.location))).unet)
     if spec.kind is SourceKind.FOLDER:
-        path = Path(spec.location) / "unet" / "config.json"
-        if not path.is_file():
-            raise ModelNotFound(f"model {ref!r}: {path} is missing (not a diffusers pipeline folder)")
-        return json.loads(path.read_text())
+        for part in ("unet", "transformer"):
+            path = Path(spec.location) / part / "config.json"
+            if path.is_file():
+                return json.loads(path.read_text())
+        raise ModelNotFound(f"model {ref!r}: {Path(spec.location) / 'unet' / 'config.json'} is missing (not a "
+                            "diffusers pipeline folder)")
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(spec.location, "unet/config.json")
-    return json.loads(Path(found).read_text()) if isinstance(found, str) else None
+    for part in ("unet", "transformer"):
+        found = try_to_load_from_cache(spec.location, f"{part}/config.json")
+        if isinstance(found, str):
+            return json.loads(Path(found).read_text())
+    return None

@@ -20,7 +20,9 @@ from hpcrender.models.builtin import (
 )
 from hpcrender.models.reference import Family, ModelSpec, SourceKind
 
-PIPELINE_CLASSES = {"StableDiffusionPipeline": Family.SD, "StableDiffusionXLPipeline": Family.SDXL}
+PIPELINE_CLASSES = {"StableDiffusionPipeline": Family.SD, "StableDiffusionXLPipeline": Family.SDXL,
+                    "PixArtSigmaPipeline": Family.PIXART, "StableDiffusion3Pipeline": Family.SD3,
+                    "FluxPipeline": Family.FLUX}
 
 # Layouts a single file may have, per family; "sd15" and "sdxl-base" are the real checkpoints.
 SINGLE_FILE_LAYOUTS = {Family.SD: ("tiny-sd", "sd15"), Family.SDXL: ("tiny-sdxl", "sdxl-mini", "sdxl-base")}
@@ -54,7 +56,9 @@ def pipeline_options(family: Family) -> dict:
     """The same options for every source: no safety checker, no watermark (it would change the pixels)."""
     if family is Family.SD:
         return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return dict(add_watermarker=False)
+    if family is Family.SDXL:
+        return dict(add_watermarker=False)
+    return {}
 
 
 def dtype_option(dtype: torch.dtype) -> dict:
@@ -66,9 +70,9 @@ def dtype_option(dtype: torch.dtype) -> dict:
 
 
 def pipeline_class(family: Family):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return StableDiffusionPipeline if family is Family.SD else StableDiffusionXLPipeline
+    return getattr(diffusers, next(name for name, found in PIPELINE_CLASSES.items() if found is family))
 
 
 # ---------------------------------------------------------------------------------------------- folder and hub
@@ -99,7 +103,8 @@ def load_pretrained(spec: ModelSpec, dtype: torch.dtype):
     family = PIPELINE_CLASSES.get(index.get("_class_name"))
     if family is None:
         raise ModelNotFound(
-            f"model {spec.ref!r}: a {index.get('_class_name')}, not a Stable Diffusion 1.x or SDXL pipeline"
+            f"model {spec.ref!r}: a {index.get('_class_name')}, not a Stable Diffusion 1.x, SDXL, PixArt-Sigma, SD3 or"
+            " Flux pipeline"
         )
     try:
         return pipeline_class(family).from_pretrained(

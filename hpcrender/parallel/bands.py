@@ -62,15 +62,33 @@ def latent_bands(latent_rows: int, align: int, parts: int, pixels_per_row: int =
     return tuple(bands)
 
 
+def _config_get(config: Mapping | object, key: str, default=None):
+    return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+
+
+def is_transformer_config(config: Mapping | object) -> bool:
+    """A diffusion transformer's config (patch embedding, no down blocks) rather than a UNet's."""
+    return _config_get(config, "down_block_types") is None and _config_get(config, "patch_size") is not None
+
+
+def transformer_alignment(config: Mapping | object) -> int:
+    """Latent rows per token row of a diffusion transformer: its patch size (PixArt, SD3: 2), times 2 for Flux,
+    whose pipeline packs 2x2 latent pixels into each token before its patch-1 embedding."""
+    patch = int(_config_get(config, "patch_size"))
+    flux = _config_get(config, "axes_dims_rope") is not None or _config_get(config, "_class_name") == \
+        "FluxTransformer2DModel"
+    return 2 * patch if flux else patch
+
+
 def unet_alignment(unet_config: Mapping | object) -> int:
-    """Latent rows per row of a UNet's coarsest feature map: 2 ** (number of downsampling blocks).
+    """Latent rows per row of a UNet's coarsest feature map: 2 ** (number of downsampling blocks); for a diffusion
+    transformer's config, its token rows (transformer_alignment).
 
     Every down block but the last halves the feature map: 8 for SD 1.x/2.x, 4 for SDXL.
     """
-    if isinstance(unet_config, Mapping):
-        blocks = unet_config["down_block_types"]
-    else:
-        blocks = unet_config.down_block_types
+    if is_transformer_config(unet_config):
+        return transformer_alignment(unet_config)
+    blocks = _config_get(unet_config, "down_block_types")
     return 2 ** (len(blocks) - 1)
 
 
