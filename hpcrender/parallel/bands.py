@@ -208,6 +208,36 @@ def expected_bytes(layers: Sequence[LayerSpec], bands: Sequence[Band], rank: int
     return total
 
 
+def transformer_layers(config: Mapping | object, latent_width: int) -> tuple[LayerSpec, ...]:
+    """The exchanging layers of a diffusion transformer (PixArt-Sigma, SD3/3.5, Flux.1) from its config: one
+    self-attention per image attention (PixArt's attn1; SD3's joint attention and SD3.5's second, image-only one;
+    Flux's joint and single-stream blocks), each sending its image tokens' keys and values. Token rows are
+    transformer_alignment latent rows; text tokens are never sent."""
+    align = transformer_alignment(config)
+    heads = int(_config_get(config, "num_attention_heads"))
+    inner = heads * int(_config_get(config, "attention_head_dim"))
+    blocks = int(_config_get(config, "num_layers"))
+    if _config_get(config, "axes_dims_rope") is not None or _config_get(config, "_class_name") == \
+            "FluxTransformer2DModel":
+        blocks += int(_config_get(config, "num_single_layers"))
+    else:
+        blocks += len(_config_get(config, "dual_attention_layers", ()) or ())
+    if latent_width % align:
+        raise DoesNotFit(f"a latent {latent_width} columns wide is not whole tokens of {align} columns")
+    layer = LayerSpec(LayerKind.SELF_ATTENTION, Fraction(1, align), latent_width // align, channels=2 * inner)
+    return (layer,) * blocks
+
+
+def transformer_step_bytes(config: Mapping | object, bands: Sequence[Band], rank: int, latent_width: int, batch: int,
+                           element_size: int, registration: bool = False) -> int:
+    """Bytes `rank` sends in one exchanging step (sync, or displaced after its warm-up) of a diffusion transformer
+    over `bands` (latent rows): every image attention's keys and values of the band, padded to the largest band,
+    for `batch` images (2 with classifier-free guidance unless split_cfg, else 1). registration=True for an
+    image's first step, which also shares each layer's token count. 0 for one band."""
+    return expected_bytes(transformer_layers(config, latent_width), bands, rank, batch, element_size,
+                          registration=registration)
+
+
 @dataclass(frozen=True)
 class BufferBytes:
     """Bytes of the communication buffers one rank of a band group holds through an image, by kind of layer."""
