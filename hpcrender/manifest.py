@@ -33,7 +33,8 @@ from hpcrender.config import (
 )
 from hpcrender.errors import BadInput, ManifestError
 
-BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "sdxl-mini", "sdxl")
+BUILTIN_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "sdxl-mini", "sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux",
+                                   "pixart-mini")
 
 DEFAULT_SIDE = 1024
 MAX_SIDE = 65536

@@ -66,6 +66,16 @@ def check_layout(size: int, split_cfg: bool, guidance: bool) -> None:
         raise BadInput(f"split_cfg needs an even number of ranks per image, got {size}")
 
 
+def check_sampler(job: Job) -> None:
+    """Refuse, before anything is loaded, a sampler that does not apply to the job's model (ddim or dpmpp for a
+    flow-matching model)."""
+    from hpcrender.models import scheduler_config_of
+
+    config = scheduler_config_of(job.model)
+    if config is not None and is_flow_matching(config) and job.scheduler is not SchedulerName.EULER:
+        make_scheduler(job.scheduler, config)
+
+
 def check_size(pipe, job: Job) -> None:
     """A transformer's image must be whole patches (Flux: whole 2x2 packs), as its diffusers pipeline demands."""
     if not family(pipe).transformer:

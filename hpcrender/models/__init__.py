@@ -16,7 +16,7 @@ from hpcrender.models.reference import BUILTIN_NAMES, Family, ModelSpec, SourceK
 
 __all__ = [
     "Family", "ModelSpec", "SourceKind", "resolve", "load_pipeline", "family", "weights_checksum", "builtin_names",
-    "unet_config_of", "denoiser_of",
+    "unet_config_of", "denoiser_of", "scheduler_config_of",
 ]
 
 
@@ -101,3 +101,25 @@ def unet_config_of(ref: str) -> dict | None:
         if isinstance(found, str):
             return json.loads(Path(found).read_text())
     return None
+
+
+def scheduler_config_of(ref: str) -> dict | None:
+    """The model's own sampler config without loading anything (to refuse samplers that do not apply before a render);
+    None when only a download could tell."""
+    import json
+
+    from hpcrender.models import builtin, dit
+
+    spec = resolve(ref)
+    if spec.kind is SourceKind.BUILTIN:
+        return dict(dit.architecture(spec.location).scheduler if spec.location in dit.DIT_NAMES
+                    else builtin.SCHEDULER_CONFIG)
+    if spec.kind is SourceKind.SINGLE_FILE:
+        return dict(builtin.SCHEDULER_CONFIG)
+    if spec.kind is SourceKind.FOLDER:
+        path = Path(spec.location) / "scheduler" / "scheduler_config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(spec.location, "scheduler/scheduler_config.json")
+    return json.loads(Path(found).read_text()) if isinstance(found, str) else None
