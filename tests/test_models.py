@@ -75,8 +75,9 @@ def assert_one_line(exc: pytest.ExceptionInfo, *fragments: str) -> None:
 # ---------------------------------------------------------------------------------------------- builtins
 
 
-def test_builtin_names_are_the_four_documented_models():
-    assert builtin_names() == ("tiny-sd", "tiny-sdxl", "sdxl-mini", "sdxl")
+def test_builtin_names_are_the_documented_models():
+    assert builtin_names() == ("tiny-sd", "tiny-sdxl", "sdxl-mini", "sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux",
+                               "pixart-mini")
 
 
 @pytest.mark.parametrize("name", TINY)
