@@ -1,4 +1,4 @@
-"""`hpcrender bench`: per-step time of the denoising loop (UNet with CFG batch 2, no VAE) against what a user would
+"""`hpcrender bench`: per-step time of the denoising loop (UNet or diffusion transformer, CFG batch 2, no VAE) against what a user would
 run instead - plain diffusers on one process with all the node's cores, and hpcrender on one rank - then on every
 rank of the launch in the asked modes, beside what the run plan predicts (bytes, compute, memory)."""
 
@@ -175,11 +175,24 @@ def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
     first one includes encoding the prompt)."""
     import torch
 
-    from hpcrender.pipeline import TORCH_DTYPES, _sync, initial_noise, make_scheduler
+    from hpcrender.models import Family, family
+    from hpcrender.pipeline import (
+        TORCH_DTYPES, _sync, initial_noise, latent_channels, make_scheduler, pack_2x2, t5_tokens, vae_scale_of,
+    )
 
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    latents = initial_noise(job, pipe.unet.config.in_channels, vae_scale).to(device=device,
-                                                                           dtype=TORCH_DTYPES[job.dtype])
+    fam = family(pipe)
+    latents = initial_noise(job, latent_channels(pipe), vae_scale_of(pipe)).to(device=device,
+                                                                             dtype=TORCH_DTYPES[job.dtype])
+    kwargs = dict(prompt=job.prompt, height=job.height, width=job.width, num_inference_steps=job.steps,
+                  guidance_scale=job.guidance_scale, latents=latents, output_type="latent")
+    if fam is not Family.FLUX:
+        kwargs["negative_prompt"] = job.negative_prompt or None
+    if fam.transformer:
+        kwargs["max_sequence_length"] = t5_tokens(pipe)
+    if fam is Family.PIXART:
+        kwargs.update(negative_prompt=job.negative_prompt, use_resolution_binning=False, clean_caption=False)
+    if fam is Family.FLUX:
+        kwargs["latents"] = pack_2x2(latents)
     original, threads_before = pipe.scheduler, torch.get_num_threads()
     pipe.scheduler = make_scheduler(job.scheduler, original.config)
     pipe.set_progress_bar_config(disable=True)
@@ -190,13 +203,17 @@ def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
         marks.append(time.perf_counter())
         return {}
 
+    if fam is Family.PIXART:  # its pipeline has the older per-step callback only
+        kwargs.update(callback=lambda step, timestep, latents: on_step_end(None, step, timestep, {}),
+                      callback_steps=1)
+    else:
+        kwargs["callback_on_step_end"] = on_step_end
+
     torch.set_num_threads(threads)
     try:
         start = time.perf_counter()
         with torch.no_grad():
-            pipe(prompt=job.prompt, negative_prompt=job.negative_prompt or None, height=job.height, width=job.width,
-                 num_inference_steps=job.steps, guidance_scale=job.guidance_scale, latents=latents,
-                 output_type="latent", callback_on_step_end=on_step_end)
+            pipe(**kwargs)
     finally:
         pipe.scheduler = original
         torch.set_num_threads(threads_before)
@@ -211,6 +228,9 @@ def planned(job: Job, size: int) -> dict | None:
     from hpcrender.pipeline import TORCH_DTYPES
     from hpcrender.runner import _meta_unet, job_costs
 
+    transformer = _transformer_plan(job, size)
+    if transformer is not None:
+        return transformer
     costs = job_costs(job, size)
     unet = _meta_unet(job.model)
     if costs is None or unet is None:
@@ -226,14 +246,38 @@ def planned(job: Job, size: int) -> dict | None:
             "buffer_bytes": [c.memory.buffers.total for c in costs]}
 
 
+def _transformer_plan(job: Job, size: int) -> dict | None:
+    """A diffusion transformer's plan: the bytes a steady step sends (compute and memory are not estimated for
+    transformers); None for a UNet or a model whose config cannot be read here."""
+    from hpcrender.models import unet_config_of
+    from hpcrender.parallel.bands import (
+        is_transformer_config, latent_bands, transformer_alignment, transformer_step_bytes,
+    )
+    from hpcrender.pipeline import TORCH_DTYPES
+
+    config = unet_config_of(job.model)
+    if config is None or not is_transformer_config(config):
+        return None
+    exchanging = job.parallel.mode in (Mode.SYNC, Mode.DISPLACED) and size > 1
+    flux = transformer_alignment(config) != config["patch_size"]
+    batch = 2 if job.guidance_scale > 1.0 and not flux else 1
+    bands = latent_bands(job.height // 8, transformer_alignment(config), size) if exchanging else ()
+    element = TORCH_DTYPES[job.dtype].itemsize
+    return {"bytes_per_step": [transformer_step_bytes(config, bands, r, job.width // 8, batch, element) if bands
+                               else 0 for r in range(size)],
+            "macs_per_step": None, "loop_memory_bytes": [None] * size, "activation_bytes": None,
+            "buffer_bytes": None}
+
+
 def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: bool = True) -> dict:
     """One render of `job` by this rank in a group of `group` ranks: its step times, exchange and memory."""
+    from hpcrender.models import denoiser_of
     from hpcrender.pipeline import GroupLayout, _peak_memory, render_image
 
     env = world.env
     pipe = models.get(job)
     layout = GroupLayout(size=group, rank=env.rank % group, mode=job.parallel.mode)
-    probe = LoopMemory(pipe.unet, env.device) if measure_memory else None
+    probe = LoopMemory(denoiser_of(pipe), env.device) if measure_memory else None
 
     def on_step(done: int, total: int) -> None:
         if probe is not None and done == 1 and probe.device.type != "cuda":
@@ -374,9 +418,10 @@ def format_table(rows: list[dict]) -> str:
         plan = r.get("plan") or {}
         sent = f"{_mib(max(r['bytes_per_step'], default=0))} ({_mib(max(plan['bytes_per_step'], default=0))})" \
             if "bytes_per_step" in r and plan else "-"
-        macs = f"({max(plan['macs_per_step']) / 1e9:.2f})" if plan else "-"
+        macs = f"({max(plan['macs_per_step']) / 1e9:.2f})" if plan and plan["macs_per_step"] else "-"
         measured = [m for m in r.get("loop_memory_bytes", []) if m is not None]
-        memory = f"{_mib(max(measured)) if measured else '-'} ({_mib(max(plan['loop_memory_bytes']))})" \
+        estimates = [m for m in plan.get("loop_memory_bytes") or [] if m is not None]
+        memory = f"{_mib(max(measured)) if measured else '-'} ({_mib(max(estimates)) if estimates else '-'})" \
             if plan else "-"
         lines.append(f"{r['run']:<10} {r['ranks']:>5} {r['threads_per_rank']:>8} {r['per_step_s']:>9.3f} "
                      f"{_num(r.get('speedup_vs_diffusers'), '.2f'):>12} {_num(r.get('speedup_vs_1_rank'), '.2f'):>9} "
