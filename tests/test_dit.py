@@ -242,3 +242,16 @@ def test_a_stopped_render_resumes_bit_for_bit(pipes, name, scheduler):
     assert resumed.resumed_from == 2
     straight = render_image(pipe, job, *ALONE, "cpu")
     assert np.array_equal(resumed.latent, straight.latent) and np.array_equal(resumed.image, straight.image)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_saved_diffusers_folder_loads_bit_exactly(pipes, name, tmp_path):
+    pipes[name].save_pretrained(tmp_path / name, safe_serialization=True)
+    loaded = load_pipeline(str(tmp_path / name))
+    assert family(loaded) is family(pipes[name])
+    assert unet_config_of(str(tmp_path / name))["_class_name"] == type(denoiser_of(loaded)).__name__
+    for part, module in pipes[name].components.items():
+        if isinstance(module, torch.nn.Module):
+            ours, theirs = module.state_dict(), getattr(loaded, part).state_dict()
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    assert scheduler_config_of(str(tmp_path / name))["_class_name"] == type(pipes[name].scheduler).__name__
