@@ -211,20 +211,31 @@ prompt = "a lighthouse"
 width = 64
 height = 64
 seed = 1
+
+[[jobs]]
+name = "cfg-flux"
+model = "builtin:tiny-flux"
+prompt = "a lighthouse"
+width = 64
+height = 64
+seed = 1
+[jobs.parallel]
+split_cfg = true
 """
 
 
 @pytest.mark.mpi
-def test_too_few_token_rows_and_a_sampler_that_does_not_apply_are_refused_with_exit_2(tmp_path):
+def test_too_few_token_rows_and_what_does_not_apply_to_the_model_are_refused_with_exit_2(tmp_path):
     manifest = write_manifest(tmp_path / "m.toml", REFUSED)
     out = tmp_path / "out"
     r = hpcrender("render", manifest, "--out", out, ranks=2)
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("hpcrender: error:")]
-    assert len(lines) == 2, r.stderr  # one line per job, from every rank alike but printed once
+    assert len(lines) == 3, r.stderr  # one line per job, from every rank alike but printed once
     assert "jobs[strip]" in lines[0] and "fewer than its 2 ranks" in lines[0]
     assert "jobs[ddim-flux]" in lines[1] and "does not apply to a flow-matching model" in lines[1]
-    assert not (out / "strip").exists() and not (out / "ddim-flux").exists()
+    assert "jobs[cfg-flux]" in lines[2] and "split_cfg needs classifier-free guidance" in lines[2]
+    assert not any((out / name).exists() for name in ("strip", "ddim-flux", "cfg-flux"))
 
 
 @pytest.mark.parametrize("name, scheduler", [("tiny-pixart", SchedulerName.DPMPP), ("tiny-flux", SchedulerName.EULER)])

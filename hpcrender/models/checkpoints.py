@@ -125,6 +125,9 @@ def single_file_family(keys) -> Family:
         return Family.SDXL
     if any(k.startswith(_SD_TEXT) for k in keys):
         return Family.SD
+    if any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.", "double_blocks.",
+                         "model.diffusion_model.double_blocks.")) for k in keys):
+        raise ModelNotFound("single-file SD3 and Flux checkpoints are not supported: use a diffusers folder or hub id")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise ModelNotFound("Stable Diffusion 2.x checkpoints are not supported (only SD 1.x and SDXL)")
     raise ModelNotFound("not a Stable Diffusion 1.x or SDXL checkpoint in the original layout (no text encoder)")
