@@ -1,6 +1,7 @@
-"""`hpcrender bench`: per-step time of the denoising loop (UNet or diffusion transformer, CFG batch 2, no VAE) against what a user would
-run instead - plain diffusers on one process with all the node's cores, and hpcrender on one rank - then on every
-rank of the launch in the asked modes, beside what the run plan predicts (bytes, compute, memory)."""
+"""`hpcrender bench`: per-step time of the denoising loop (UNet or diffusion transformer, CFG batch 2, no VAE)
+against what a user would run instead - plain diffusers on one process with all the node's cores, and hpcrender on
+one rank - then on every rank of the launch in the asked modes, beside what the run plan predicts (bytes, compute,
+memory)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ from the seed, an image encoded at a strength, or a checkpoint), denoise over a 
 text_to_image and img2img are two compositions of those stages.
 
 The same code renders on one rank and on many: the parallel plan is put around the denoiser (a UNet, or a diffusion
-transformer: PixArt-Sigma, SD3, Flux) for the loop and taken off afterwards, and whatever crosses ranks goes through hpcrender.parallel. Noise is always drawn full-size from the
-seed on the CPU and then sliced, which is what makes a K-rank result comparable with the single-device one.
+transformer: PixArt-Sigma, SD3, Flux) for the loop and taken off afterwards, and whatever crosses ranks goes through
+hpcrender.parallel. Noise is always drawn full-size from the seed on the CPU and then sliced, which is what makes a
+K-rank result comparable with the single-device one.
 """
 
 from __future__ import annotations

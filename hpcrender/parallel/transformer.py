@@ -50,8 +50,9 @@ class BandPatchEmbed(nn.Module):
                 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
                 table = get_2d_sincos_pos_embed(embed_dim=embed.pos_embed.shape[-1], grid_size=grid,
-                                                base_size=embed.base_size, interpolation_scale=embed.interpolation_scale,
-                                                device=device, output_type="pt").float().unsqueeze(0)
+                                                base_size=embed.base_size,
+                                                interpolation_scale=embed.interpolation_scale, device=device,
+                                                output_type="pt").float().unsqueeze(0)
             else:
                 table = embed.pos_embed
         self._tables[key] = table
