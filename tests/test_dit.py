@@ -266,3 +266,81 @@ def test_a_saved_diffusers_folder_loads_bit_exactly(pipes, name, tmp_path):
             ours, theirs = module.state_dict(), getattr(loaded, part).state_dict()
             assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
     assert scheduler_config_of(str(tmp_path / name))["_class_name"] == type(pipes[name].scheduler).__name__
+
+
+def _forward(name: str, model, latent: torch.Tensor) -> torch.Tensor:
+    """One forward of a tiny transformer on `latent` (1 image) with fixed text states."""
+    g = torch.Generator().manual_seed(4)
+    config = model.config
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        if name == "tiny-pixart":
+            text = torch.randn(1, 5, config.caption_channels, generator=g)
+            return model(latent, encoder_hidden_states=text, timestep=t, return_dict=False,
+                         added_cond_kwargs={"resolution": None, "aspect_ratio": None})[0]
+        if name == "tiny-sd3":
+            text = torch.randn(1, 5, config.joint_attention_dim, generator=g)
+            pooled = torch.randn(1, config.pooled_projection_dim, generator=g)
+            return model(latent, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                         return_dict=False)[0]
+        from hpcrender.pipeline import flux_image_ids
+
+        text = torch.randn(1, 5, config.joint_attention_dim, generator=g)
+        pooled = torch.randn(1, config.pooled_projection_dim, generator=g)
+        rows, cols = latent.shape[2] // 2, latent.shape[3] // 2
+        out = model(pack_2x2(latent), encoder_hidden_states=text, pooled_projections=pooled, timestep=t / 1000,
+                    guidance=torch.tensor([3.0]), txt_ids=torch.zeros(5, 3),
+                    img_ids=flux_image_ids(rows, cols, "cpu", torch.float32), return_dict=False)[0]
+        return unpack_2x2(out, latent.shape[2], latent.shape[3])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_one_band_plan_runs_the_model_unchanged_and_is_removed_without_a_trace(pipes, name):
+    from hpcrender.config import GroupNormMode
+    from hpcrender.parallel.plan import PatchPlan, parallelize
+
+    model = denoiser_of(pipes[name])
+    latent = torch.randn(1, latent_channels(pipes[name]), 10, 8, generator=torch.Generator().manual_seed(1))
+    before = _forward(name, model, latent)
+    modules = [(n, id(m)) for n, m in model.named_modules()]
+    processors = [id(m.processor) for m in model.modules() if hasattr(m, "set_processor")]
+    handle = parallelize(model, PatchPlan(mode=Mode.SYNC, groupnorm=GroupNormMode.SYNC, warmup_steps=0,
+                                          bands=(Band(0, 10),), rank=0), None)
+    try:
+        assert [id(m.processor) for m in model.modules() if hasattr(m, "set_processor")] != processors
+        with pytest.raises(BadInput, match="already band-parallel"):
+            parallelize(model, handle.plan, None)
+        assert torch.equal(_forward(name, model, latent), before)
+    finally:
+        handle.remove()
+    assert [(n, id(m)) for n, m in model.named_modules()] == modules
+    assert [id(m.processor) for m in model.modules() if hasattr(m, "set_processor")] == processors
+    assert torch.equal(_forward(name, model, latent), before)
+
+
+class CustomProcessor:
+    """A processor hpcrender knows nothing of (what a plugin might install)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        raise AssertionError("never called")
+
+
+def test_an_attention_processor_that_cannot_be_split_is_refused_and_the_model_left_as_it_was(pipes):
+    from hpcrender.config import GroupNormMode
+    from hpcrender.errors import DoesNotFit
+    from hpcrender.parallel.plan import PatchPlan, parallelize
+
+    model = denoiser_of(pipes["tiny-sd3"])
+    attentions = [m for m in model.modules() if hasattr(m, "set_processor")]
+    original = attentions[-1].processor
+    attentions[-1].set_processor(CustomProcessor())
+    try:
+        modules = [(n, id(m)) for n, m in model.named_modules()]
+        processors = [id(m.processor) for m in attentions]
+        with pytest.raises(DoesNotFit, match="cannot be split into bands"):
+            parallelize(model, PatchPlan(mode=Mode.SYNC, groupnorm=GroupNormMode.SYNC, warmup_steps=0,
+                                         bands=(Band(0, 10),), rank=0), None)
+        assert [(n, id(m)) for n, m in model.named_modules()] == modules
+        assert [id(m.processor) for m in attentions] == processors
+    finally:
+        attentions[-1].set_processor(original)

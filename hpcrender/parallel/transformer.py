@@ -245,13 +245,12 @@ def parallelize_transformer(model: nn.Module, plan: PatchPlan, group) -> Paralle
             raise DoesNotFit(f"band edges must fall on token rows ({align} latent rows each): {plan.bands}")
     ctx = BandContext(plan, group)
     text = TextLength()
-    names = {id(m): n for n, m in model.named_modules()}
     processors, swaps = [], []
     for name, module in model.named_modules():
         if isinstance(module, BandPatchEmbed):
             raise BadInput(f"{name} is already band-parallel; remove() the earlier plan first")
         if hasattr(module, "set_processor") and hasattr(module, "processor"):
-            processors.append((module, _band_processor(module, names[id(module)], ctx, text), list(module._modules)))
+            processors.append((module, _band_processor(module, name, ctx, text), list(module._modules)))
     for parent in model.modules():
         for child_name, child in parent._modules.items():
             if type(child) is PatchEmbed:
