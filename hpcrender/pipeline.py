@@ -67,7 +67,7 @@ def check_layout(size: int, split_cfg: bool, guidance: bool) -> None:
         raise BadInput(f"split_cfg needs an even number of ranks per image, got {size}")
 
 
-def check_sampler(job: Job) -> None:
+def check_model_options(job: Job) -> None:
     """Refuse, before anything is loaded, what does not apply to the job's model: a sampler (ddim or dpmpp for a
     flow-matching model), split_cfg for Flux (no classifier-free guidance)."""
     from hpcrender.models import scheduler_config_of, unet_config_of

@@ -67,7 +67,7 @@ def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int,
     """Everything that can be known wrong before a model is loaded: group sizes, band fits, split_cfg, and with a
     memory `limit` (environment.MemoryLimit) whether a rank can hold the job's weights and exchange buffers."""
     from hpcrender.models import unet_config_of
-    from hpcrender.pipeline import check_layout, check_sampler
+    from hpcrender.pipeline import check_layout, check_model_options
 
     problems = []
     for size, members in phases(manifest, indices, world_size):
@@ -76,7 +76,7 @@ def check_request(manifest: Manifest, indices: tuple[int, ...], world_size: int,
             job = manifest.jobs[i]
             try:
                 check_layout(size, job.parallel.split_cfg, job.guidance_scale > 1.0)
-                check_sampler(job)
+                check_model_options(job)
                 patch = size // (2 if job.parallel.split_cfg else 1)
                 config = unet_config_of(job.model) if patch > 1 else None
                 if config is not None:  # a hub id not yet cached is checked once loaded
