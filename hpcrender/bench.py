@@ -252,7 +252,7 @@ def _transformer_plan(job: Job, size: int) -> dict | None:
     transformers); None for a UNet or a model whose config cannot be read here."""
     from hpcrender.models import unet_config_of
     from hpcrender.parallel.bands import (
-        is_transformer_config, latent_bands, transformer_alignment, transformer_step_bytes,
+        is_flux_config, is_transformer_config, latent_bands, transformer_alignment, transformer_step_bytes,
     )
     from hpcrender.pipeline import TORCH_DTYPES
 
@@ -260,8 +260,7 @@ def _transformer_plan(job: Job, size: int) -> dict | None:
     if config is None or not is_transformer_config(config):
         return None
     exchanging = job.parallel.mode in (Mode.SYNC, Mode.DISPLACED) and size > 1
-    flux = transformer_alignment(config) != config["patch_size"]
-    batch = 2 if job.guidance_scale > 1.0 and not flux else 1
+    batch = 2 if job.guidance_scale > 1.0 and not is_flux_config(config) else 1
     bands = latent_bands(job.height // 8, transformer_alignment(config), size) if exchanging else ()
     element = TORCH_DTYPES[job.dtype].itemsize
     return {"bytes_per_step": [transformer_step_bytes(config, bands, r, job.width // 8, batch, element) if bands

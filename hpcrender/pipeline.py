@@ -71,15 +71,14 @@ def check_model_options(job: Job) -> None:
     """Refuse, before anything is loaded, what does not apply to the job's model: a sampler (ddim or dpmpp for a
     flow-matching model), split_cfg for Flux (no classifier-free guidance)."""
     from hpcrender.models import scheduler_config_of, unet_config_of
-    from hpcrender.parallel.bands import is_transformer_config, transformer_alignment
+    from hpcrender.parallel.bands import is_flux_config, is_transformer_config
 
     config = scheduler_config_of(job.model)
     if config is not None and is_flow_matching(config) and job.scheduler is not SchedulerName.EULER:
         make_scheduler(job.scheduler, config)
     if job.parallel.split_cfg:
         denoiser = unet_config_of(job.model)
-        if denoiser is not None and is_transformer_config(denoiser) and \
-                transformer_alignment(denoiser) != denoiser["patch_size"]:
+        if denoiser is not None and is_transformer_config(denoiser) and is_flux_config(denoiser):
             raise BadInput("split_cfg needs classifier-free guidance, which Flux does not use (its guidance scale "
                            "is an input of the model)")
 

@@ -71,13 +71,17 @@ def is_transformer_config(config: Mapping | object) -> bool:
     return _config_get(config, "down_block_types") is None and _config_get(config, "patch_size") is not None
 
 
+def is_flux_config(config: Mapping | object) -> bool:
+    """A Flux transformer's config: 2x2-packed latents, RoPE positions, no classifier-free guidance."""
+    return _config_get(config, "axes_dims_rope") is not None or \
+        _config_get(config, "_class_name") == "FluxTransformer2DModel"
+
+
 def transformer_alignment(config: Mapping | object) -> int:
     """Latent rows per token row of a diffusion transformer: its patch size (PixArt, SD3: 2), times 2 for Flux,
     whose pipeline packs 2x2 latent pixels into each token before its patch-1 embedding."""
     patch = int(_config_get(config, "patch_size"))
-    flux = _config_get(config, "axes_dims_rope") is not None or _config_get(config, "_class_name") == \
-        "FluxTransformer2DModel"
-    return 2 * patch if flux else patch
+    return 2 * patch if is_flux_config(config) else patch
 
 
 def unet_alignment(unet_config: Mapping | object) -> int:
@@ -217,8 +221,7 @@ def transformer_layers(config: Mapping | object, latent_width: int) -> tuple[Lay
     heads = int(_config_get(config, "num_attention_heads"))
     inner = heads * int(_config_get(config, "attention_head_dim"))
     blocks = int(_config_get(config, "num_layers"))
-    if _config_get(config, "axes_dims_rope") is not None or _config_get(config, "_class_name") == \
-            "FluxTransformer2DModel":
+    if is_flux_config(config):
         blocks += int(_config_get(config, "num_single_layers"))
     else:
         blocks += len(_config_get(config, "dual_attention_layers", ()) or ())

@@ -16,7 +16,7 @@ from torch import nn
 from hpcrender.config import Mode
 from hpcrender.errors import BadInput, DoesNotFit
 from hpcrender.parallel.attention import BandAttnProcessor
-from hpcrender.parallel.bands import transformer_alignment
+from hpcrender.parallel.bands import is_flux_config, transformer_alignment
 from hpcrender.parallel.plan import BandContext, Parallelized, PatchPlan, check_group
 
 
@@ -261,7 +261,7 @@ def parallelize_transformer(model: nn.Module, plan: PatchPlan, group) -> Paralle
     for module, processor, _ in processors:
         module.set_processor(processor)
     hooks = []
-    if align != model.config.patch_size:  # Flux: 2x2-packed tokens, positions given as RoPE ids
+    if is_flux_config(model.config):  # 2x2-packed tokens, positions given as RoPE ids
         hooks.append(model.register_forward_pre_hook(_flux_inputs(ctx, align, text), with_kwargs=True))
     handle = TransformerParallelized(model, plan, ctx, swaps, processors, extra_hooks=hooks)
     handle.begin_image()
