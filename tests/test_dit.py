@@ -36,11 +36,14 @@ ALONE = (GroupLayout(size=1, rank=0, mode=Mode.NONE), Comms(None, None, (0,)))
 
 @pytest.fixture(scope="module")
 def pipes():
+    """The tiny builtins, built once for the module, run on one thread (the others are the MPI tests')."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     built = {name: load_pipeline(f"builtin:{name}") for name in TINY}
     for pipe in built.values():
         pipe.set_progress_bar_config(disable=True)
-    return built
+    yield built
+    torch.set_num_threads(threads)
 
 
 # --- the builtins ---------------------------------------------------------------------------------------------
