@@ -20,7 +20,7 @@ from hpcrender.errors import BadInput
 from hpcrender.models import Family, denoiser_of, family, load_pipeline, scheduler_config_of, unet_config_of
 from hpcrender.models import dit
 from hpcrender.parallel.bands import (
-    Band, latent_bands, transformer_alignment, transformer_layers, transformer_step_bytes, unet_alignment,
+    Band, exchange_buffers, latent_bands, transformer_alignment, transformer_layers, transformer_step_bytes, unet_alignment,
 )
 from hpcrender.pipeline import (
     Comms, GroupLayout, from_latent_space, initial_noise, latent_channels, make_scheduler, pack_2x2, render_image,
@@ -146,6 +146,8 @@ def test_transformer_step_bytes_count_every_image_attention():
     assert len(transformer_layers(dit.transformer_config("tiny-sd3"), 8)) == 3  # 2 joint + SD3.5's second one
     assert len(transformer_layers(dit.transformer_config("tiny-flux"), 8)) == 2  # 1 joint + 1 single-stream
     assert transformer_step_bytes(pixart, (Band(0, 10),), 0, 8, 2, 4) == 0
+    # the stale keys/values every rank keeps: every band's, padded, and its own sent copy, per layer
+    assert exchange_buffers(transformer_layers(pixart, 8), bands, 2, 4).keys_values == 2 * 3 * 2 * 12 * 48 * 4
 
 
 # --- on MPI ranks -------------------------------------------------------------------------------------------------
