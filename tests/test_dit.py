@@ -349,3 +349,29 @@ def test_an_attention_processor_that_cannot_be_split_is_refused_and_the_model_le
         assert [id(m.processor) for m in attentions] == processors
     finally:
         attentions[-1].set_processor(original)
+
+
+@pytest.mark.parametrize("key, fam", [("double_blocks.0.img_attn.qkv.weight", "FLUX"),
+                                      ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "SD3")])
+def test_a_single_sd3_or_flux_file_goes_to_diffusers_loader_and_fails_offline_with_one_line(tmp_path, monkeypatch,
+                                                                                             key, fam):
+    """Its variant's repository is not in the cache here: one ModelNotFound line naming the family and the cache;
+    before loading, it is known to be a flow-matching model that takes euler only."""
+    from safetensors.torch import save_file
+
+    from hpcrender.errors import ModelNotFound
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    path = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(3, 2)}, str(path))
+    assert unet_config_of(str(path)) is None
+    ddim = Job(name="a", prompt="a", width=64, height=64, seed=1, model=str(path), scheduler=SchedulerName.DDIM)
+    from hpcrender.pipeline import check_model_options
+
+    with pytest.raises(BadInput, match="does not apply to a flow-matching model"):
+        check_model_options(ddim)
+    with pytest.raises(ModelNotFound) as exc:
+        load_pipeline(str(path))
+    message = str(exc.value)
+    assert "\n" not in message and f"single-file {fam} checkpoint" in message and "local Hugging Face cache" in message

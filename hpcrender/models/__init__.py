@@ -86,7 +86,10 @@ def unet_config_of(ref: str) -> dict | None:
             return dit.transformer_config(spec.location)
         return dict(builtin.architecture(spec.location).unet)
     if spec.kind is SourceKind.SINGLE_FILE:
-        return dict(builtin.architecture(checkpoints.match_layout(checkpoints.read_shapes(spec.location))).unet)
+        shapes = checkpoints.read_shapes(spec.location)
+        if checkpoints.single_file_family(shapes).transformer:
+            return None  # diffusers' loader reads SD3/Flux files; only loading tells their variant
+        return dict(builtin.architecture(checkpoints.match_layout(shapes)).unet)
     if spec.kind is SourceKind.FOLDER:
         for part in ("unet", "transformer"):
             path = Path(spec.location) / part / "config.json"
@@ -108,13 +111,19 @@ def scheduler_config_of(ref: str) -> dict | None:
     None when only a download could tell."""
     import json
 
-    from hpcrender.models import builtin, dit
+    from hpcrender.models import builtin, checkpoints, dit
 
     spec = resolve(ref)
     if spec.kind is SourceKind.BUILTIN:
         return dict(dit.architecture(spec.location).scheduler if spec.location in dit.DIT_NAMES
                     else builtin.SCHEDULER_CONFIG)
     if spec.kind is SourceKind.SINGLE_FILE:
+        try:
+            family = checkpoints.single_file_family(checkpoints.read_shapes(spec.location))
+        except Exception:  # noqa: BLE001 - a file that does not load is the job's failure, reported when loaded
+            return None
+        if family.flow_matching:
+            return {"_class_name": "FlowMatchEulerDiscreteScheduler"}  # whatever its shift, a flow-matching sampler
         return dict(builtin.SCHEDULER_CONFIG)
     if spec.kind is SourceKind.FOLDER:
         path = Path(spec.location) / "scheduler" / "scheduler_config.json"
