@@ -69,28 +69,33 @@ def check_layout(size: int, split_cfg: bool, guidance: bool) -> None:
 
 def check_model_options(job: Job) -> None:
     """Refuse, before anything is loaded, what does not apply to the job's model: a sampler (ddim or dpmpp for a
-    flow-matching model), split_cfg for Flux (no classifier-free guidance)."""
+    flow-matching model), split_cfg for Flux (no classifier-free guidance), a transformer's image that is not whole
+    patches (the VAEs of all three families scale by 8)."""
     from hpcrender.models import scheduler_config_of, unet_config_of
-    from hpcrender.parallel.bands import is_flux_config, is_transformer_config
+    from hpcrender.parallel.bands import is_flux_config, is_transformer_config, transformer_alignment
 
     config = scheduler_config_of(job.model)
     if config is not None and is_flow_matching(config) and job.scheduler is not SchedulerName.EULER:
         make_scheduler(job.scheduler, config)
-    if job.parallel.split_cfg:
-        denoiser = unet_config_of(job.model)
-        if denoiser is not None and is_transformer_config(denoiser) and is_flux_config(denoiser):
-            raise BadInput("split_cfg needs classifier-free guidance, which Flux does not use (its guidance scale "
-                           "is an input of the model)")
+    denoiser = unet_config_of(job.model)
+    if denoiser is None or not is_transformer_config(denoiser):
+        return
+    if job.parallel.split_cfg and is_flux_config(denoiser):
+        raise BadInput("split_cfg needs classifier-free guidance, which Flux does not use (its guidance scale "
+                       "is an input of the model)")
+    _check_patches(job, 8 * transformer_alignment(denoiser))
+
+
+def _check_patches(job: Job, step: int) -> None:
+    if job.width % step or job.height % step:
+        raise BadInput(f"{job.width}x{job.height}: this model needs a width and height that are multiples of {step} "
+                       "px (whole patches)")
 
 
 def check_size(pipe, job: Job) -> None:
     """A transformer's image must be whole patches (Flux: whole 2x2 packs), as its diffusers pipeline demands."""
-    if not family(pipe).transformer:
-        return
-    step = vae_scale_of(pipe) * alignment_of(pipe)
-    if job.width % step or job.height % step:
-        raise BadInput(f"{job.width}x{job.height}: a {family(pipe).name} model needs a width and height that are "
-                       f"multiples of {step} px")
+    if family(pipe).transformer:
+        _check_patches(job, vae_scale_of(pipe) * alignment_of(pipe))
 
 
 def unet_bands(job: Job, layout: GroupLayout, alignment: int, vae_scale: int = 8) -> tuple:

@@ -218,6 +218,15 @@ height = 64
 seed = 1
 
 [[jobs]]
+name = "odd-sd3"
+model = "builtin:tiny-sd3"
+scheduler = "euler"
+prompt = "a lighthouse"
+width = 72
+height = 64
+seed = 1
+
+[[jobs]]
 name = "cfg-flux"
 model = "builtin:tiny-flux"
 prompt = "a lighthouse"
@@ -236,11 +245,12 @@ def test_too_few_token_rows_and_what_does_not_apply_to_the_model_are_refused_wit
     r = hpcrender("render", manifest, "--out", out, ranks=2)
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("hpcrender: error:")]
-    assert len(lines) == 3, r.stderr  # one line per job, from every rank alike but printed once
+    assert len(lines) == 4, r.stderr  # one line per job, from every rank alike but printed once
     assert "jobs[strip]" in lines[0] and "fewer than its 2 ranks" in lines[0]
     assert "jobs[ddim-flux]" in lines[1] and "does not apply to a flow-matching model" in lines[1]
-    assert "jobs[cfg-flux]" in lines[2] and "split_cfg needs classifier-free guidance" in lines[2]
-    assert not any((out / name).exists() for name in ("strip", "ddim-flux", "cfg-flux"))
+    assert "jobs[odd-sd3]" in lines[2] and "multiples of 16 px" in lines[2]
+    assert "jobs[cfg-flux]" in lines[3] and "split_cfg needs classifier-free guidance" in lines[3]
+    assert not any((out / name).exists() for name in ("strip", "ddim-flux", "odd-sd3", "cfg-flux"))
 
 
 @pytest.mark.parametrize("name, scheduler", [("tiny-pixart", SchedulerName.DPMPP), ("tiny-flux", SchedulerName.EULER)])
