@@ -74,10 +74,13 @@ def check_model_options(job: Job) -> None:
     from hpcrender.models import scheduler_config_of, unet_config_of
     from hpcrender.parallel.bands import is_flux_config, is_transformer_config, transformer_alignment
 
-    config = scheduler_config_of(job.model)
+    try:
+        config = scheduler_config_of(job.model)
+        denoiser = unet_config_of(job.model)
+    except Exception:  # noqa: BLE001 - a model that does not load is the job's failure, reported when it is loaded
+        return
     if config is not None and is_flow_matching(config) and job.scheduler is not SchedulerName.EULER:
         make_scheduler(job.scheduler, config)
-    denoiser = unet_config_of(job.model)
     if denoiser is None or not is_transformer_config(denoiser):
         return
     if job.parallel.split_cfg and is_flux_config(denoiser):
