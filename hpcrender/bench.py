@@ -1,6 +1,7 @@
-"""`hpcrender bench`: per-step time of the denoising loop (UNet with CFG batch 2, no VAE) against what a user would
-run instead - plain diffusers on one process with all the node's cores, and hpcrender on one rank - then on every
-rank of the launch in the asked modes, beside what the run plan predicts (bytes, compute, memory)."""
+"""`hpcrender bench`: per-step time of the denoising loop (UNet or diffusion transformer, CFG batch 2, no VAE)
+against what a user would run instead - plain diffusers on one process with all the node's cores, and hpcrender on
+one rank - then on every rank of the launch in the asked modes, beside what the run plan predicts (bytes, compute,
+memory)."""
 
 from __future__ import annotations
 
@@ -175,10 +176,24 @@ def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
     first one includes encoding the prompt)."""
     import torch
 
-    from hpcrender.pipeline import TORCH_DTYPES, _sync, initial_noise, make_scheduler, vae_scale_of
+    from hpcrender.models import Family, family
+    from hpcrender.pipeline import (
+        TORCH_DTYPES, _sync, initial_noise, latent_channels, make_scheduler, pack_2x2, t5_tokens, vae_scale_of,
+    )
 
-    latents = initial_noise(job, pipe.unet.config.in_channels, vae_scale_of(pipe)).to(device=device,
-                                                                           dtype=TORCH_DTYPES[job.dtype])
+    fam = family(pipe)
+    latents = initial_noise(job, latent_channels(pipe), vae_scale_of(pipe)).to(device=device,
+                                                                             dtype=TORCH_DTYPES[job.dtype])
+    kwargs = dict(prompt=job.prompt, height=job.height, width=job.width, num_inference_steps=job.steps,
+                  guidance_scale=job.guidance_scale, latents=latents, output_type="latent")
+    if fam is not Family.FLUX:
+        kwargs["negative_prompt"] = job.negative_prompt or None
+    if fam.transformer:
+        kwargs["max_sequence_length"] = t5_tokens(pipe)
+    if fam is Family.PIXART:
+        kwargs.update(negative_prompt=job.negative_prompt, use_resolution_binning=False, clean_caption=False)
+    if fam is Family.FLUX:
+        kwargs["latents"] = pack_2x2(latents)
     original, threads_before = pipe.scheduler, torch.get_num_threads()
     pipe.scheduler = make_scheduler(job.scheduler, original.config)
     pipe.set_progress_bar_config(disable=True)
@@ -189,13 +204,17 @@ def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
         marks.append(time.perf_counter())
         return {}
 
+    if fam is Family.PIXART:  # its pipeline has the older per-step callback only
+        kwargs.update(callback=lambda step, timestep, latents: on_step_end(None, step, timestep, {}),
+                      callback_steps=1)
+    else:
+        kwargs["callback_on_step_end"] = on_step_end
+
     torch.set_num_threads(threads)
     try:
         start = time.perf_counter()
         with torch.no_grad():
-            pipe(prompt=job.prompt, negative_prompt=job.negative_prompt or None, height=job.height, width=job.width,
-                 num_inference_steps=job.steps, guidance_scale=job.guidance_scale, latents=latents,
-                 output_type="latent", callback_on_step_end=on_step_end)
+            pipe(**kwargs)
     finally:
         pipe.scheduler = original
         torch.set_num_threads(threads_before)
@@ -208,8 +227,12 @@ def planned(job: Job, size: int) -> dict | None:
     from hpcrender.models.shapes import model_shape
     from hpcrender.run.plan import plan_job
 
-    costs = plan_job(0, job, size, model_shape(job.model)).costs
+    planned_job = plan_job(0, job, size, model_shape(job.model))
+    costs = planned_job.costs
     if costs is None:
+        if planned_job.sent is not None:  # a diffusion transformer: bytes only
+            return {"bytes_per_step": list(planned_job.sent), "macs_per_step": None,
+                    "loop_memory_bytes": [None] * size, "activation_bytes": None, "buffer_bytes": None}
         return None
     return {"bytes_per_step": [c.bytes_sent for c in costs],
             "macs_per_step": [c.macs for c in costs], "loop_memory_bytes": [c.memory.step for c in costs],
@@ -220,13 +243,14 @@ def planned(job: Job, size: int) -> dict | None:
 def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: bool = True) -> dict:
     """One render of `job` by this rank in a group of `group` ranks: its step times, exchange and memory."""
     from hpcrender.models.shapes import model_shape
+    from hpcrender.models import denoiser_of
     from hpcrender.pipeline import GroupLayout, _peak_memory, render_image
     from hpcrender.run.plan import plan_job
 
     env = world.env
     pipe = models.get(job.model, job.dtype)
     layout = GroupLayout(size=group, rank=env.rank % group, mode=job.parallel.mode)
-    probe = LoopMemory(pipe.unet, env.device) if measure_memory else None
+    probe = LoopMemory(denoiser_of(pipe), env.device) if measure_memory else None
 
     def on_step(done: int, total: int) -> None:
         if probe is not None and done == 1 and probe.device.type != "cuda":
@@ -371,9 +395,10 @@ def format_table(rows: list[dict]) -> str:
         plan = r.get("plan") or {}
         sent = f"{_mib(max(r['bytes_per_step'], default=0))} ({_mib(max(plan['bytes_per_step'], default=0))})" \
             if "bytes_per_step" in r and plan else "-"
-        macs = f"({max(plan['macs_per_step']) / 1e9:.2f})" if plan else "-"
+        macs = f"({max(plan['macs_per_step']) / 1e9:.2f})" if plan and plan["macs_per_step"] else "-"
         measured = [m for m in r.get("loop_memory_bytes", []) if m is not None]
-        memory = f"{_mib(max(measured)) if measured else '-'} ({_mib(max(plan['loop_memory_bytes']))})" \
+        estimates = [m for m in plan.get("loop_memory_bytes") or [] if m is not None]
+        memory = f"{_mib(max(measured)) if measured else '-'} ({_mib(max(estimates)) if estimates else '-'})" \
             if plan else "-"
         lines.append(f"{r['run']:<10} {r['ranks']:>5} {r['threads_per_rank']:>8} {r['per_step_s']:>9.3f} "
                      f"{_num(r.get('speedup_vs_diffusers'), '.2f'):>12} {_num(r.get('speedup_vs_1_rank'), '.2f'):>9} "

@@ -2,9 +2,10 @@
 from the seed, an image encoded at a strength, or a checkpoint), denoise over a slice of the timesteps, decode.
 text_to_image and img2img are two compositions of those stages.
 
-The same code renders on one rank and on many: the parallel plan is put around the UNet for the loop and taken off
-afterwards, and whatever crosses ranks goes through hpcrender.parallel. Noise is always drawn full-size from the
-seed on the CPU and then sliced, which is what makes a K-rank result comparable with the single-device one.
+The same code renders on one rank and on many: the parallel plan is put around the denoiser (a UNet, or a diffusion
+transformer: PixArt-Sigma, SD3, Flux) for the loop and taken off afterwards, and whatever crosses ranks goes through
+hpcrender.parallel. Noise is always drawn full-size from the seed on the CPU and then sliced, which is what makes a
+K-rank result comparable with the single-device one.
 """
 
 from __future__ import annotations
@@ -19,12 +20,48 @@ import torch
 
 from hpcrender.checkpoint import Checkpoint, restore_scheduler, scheduler_state
 from hpcrender.config import DType, Job, Mode, SchedulerName
+from hpcrender.errors import BadInput
+from hpcrender.models import Family, denoiser_of, family
 from hpcrender.parallel.layout import Comms, GroupLayout, check_layout
 
 if TYPE_CHECKING:
     from hpcrender.parallel.plan import Parallelized
 
 TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
+
+
+def check_model_options(job: Job) -> None:
+    """Refuse, before anything is loaded, what does not apply to the job's model: a sampler (ddim or dpmpp for a
+    flow-matching model), split_cfg for Flux (no classifier-free guidance), a transformer's image that is not whole
+    patches (the VAEs of all three families scale by 8)."""
+    from hpcrender.models import scheduler_config_of, unet_config_of
+    from hpcrender.parallel.bands import is_flux_config, is_transformer_config, transformer_alignment
+
+    try:
+        config = scheduler_config_of(job.model)
+        denoiser = unet_config_of(job.model)
+    except Exception:  # noqa: BLE001 - a model that does not load is the job's failure, reported when it is loaded
+        return
+    if config is not None and is_flow_matching(config) and job.scheduler is not SchedulerName.EULER:
+        make_scheduler(job.scheduler, config)
+    if denoiser is None or not is_transformer_config(denoiser):
+        return
+    if job.parallel.split_cfg and is_flux_config(denoiser):
+        raise BadInput("split_cfg needs classifier-free guidance, which Flux does not use (its guidance scale "
+                       "is an input of the model)")
+    _check_patches(job, 8 * transformer_alignment(denoiser))
+
+
+def _check_patches(job: Job, step: int) -> None:
+    if job.width % step or job.height % step:
+        raise BadInput(f"{job.width}x{job.height}: this model needs a width and height that are multiples of {step} "
+                       "px (whole patches)")
+
+
+def check_size(pipe, job: Job) -> None:
+    """A transformer's image must be whole patches (Flux: whole 2x2 packs), as its diffusers pipeline demands."""
+    if family(pipe).transformer:
+        _check_patches(job, vae_scale_of(pipe) * alignment_of(pipe))
 
 
 @dataclass
@@ -43,9 +80,23 @@ class ImageResult:
     checkpoint: Checkpoint | None = None  # with stopped_at, on the group's first rank
 
 
+def is_flow_matching(config) -> bool:
+    """A sampler config of the flow-matching kind (SD3, Flux): only samplers of that kind apply to its model."""
+    return "shift" in config or str(config.get("_class_name", "")).startswith("FlowMatch")
+
+
 def make_scheduler(name: SchedulerName, config):
+    """The manifest's sampler over the model's own noise schedule. Flow-matching models take euler only (their
+    FlowMatchEulerDiscreteScheduler); BadInput for the others."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+    if is_flow_matching(config):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if name is not SchedulerName.EULER:
+            raise BadInput(f"scheduler {name.value!r} does not apply to a flow-matching model (SD3, Flux): use "
+                           "\"euler\"")
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
     if name is SchedulerName.EULER:
         return EulerDiscreteScheduler.from_config(config)
     if name is SchedulerName.DDIM:
@@ -53,12 +104,53 @@ def make_scheduler(name: SchedulerName, config):
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
 
 
-def encode_prompt(pipe, job: Job, device, guidance: bool) -> tuple[torch.Tensor, dict | None]:
-    """Text conditioning for the batch [uncond, cond] (or [cond] without guidance), and SDXL's extra inputs."""
-    from hpcrender.models import Family, family
+def is_sdxl(pipe) -> bool:
+    return family(pipe) is Family.SDXL
 
+
+# T5 tokens the diffusers pipelines encode by default; a tokenizer with a shorter context (the builtins') caps it.
+T5_TOKENS = {Family.PIXART: 300, Family.SD3: 256, Family.FLUX: 512}
+
+
+def t5_tokens(pipe) -> int:
+    """The T5 sequence length a DiT pipeline is run with."""
+    fam = family(pipe)
+    tokenizer = getattr(pipe, {Family.PIXART: "tokenizer", Family.SD3: "tokenizer_3", Family.FLUX: "tokenizer_2"}[fam],
+                        None)
+    limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
+    return min(T5_TOKENS[fam], int(limit)) if limit else T5_TOKENS[fam]
+
+
+def uses_guidance(pipe, job: Job) -> bool:
+    """Classifier-free guidance (a batch of two): not for Flux, whose guidance scale is an input of the model."""
+    return job.guidance_scale > 1.0 and family(pipe) is not Family.FLUX
+
+
+def encode_prompt(pipe, job: Job, device, guidance: bool) -> tuple[torch.Tensor, dict | None]:
+    """Text conditioning for the batch [uncond, cond] (or [cond] without guidance), and the model's extra inputs
+    (SDXL's pooled text and time ids, PixArt's text mask, SD3's and Flux's pooled text, Flux's text ids)."""
     negative = job.negative_prompt or None
-    if family(pipe) is Family.SDXL:
+    fam = family(pipe)
+    if fam is Family.PIXART:
+        embeds, mask, neg, neg_mask = pipe.encode_prompt(
+            job.prompt, guidance, negative_prompt=job.negative_prompt, num_images_per_prompt=1, device=device,
+            clean_caption=False, max_sequence_length=t5_tokens(pipe))
+        if guidance:
+            embeds, mask = torch.cat([neg, embeds]), torch.cat([neg_mask, mask])
+        return embeds, {"encoder_attention_mask": mask}
+    if fam is Family.SD3:
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=job.prompt, prompt_2=None, prompt_3=None, negative_prompt=negative,
+            do_classifier_free_guidance=guidance, device=device, num_images_per_prompt=1,
+            max_sequence_length=t5_tokens(pipe))
+        if guidance:
+            embeds, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
+        return embeds, {"pooled_projections": pooled}
+    if fam is Family.FLUX:
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=job.prompt, prompt_2=None, device=device,
+                                                      num_images_per_prompt=1, max_sequence_length=t5_tokens(pipe))
+        return embeds, {"pooled_projections": pooled, "txt_ids": text_ids}
+    if is_sdxl(pipe):
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
             job.prompt, device=device, num_images_per_prompt=1,
             do_classifier_free_guidance=guidance, negative_prompt=negative)
@@ -110,13 +202,29 @@ def vae_scale_of(pipe) -> int:
     return vae_scale(pipe.vae.config)
 
 
+def latent_channels(pipe) -> int:
+    """Channels of the latent the sampler steps (Flux's transformer reads them packed 2x2, four times as many)."""
+    config = denoiser_of(pipe).config
+    return config.in_channels // 4 if family(pipe) is Family.FLUX else config.in_channels
+
+
+def alignment_of(pipe) -> int:
+    """Latent rows per row of the denoiser's coarsest grid: the UNet's coarsest feature map, a transformer's token
+    rows. Band edges fall on them."""
+    from hpcrender.parallel.bands import unet_alignment
+
+    return unet_alignment(denoiser_of(pipe).config)
+
+
 def to_latent_space(vae_config, latent: torch.Tensor) -> torch.Tensor:
-    """A VAE latent as the UNet sees it: scaled (and for VAEs that give them, centred by the latents' mean and std),
-    as diffusers' img2img pipelines do. decode() undoes it."""
+    """A VAE latent as the denoiser sees it: scaled (and for VAEs that give them, centred by the latents' mean and
+    std, or shifted), as diffusers' img2img pipelines do. decode() undoes it."""
     if getattr(vae_config, "latents_mean", None) is not None and getattr(vae_config, "latents_std", None) is not None:
         mean = torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1).to(latent)
         std = torch.tensor(vae_config.latents_std).view(1, -1, 1, 1).to(latent)
         return (latent - mean) * vae_config.scaling_factor / std
+    if getattr(vae_config, "shift_factor", None) is not None:
+        return (latent - vae_config.shift_factor) * vae_config.scaling_factor
     return vae_config.scaling_factor * latent
 
 
@@ -125,6 +233,8 @@ def from_latent_space(vae_config, latent: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(vae_config.latents_mean).view(1, -1, 1, 1).to(latent)
         std = torch.tensor(vae_config.latents_std).view(1, -1, 1, 1).to(latent)
         return latent * std / vae_config.scaling_factor + mean
+    if getattr(vae_config, "shift_factor", None) is not None:
+        return latent / vae_config.scaling_factor + vae_config.shift_factor
     return latent / vae_config.scaling_factor
 
 
@@ -137,6 +247,8 @@ def noised_image_latent(moments: torch.Tensor, vae_config, scheduler, first: int
     gen = torch.Generator("cpu").manual_seed(seed)
     latent = to_latent_space(vae_config, DiagonalGaussianDistribution(moments.float()).sample(gen))
     noise = torch.randn(latent.shape, generator=gen, dtype=torch.float32)
+    if hasattr(scheduler, "scale_noise"):  # flow matching: a straight line from the image to the noise
+        return scheduler.scale_noise(latent, scheduler.timesteps[first:first + 1], noise)
     return scheduler.add_noise(latent, noise, scheduler.timesteps[first:first + 1])
 
 
@@ -202,7 +314,7 @@ class Render:
 
     @property
     def guidance(self) -> bool:
-        return self.job.guidance_scale > 1.0
+        return uses_guidance(self.pipe, self.job)
 
     @property
     def parallel(self) -> bool:
@@ -244,11 +356,35 @@ def conditioning(run: Render) -> Conditioning:
     return Conditioning(embeds, added)
 
 
+def set_timesteps(scheduler, pipe, steps: int, latent_rows: int, latent_cols: int, device) -> None:
+    """The sampler's timesteps for `steps` steps, as the model's diffusers pipeline sets them: Flux's sigmas and
+    both flow models' resolution-dependent shift `mu` from the whole image's token count (never a band's)."""
+    fam = family(pipe)
+    config = scheduler.config
+    if not fam.flow_matching:
+        scheduler.set_timesteps(steps, device=device)
+        return
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    patch = alignment_of(pipe)
+    tokens = (latent_rows // patch) * (latent_cols // patch)
+    kwargs = {}
+    if fam is Family.FLUX or config.get("use_dynamic_shifting", None):
+        kwargs["mu"] = calculate_shift(tokens, config.get("base_image_seq_len", 256),
+                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                       config.get("max_shift", 1.15 if fam is Family.FLUX else 1.16))
+    if fam is Family.FLUX and not config.get("use_flow_sigmas", False):
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=device, **kwargs)
+    else:
+        scheduler.set_timesteps(steps, device=device, **kwargs)
+
+
 def timesteps(run: Render, first: int = 0):
     """The job's sampler with its timesteps set; from step `first` on (img2img), as diffusers' pipelines begin
     there (set_begin_index)."""
     scheduler = make_scheduler(run.job.scheduler, run.pipe.scheduler.config)
-    scheduler.set_timesteps(run.job.steps, device=run.device)
+    scale = vae_scale_of(run.pipe)
+    set_timesteps(scheduler, run.pipe, run.job.steps, run.job.height // scale, run.job.width // scale, run.device)
     if first and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(first * scheduler.order)
     run.result.first_step = first
@@ -257,8 +393,9 @@ def timesteps(run: Render, first: int = 0):
 
 def noise_latent(run: Render, scheduler) -> tuple[torch.Tensor, int]:
     """Text-to-image's start: this rank's band of the seed's noise at the schedule's first sigma."""
-    whole = initial_noise(run.job, run.pipe.unet.config.in_channels, vae_scale_of(run.pipe))
-    return run.band_of(whole * scheduler.init_noise_sigma), 0
+    whole = initial_noise(run.job, latent_channels(run.pipe), vae_scale_of(run.pipe))
+    sigma = getattr(scheduler, "init_noise_sigma", None)  # flow matching starts from the noise itself
+    return run.band_of(whole if sigma is None else whole * sigma), 0
 
 
 def image_latent(run: Render, scheduler) -> tuple[torch.Tensor, int]:
@@ -294,27 +431,31 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
     job, layout, result = run.job, run.layout, run.result
     run.collective()  # the loop's exchanges, or the gather and decode after it
     handle: Parallelized | None = None
+    model = denoiser_of(run.pipe)
     if run.parallel:
         from hpcrender.parallel.plan import PatchPlan, parallelize
 
         plan = PatchPlan(mode=job.parallel.mode, groupnorm=job.parallel.groupnorm,
                          warmup_steps=job.parallel.warmup_steps, bands=run.bands, rank=layout.patch_rank,
                          halo=job.parallel.halo)
-        handle = parallelize(run.pipe.unet, plan, run.comms.patch_group)
+        handle = parallelize(model, plan, run.comms.patch_group)
     batch = 2 if run.guidance and not layout.split_cfg else 1
     try:
         with torch.no_grad():
             for i in range(start, len(scheduler.timesteps)):
                 t = scheduler.timesteps[i]
                 t0 = time.perf_counter()
-                model_in = scheduler.scale_model_input(torch.cat([latent] * batch), t)
-                noise = run.pipe.unet(model_in, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added,
-                                      return_dict=False)[0]
+                model_in = torch.cat([latent] * batch)
+                if hasattr(scheduler, "scale_model_input"):
+                    model_in = scheduler.scale_model_input(model_in, t)
+                noise = predict(run, model, cond, model_in, t)
                 if layout.split_cfg:
                     noise = guidance_pair(noise, layout, run.comms)
                 if run.guidance:
                     uncond, text = noise.chunk(2)
                     noise = uncond + job.guidance_scale * (text - uncond)
+                if noise.shape[1] == 2 * latent.shape[1]:  # PixArt's learnt variance: the sampler takes the mean
+                    noise = noise.chunk(2, dim=1)[0]
                 latent = scheduler.step(noise, t, latent, return_dict=False)[0]
                 _sync(run.device)
                 result.step_seconds.append(time.perf_counter() - t0)
@@ -328,6 +469,54 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
             result.exchange = handle.stats()
             handle.remove()
     return latent
+
+
+def pack_2x2(latent: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> Flux's tokens (B, h/2 * w/2, 4C), each token a 2x2 patch, row by row."""
+    b, c, h, w = latent.shape
+    return latent.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_2x2(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """pack_2x2 undone: Flux's tokens -> (B, C, rows, cols)."""
+    b, _, channels = tokens.shape
+    x = tokens.view(b, rows // 2, cols // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels // 4, rows, cols)
+
+
+def flux_image_ids(rows: int, cols: int, device, dtype) -> torch.Tensor:
+    """Flux's RoPE positions (0, row, col) of every token of a whole image of rows x cols tokens, as FluxPipeline
+    makes them; a band's plan slices its own out."""
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(rows)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3).to(device=device, dtype=dtype)
+
+
+def predict(run: Render, model, cond: Conditioning, model_in: torch.Tensor, t) -> torch.Tensor:
+    """One forward of the denoiser over this rank's band, called as the model's diffusers pipeline calls it."""
+    fam = family(run.pipe)
+    batch = model_in.shape[0]
+    if fam is Family.PIXART:
+        return model(model_in, encoder_hidden_states=cond.embeds, timestep=t.expand(batch),
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
+                     **cond.added)[0]
+    if fam is Family.SD3:
+        return model(hidden_states=model_in, timestep=t.expand(batch), encoder_hidden_states=cond.embeds,
+                     return_dict=False, **cond.added)[0]
+    if fam is Family.FLUX:
+        scale = vae_scale_of(run.pipe)
+        whole_ids = flux_image_ids(run.job.height // scale // 2, run.job.width // scale // 2, model_in.device,
+                                   cond.embeds.dtype)
+        guidance = None
+        if model.config.guidance_embeds:
+            guidance = torch.full([1], run.job.guidance_scale, device=model_in.device,
+                                  dtype=torch.float32).expand(batch)
+        out = model(hidden_states=pack_2x2(model_in), timestep=t.expand(batch).to(model_in.dtype) / 1000,
+                    guidance=guidance, encoder_hidden_states=cond.embeds, img_ids=whole_ids, return_dict=False,
+                    **cond.added)[0]
+        return unpack_2x2(out, model_in.shape[2], model_in.shape[3])
+    return model(model_in, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added, return_dict=False)[0]
 
 
 def finish(run: Render, scheduler, latent: torch.Tensor, decode: bool) -> ImageResult:
@@ -384,14 +573,15 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
     from such a checkpoint. on_collective is called before the group's first torch.distributed collective (never
     on a group of one): a failure after it may leave the group's communicator out of step.
     """
-    check_layout(layout.size, layout.split_cfg, job.guidance_scale > 1.0)
+    check_layout(layout.size, layout.split_cfg, uses_guidance(pipe, job))
+    check_size(pipe, job)
     run = Render(pipe, job, layout, comms, device, on_step=on_step, should_stop=should_stop,
                  on_collective=on_collective)
     if run.parallel:
-        from hpcrender.parallel.bands import image_bands, unet_alignment
+        from hpcrender.parallel.bands import image_bands
 
         if not bands:
-            bands = image_bands(job.height, vae_scale_of(pipe), unet_alignment(pipe.unet.config), layout.patch_ranks)
+            bands = image_bands(job.height, vae_scale_of(pipe), alignment_of(pipe), layout.patch_ranks)
         run.bands = run.result.bands = tuple(bands)
     compose = img2img if job.init_image is not None else text_to_image
     return compose(run, resume, decode)

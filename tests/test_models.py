@@ -75,8 +75,9 @@ def assert_one_line(exc: pytest.ExceptionInfo, *fragments: str) -> None:
 # ---------------------------------------------------------------------------------------------- builtins
 
 
-def test_builtin_names_are_the_four_documented_models():
-    assert builtin_names() == ("tiny-sd", "tiny-sdxl", "sdxl-mini", "sdxl")
+def test_builtin_names_are_the_documented_models():
+    assert builtin_names() == ("tiny-sd", "tiny-sdxl", "sdxl-mini", "sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux",
+                               "pixart-mini")
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -268,10 +269,10 @@ def test_folder_without_model_index_is_not_a_model(tmp_path):
 
 
 def test_folder_of_another_pipeline_is_refused(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(ModelNotFound) as exc:
         load_pipeline(str(tmp_path))
-    assert_one_line(exc, "FluxPipeline", "SDXL")
+    assert_one_line(exc, "KandinskyPipeline", "SDXL", "Flux")
 
 
 def test_family_refuses_other_objects():

@@ -1,6 +1,7 @@
 """Models: turn a model reference (builtin:NAME, diffusers folder, .safetensors file, hub id) into a pipeline.
 
-Returns a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline, in eval mode, on the asked device/dtype.
+Returns a diffusers StableDiffusionPipeline, StableDiffusionXLPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline or
+FluxPipeline, in eval mode, on the asked device/dtype.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hpcrender.models.reference import BUILTIN_NAMES, Family, ModelSpec, SourceK
 
 __all__ = [
     "Family", "ModelSpec", "SourceKind", "resolve", "load_pipeline", "family", "weights_checksum", "builtin_names",
-    "unet_config_of", "component_config_of",
+    "unet_config_of", "component_config_of", "denoiser_of", "scheduler_config_of",
 ]
 
 
@@ -49,14 +50,22 @@ def load_pipeline(ref: str, dtype: torch.dtype | None = None, device: str | torc
 
 
 def family(pipe) -> Family:
-    """SD or SDXL, from the pipeline's class."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The model family, from the pipeline's class."""
+    from diffusers import (
+        FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+    )
 
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        return Family.SDXL
-    if isinstance(pipe, StableDiffusionPipeline):
-        return Family.SD
-    raise BadInput(f"{type(pipe).__name__} is not a Stable Diffusion 1.x or SDXL pipeline")
+    for cls, found in ((StableDiffusionXLPipeline, Family.SDXL), (StableDiffusionPipeline, Family.SD),
+                       (PixArtSigmaPipeline, Family.PIXART), (StableDiffusion3Pipeline, Family.SD3),
+                       (FluxPipeline, Family.FLUX)):
+        if isinstance(pipe, cls):
+            return found
+    raise BadInput(f"{type(pipe).__name__} is not a Stable Diffusion 1.x, SDXL, PixArt-Sigma, SD3 or Flux pipeline")
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    """The model the denoising loop calls: the transformer of a DiT pipeline, else the UNet."""
+    return pipe.transformer if family(pipe).transformer else pipe.unet
 
 
 def weights_checksum(module: torch.nn.Module) -> str:
@@ -73,29 +82,75 @@ def weights_checksum(module: torch.nn.Module) -> str:
 
 
 def component_config_of(ref: str, component: str) -> dict | None:
-    """A component's config (`unet`, `vae`, ...) without loading any weights, for the run plan's checks before
-    loading; None when only a download could tell (a hub id not in the local cache)."""
+    """A component's config (`unet`, `transformer`, `vae`, ...; `denoiser`: the UNet's or the transformer's, with
+    its `_class_name`) without loading any weights, for the run plan's checks before loading; None when only a
+    download could tell (a hub id not in the local cache), or for a single file whose variant only loading tells."""
     import json
 
-    from hpcrender.models import builtin, checkpoints
+    from hpcrender.models import builtin, checkpoints, dit
 
     spec = resolve(ref)
-    if spec.kind in (SourceKind.BUILTIN, SourceKind.SINGLE_FILE):
-        name = spec.location if spec.kind is SourceKind.BUILTIN else \
-            checkpoints.match_layout(checkpoints.read_shapes(spec.location))
-        config = getattr(builtin.architecture(name), component, None)
+    parts = ("unet", "transformer") if component == "denoiser" else (component,)
+    if spec.kind is SourceKind.BUILTIN:
+        if spec.location in dit.DIT_NAMES:
+            if component in ("denoiser", "transformer"):
+                return dit.transformer_config(spec.location)
+            config = getattr(dit.architecture(spec.location), component, None)
+        else:
+            config = getattr(builtin.architecture(spec.location), "unet" if component == "denoiser" else component,
+                             None)
+        return None if config is None else dict(config)
+    if spec.kind is SourceKind.SINGLE_FILE:
+        shapes = checkpoints.read_shapes(spec.location)
+        if checkpoints.single_file_family(shapes).transformer:
+            return None  # diffusers' loader reads SD3/Flux files; only loading tells their variant
+        config = getattr(builtin.architecture(checkpoints.match_layout(shapes)),
+                         "unet" if component == "denoiser" else component, None)
         return None if config is None else dict(config)
     if spec.kind is SourceKind.FOLDER:
-        path = Path(spec.location) / component / "config.json"
-        if not path.is_file():
-            raise ModelNotFound(f"model {ref!r}: {path} is missing (not a diffusers pipeline folder)")
-        return json.loads(path.read_text())
+        for part in parts:
+            path = Path(spec.location) / part / "config.json"
+            if path.is_file():
+                return json.loads(path.read_text())
+        raise ModelNotFound(f"model {ref!r}: {Path(spec.location) / parts[0] / 'config.json'} is missing (not a "
+                            "diffusers pipeline folder)")
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(spec.location, f"{component}/config.json")
-    return json.loads(Path(found).read_text()) if isinstance(found, str) else None
+    for part in parts:
+        found = try_to_load_from_cache(spec.location, f"{part}/config.json")
+        if isinstance(found, str):
+            return json.loads(Path(found).read_text())
+    return None
 
 
 def unet_config_of(ref: str) -> dict | None:
-    """The UNet's config without loading any weights; see component_config_of."""
-    return component_config_of(ref, "unet")
+    """The denoiser's config (the UNet's, or a transformer's with its `_class_name`); see component_config_of."""
+    return component_config_of(ref, "denoiser")
+
+
+def scheduler_config_of(ref: str) -> dict | None:
+    """The model's own sampler config without loading anything (to refuse samplers that do not apply before a render);
+    None when only a download could tell."""
+    import json
+
+    from hpcrender.models import builtin, checkpoints, dit
+
+    spec = resolve(ref)
+    if spec.kind is SourceKind.BUILTIN:
+        return dict(dit.architecture(spec.location).scheduler if spec.location in dit.DIT_NAMES
+                    else builtin.SCHEDULER_CONFIG)
+    if spec.kind is SourceKind.SINGLE_FILE:
+        try:
+            family = checkpoints.single_file_family(checkpoints.read_shapes(spec.location))
+        except Exception:  # noqa: BLE001 - a file that does not load is the job's failure, reported when loaded
+            return None
+        if family.flow_matching:
+            return {"_class_name": "FlowMatchEulerDiscreteScheduler"}  # whatever its shift, a flow-matching sampler
+        return dict(builtin.SCHEDULER_CONFIG)
+    if spec.kind is SourceKind.FOLDER:
+        path = Path(spec.location) / "scheduler" / "scheduler_config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(spec.location, "scheduler/scheduler_config.json")
+    return json.loads(Path(found).read_text()) if isinstance(found, str) else None

@@ -103,13 +103,13 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def build_tokenizer():
+def build_tokenizer(max_tokens: int = MAX_TOKENS):
     """A CLIPTokenizer over the local vocabulary; any text tokenizes (bytes are the fallback)."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory(prefix="hpcrender-tokenizer-") as tmp:
         write_tokenizer_files(Path(tmp))
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -251,10 +251,11 @@ def seeded_values(model_name: str, component: str, param: str, shape: torch.Size
     return values.sub_(0.5).mul_(2.0 * math.sqrt(3.0) * std)
 
 
-def fill_seeded(module: torch.nn.Module, model_name: str, component: str) -> None:
+def fill_seeded(module: torch.nn.Module, model_name: str, component: str, keep_buffers: bool = False) -> None:
     """Overwrite every parameter from its seeded stream (values made on the CPU, then copied to the device).
 
     Parameters are independent streams, so they fill in parallel threads (the full SDXL has 3.5 G values).
+    keep_buffers: a module built off the meta device already holds the buffers it computed itself (position tables).
     """
     params = []
     for module_name, owner in module.named_modules():
@@ -269,6 +270,8 @@ def fill_seeded(module: torch.nn.Module, model_name: str, component: str) -> Non
 
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         list(pool.map(fill, params))
+    if keep_buffers:
+        return
     with torch.no_grad():
         for name, buffer in module.named_buffers():
             # The only buffers in these models: CLIP's position ids, which must count 0, 1, 2, ...
@@ -312,6 +315,10 @@ def build_builtin(name: str, dtype: torch.dtype = torch.float32, device: str | t
 
     if name not in BUILTIN_NAMES:
         raise KeyError(name)
+    from hpcrender.models import dit
+
+    if name in dit.DIT_NAMES:
+        return dit.build_dit(name, dtype=dtype, device=device)
     arch = architecture(name)
     parts = build_components(arch, dtype, torch.device(device))
     scheduler = EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)

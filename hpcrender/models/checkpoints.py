@@ -20,7 +20,9 @@ from hpcrender.models.builtin import (
 )
 from hpcrender.models.reference import Family, ModelSpec, SourceKind
 
-PIPELINE_CLASSES = {"StableDiffusionPipeline": Family.SD, "StableDiffusionXLPipeline": Family.SDXL}
+PIPELINE_CLASSES = {"StableDiffusionPipeline": Family.SD, "StableDiffusionXLPipeline": Family.SDXL,
+                    "PixArtSigmaPipeline": Family.PIXART, "StableDiffusion3Pipeline": Family.SD3,
+                    "FluxPipeline": Family.FLUX}
 
 # Layouts a single file may have, per family; "sd15" and "sdxl-base" are the real checkpoints.
 SINGLE_FILE_LAYOUTS = {Family.SD: ("tiny-sd", "sd15"), Family.SDXL: ("tiny-sdxl", "sdxl-mini", "sdxl-base")}
@@ -54,7 +56,9 @@ def pipeline_options(family: Family) -> dict:
     """The same options for every source: no safety checker, no watermark (it would change the pixels)."""
     if family is Family.SD:
         return dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return dict(add_watermarker=False)
+    if family is Family.SDXL:
+        return dict(add_watermarker=False)
+    return {}
 
 
 def dtype_option(dtype: torch.dtype) -> dict:
@@ -66,9 +70,9 @@ def dtype_option(dtype: torch.dtype) -> dict:
 
 
 def pipeline_class(family: Family):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    return StableDiffusionPipeline if family is Family.SD else StableDiffusionXLPipeline
+    return getattr(diffusers, next(name for name, found in PIPELINE_CLASSES.items() if found is family))
 
 
 # ---------------------------------------------------------------------------------------------- folder and hub
@@ -99,7 +103,8 @@ def load_pretrained(spec: ModelSpec, dtype: torch.dtype):
     family = PIPELINE_CLASSES.get(index.get("_class_name"))
     if family is None:
         raise ModelNotFound(
-            f"model {spec.ref!r}: a {index.get('_class_name')}, not a Stable Diffusion 1.x or SDXL pipeline"
+            f"model {spec.ref!r}: a {index.get('_class_name')}, not a Stable Diffusion 1.x, SDXL, PixArt-Sigma, SD3 or"
+            " Flux pipeline"
         )
     try:
         return pipeline_class(family).from_pretrained(
@@ -114,15 +119,19 @@ def load_pretrained(spec: ModelSpec, dtype: torch.dtype):
 
 
 def single_file_family(keys) -> Family:
-    """SD 1.x or SDXL from the names in an original-layout checkpoint."""
+    """SD 1.x, SDXL, SD3 or Flux from the names in an original-layout checkpoint."""
     keys = list(keys)
+    if any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys):
+        return Family.SD3
+    if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+        return Family.FLUX
     if any(k.startswith("conditioner.embedders.") for k in keys):
         return Family.SDXL
     if any(k.startswith(_SD_TEXT) for k in keys):
         return Family.SD
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise ModelNotFound("Stable Diffusion 2.x checkpoints are not supported (only SD 1.x and SDXL)")
-    raise ModelNotFound("not a Stable Diffusion 1.x or SDXL checkpoint in the original layout (no text encoder)")
+    raise ModelNotFound("not a Stable Diffusion 1.x, SDXL, SD3 or Flux checkpoint in the original layout")
 
 
 def layout_signature(arch: Architecture) -> dict[str, tuple[int, ...]]:
@@ -150,8 +159,10 @@ def layout_signature(arch: Architecture) -> dict[str, tuple[int, ...]]:
 
 
 def match_layout(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """Name of the architecture whose signature the checkpoint's tensor shapes match exactly."""
+    """Name of the architecture whose signature the checkpoint's tensor shapes match exactly (SD 1.x, SDXL)."""
     family = single_file_family(shapes)
+    if family.transformer:
+        raise ModelNotFound(f"an {family.name} checkpoint: its layout is diffusers' to read, not hpcrender's")
     for name in SINGLE_FILE_LAYOUTS[family]:
         signature = layout_signature(architecture(name))
         if all(tuple(shapes.get(key, ())) == shape for key, shape in signature.items()):
@@ -226,11 +237,18 @@ def write_pipeline_config(arch: Architecture, folder: Path, tokenizer) -> None:
 
 
 def load_single_file(spec: ModelSpec, dtype: torch.dtype):
-    """One original-layout .safetensors file, assembled against configs written from the matching layout."""
+    """One original-layout .safetensors file, assembled against configs written from the matching layout; an SD3 or
+    Flux file by diffusers' own single-file loader."""
     try:
         shapes = read_shapes(spec.location)
     except Exception as exc:
         raise ModelNotFound(f"model {spec.ref!r}: not a readable safetensors file ({_first_line(exc)})") from exc
+    try:
+        family = single_file_family(shapes)
+    except ModelNotFound as exc:
+        raise ModelNotFound(f"model {spec.ref!r}: {exc}") from exc
+    if family.transformer:
+        return load_single_file_transformer(spec, family, dtype)
     try:
         arch = architecture(match_layout(shapes))
     except ModelNotFound as exc:
@@ -245,3 +263,16 @@ def load_single_file(spec: ModelSpec, dtype: torch.dtype):
             )
         except Exception as exc:
             raise ModelNotFound(f"model {spec.ref!r}: could not be loaded: {_first_line(exc)}") from exc
+
+
+def load_single_file_transformer(spec: ModelSpec, family: Family, dtype: torch.dtype):
+    """An SD3/3.5 or Flux.1 file in the original layout (SD3's may carry its text encoders, Flux's is the
+    transformer alone). diffusers tells the variant from the names and shapes and takes what the file lacks - the
+    configs, tokenizers, text encoders, VAE - from the variant's hub repository, which must be in the local cache."""
+    try:
+        return pipeline_class(family).from_single_file(spec.location, local_files_only=True, **dtype_option(dtype))
+    except Exception as exc:
+        raise ModelNotFound(
+            f"model {spec.ref!r}: a single-file {family.name} checkpoint could not be loaded (it needs the rest of its"
+            f" pipeline from the model's repository in the local Hugging Face cache): {_first_line(exc)}"
+        ) from exc

@@ -15,7 +15,7 @@ from pathlib import Path
 from hpcrender.errors import ModelNotFound
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_NAMES = ("tiny-sd", "tiny-sdxl", "sdxl-mini", "sdxl")
+BUILTIN_NAMES = ("tiny-sd", "tiny-sdxl", "sdxl-mini", "sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "pixart-mini")
 
 # Pickle-based formats can run code when loaded; only safetensors weights are read.
 PICKLED_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -26,6 +26,19 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class Family(str, enum.Enum):
     SD = "sd"        # Stable Diffusion 1.x: one CLIP text encoder, 3 downsamples
     SDXL = "sdxl"    # two text encoders, text_time conditioning, 2 downsamples
+    PIXART = "pixart"  # PixArt-Sigma: T5 -> cross-attention, patch embedding with 2D sin-cos positions
+    SD3 = "sd3"        # SD3/3.5: two CLIPs + T5 joined to the image tokens (joint attention), flow matching
+    FLUX = "flux"      # Flux.1: 2x2-packed latents, joint then single-stream blocks, RoPE, flow matching
+
+    @property
+    def transformer(self) -> bool:
+        """A diffusion transformer (pipe.transformer) rather than a UNet (pipe.unet)."""
+        return self in (Family.PIXART, Family.SD3, Family.FLUX)
+
+    @property
+    def flow_matching(self) -> bool:
+        """Trained for flow matching: samplers of the flow-matching kind only."""
+        return self in (Family.SD3, Family.FLUX)
 
 
 class SourceKind(str, enum.Enum):

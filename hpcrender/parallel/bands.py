@@ -76,15 +76,37 @@ def vae_scale(vae_config: Mapping | object) -> int:
     return 2 ** (len(channels) - 1)
 
 
+def _config_get(config: Mapping | object, key: str, default=None):
+    return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+
+
+def is_transformer_config(config: Mapping | object) -> bool:
+    """A diffusion transformer's config (patch embedding, no down blocks) rather than a UNet's."""
+    return _config_get(config, "down_block_types") is None and _config_get(config, "patch_size") is not None
+
+
+def is_flux_config(config: Mapping | object) -> bool:
+    """A Flux transformer's config: 2x2-packed latents, RoPE positions, no classifier-free guidance."""
+    return _config_get(config, "axes_dims_rope") is not None or \
+        _config_get(config, "_class_name") == "FluxTransformer2DModel"
+
+
+def transformer_alignment(config: Mapping | object) -> int:
+    """Latent rows per token row of a diffusion transformer: its patch size (PixArt, SD3: 2), times 2 for Flux,
+    whose pipeline packs 2x2 latent pixels into each token before its patch-1 embedding."""
+    patch = int(_config_get(config, "patch_size"))
+    return 2 * patch if is_flux_config(config) else patch
+
+
 def unet_alignment(unet_config: Mapping | object) -> int:
-    """Latent rows per row of a UNet's coarsest feature map: 2 ** (number of downsampling blocks).
+    """Latent rows per row of a UNet's coarsest feature map: 2 ** (number of downsampling blocks); for a diffusion
+    transformer's config, its token rows (transformer_alignment).
 
     Every down block but the last halves the feature map: 8 for SD 1.x/2.x, 4 for SDXL.
     """
-    if isinstance(unet_config, Mapping):
-        blocks = unet_config["down_block_types"]
-    else:
-        blocks = unet_config.down_block_types
+    if is_transformer_config(unet_config):
+        return transformer_alignment(unet_config)
+    blocks = _config_get(unet_config, "down_block_types")
     return 2 ** (len(blocks) - 1)
 
 
@@ -202,6 +224,35 @@ def expected_bytes(layers: Sequence[LayerSpec], bands: Sequence[Band], rank: int
         if registration and layer.kind is LayerKind.SELF_ATTENTION:
             total += TOKEN_COUNT_BYTES
     return total
+
+
+def transformer_layers(config: Mapping | object, latent_width: int) -> tuple[LayerSpec, ...]:
+    """The exchanging layers of a diffusion transformer (PixArt-Sigma, SD3/3.5, Flux.1) from its config: one
+    self-attention per image attention (PixArt's attn1; SD3's joint attention and SD3.5's second, image-only one;
+    Flux's joint and single-stream blocks), each sending its image tokens' keys and values. Token rows are
+    transformer_alignment latent rows; text tokens are never sent."""
+    align = transformer_alignment(config)
+    heads = int(_config_get(config, "num_attention_heads"))
+    inner = heads * int(_config_get(config, "attention_head_dim"))
+    blocks = int(_config_get(config, "num_layers"))
+    if is_flux_config(config):
+        blocks += int(_config_get(config, "num_single_layers"))
+    else:
+        blocks += len(_config_get(config, "dual_attention_layers", ()) or ())
+    if latent_width % align:
+        raise DoesNotFit(f"a latent {latent_width} columns wide is not whole tokens of {align} columns")
+    layer = LayerSpec(LayerKind.SELF_ATTENTION, Fraction(1, align), latent_width // align, channels=2 * inner)
+    return (layer,) * blocks
+
+
+def transformer_step_bytes(config: Mapping | object, bands: Sequence[Band], rank: int, latent_width: int, batch: int,
+                           element_size: int, registration: bool = False) -> int:
+    """Bytes `rank` sends in one exchanging step (sync, or displaced after its warm-up) of a diffusion transformer
+    over `bands` (latent rows): every image attention's keys and values of the band, padded to the largest band,
+    for `batch` images (2 with classifier-free guidance unless split_cfg, else 1). registration=True for an
+    image's first step, which also shares each layer's token count. 0 for one band."""
+    return expected_bytes(transformer_layers(config, latent_width), bands, rank, batch, element_size,
+                          registration=registration)
 
 
 @dataclass(frozen=True)

@@ -266,10 +266,8 @@ def _install_processors(model: nn.Module, ctx: BandContext) -> list[tuple[Attent
     return installed
 
 
-def parallelize(model: nn.Module, plan: PatchPlan, group) -> Parallelized:
-    """Run `model` on this rank's band of `plan`, exchanging with the other bands over `group` (the K ranks in band
-    order; None only for a single band). The model is used as before, one forward per denoising step; call
-    begin_image() between images; remove() restores it."""
+def check_group(plan: PatchPlan, group) -> None:
+    """The process group must hold one rank per band, this one at the plan's band."""
     size = len(plan.bands)
     if group is None:
         if size != 1:
@@ -279,6 +277,20 @@ def parallelize(model: nn.Module, plan: PatchPlan, group) -> Parallelized:
             raise DoesNotFit(f"{size} bands but a process group of {dist.get_world_size(group)} ranks")
         if dist.get_rank(group) != plan.rank:
             raise DoesNotFit(f"the plan is for band {plan.rank} but this is rank {dist.get_rank(group)} of its group")
+
+
+def parallelize(model: nn.Module, plan: PatchPlan, group) -> Parallelized:
+    """Run `model` on this rank's band of `plan`, exchanging with the other bands over `group` (the K ranks in band
+    order; None only for a single band). The model is used as before, one forward per denoising step; call
+    begin_image() between images; remove() restores it. A diffusion transformer goes to
+    transformer.parallelize_transformer."""
+    from hpcrender.parallel.bands import is_transformer_config
+
+    if is_transformer_config(getattr(model, "config", {})):
+        from hpcrender.parallel.transformer import parallelize_transformer
+
+        return parallelize_transformer(model, plan, group)
+    check_group(plan, group)
     ctx = BandContext(plan, group)
     swaps = _swap_layers(model, ctx)
     try:

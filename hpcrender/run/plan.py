@@ -52,6 +52,7 @@ class JobPlan:
     costs: tuple[RankCost, ...] | None
     estimate: float          # relative cost (schedule.job_cost), which orders the queue
     gigapixel: object = None  # gigapixel.plan.GigaPlan of a gigapixel job: its levels and tiles
+    sent: tuple[int, ...] | None = None  # bytes each rank of the group sends in a steady step
     base_costs: tuple[RankCost, ...] | None = None  # a gigapixel job's base render (costs: one of its tiles)
 
     @property
@@ -172,7 +173,10 @@ def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
     """One job's layout on a group of `size`, from the model's shape (None: not known before loading)."""
     from hpcrender.parallel.bands import image_bands
 
+    from hpcrender.pipeline import check_model_options
+
     check_layout(size, job.parallel.split_cfg, job.guidance_scale > 1.0)
+    check_model_options(job)
     patch = size // (2 if job.parallel.split_cfg else 1)
     estimate = job_cost(job.width, job.height, job.steps)
     banded = job.parallel.mode is not Mode.NONE and patch > 1
@@ -188,15 +192,34 @@ def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
         base = giga.levels[0]
         base_job = dataclasses.replace(job, width=base.width, height=base.height, gigapixel=None)
         bands = image_bands(base.height, shape.vae_scale, shape.alignment, patch) if banded else ()
+        if shape.transformer is not None:
+            return JobPlan(index, job, size, patch, bands, None, estimate, giga)
         base_costs = _rank_costs(base_job, size, patch, bands, shape)
         tile_h = max((lv.patch_shape[0] for lv in giga.levels[1:]), default=base.height)
         tile_w = max((lv.patch_shape[1] for lv in giga.levels[1:]), default=base.width)
         tile_job = dataclasses.replace(job, width=tile_w, height=tile_h, gigapixel=None)
         tile_bands = image_bands(tile_h, shape.vae_scale, shape.alignment, patch) if banded else ()
         tile_costs = _rank_costs(tile_job, size, patch, tile_bands, shape)
-        return JobPlan(index, job, size, patch, bands, tile_costs, estimate, giga, base_costs)
+        return JobPlan(index, job, size, patch, bands, tile_costs, estimate, giga, base_costs,
+                       sent=tuple(c.bytes_sent for c in tile_costs))
     bands = image_bands(job.height, shape.vae_scale, shape.alignment, patch) if banded else ()
-    return JobPlan(index, job, size, patch, bands, _rank_costs(job, size, patch, bands, shape), estimate)
+    if shape.transformer is not None:  # bytes from the transformer's config; compute and memory not estimated
+        return JobPlan(index, job, size, patch, bands, None, estimate,
+                       sent=_transformer_sent(job, size, bands, shape))
+    costs = _rank_costs(job, size, patch, bands, shape)
+    return JobPlan(index, job, size, patch, bands, costs, estimate, sent=tuple(c.bytes_sent for c in costs))
+
+
+def _transformer_sent(job: Job, size: int, bands: tuple, shape) -> tuple[int, ...]:
+    from hpcrender.parallel.bands import is_flux_config, transformer_step_bytes
+
+    if not bands or job.parallel.mode not in (Mode.SYNC, Mode.DISPLACED):
+        return (0,) * size
+    guided = job.guidance_scale > 1.0 and not is_flux_config(shape.transformer)
+    batch = 2 if guided and not job.parallel.split_cfg else 1
+    width = job.width // shape.vae_scale
+    return tuple(transformer_step_bytes(shape.transformer, bands, rank % len(bands), width, batch,
+                                        _element_size(job.dtype.value)) for rank in range(size))
 
 
 def _rank_costs(job: Job, size: int, patch: int, bands: tuple, shape) -> tuple[RankCost, ...]:
@@ -313,7 +336,11 @@ def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_COR
             lines.append(f"  {job.name:<24} group {g} (rank {where})  {job.width}x{job.height}  {steps}  "
                          f"{job.parallel.mode.value}{cfg}  latent bands {bands}")
             if p.costs is None:
-                lines.append(f"  {'':<24} model shapes not readable before loading (a hub id not in the cache)")
+                if p.sent is not None:
+                    lines.append(f"  {'':<24} sends per step: {_size(max(p.sent))} per rank at most (compute and "
+                                 "memory are estimated for UNets only)")
+                else:
+                    lines.append(f"  {'':<24} model shapes not readable before loading (a hub id not in the cache)")
                 continue
             need = _largest_need(p)
             sent = max(c.bytes_sent for c in p.costs)
