@@ -200,7 +200,7 @@ def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
         tile_job = dataclasses.replace(job, width=tile_w, height=tile_h, gigapixel=None)
         tile_bands = image_bands(tile_h, shape.vae_scale, shape.alignment, patch) if banded else ()
         tile_costs = _rank_costs(tile_job, size, patch, tile_bands, shape)
-        return JobPlan(index, job, size, patch, bands, tile_costs, estimate, giga, base_costs,
+        return JobPlan(index, job, size, patch, bands, tile_costs, estimate, giga, base_costs=base_costs,
                        sent=tuple(c.bytes_sent for c in tile_costs))
     bands = image_bands(job.height, shape.vae_scale, shape.alignment, patch) if banded else ()
     if shape.transformer is not None:  # bytes from the transformer's config; compute and memory not estimated
