@@ -170,6 +170,27 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def meta_header(job) -> dict:
+    """What every meta.json starts with: the resolved job, its parameter hash, the model and the versions that made
+    the bytes."""
+    import platform
+
+    import diffusers
+    import torch
+    import transformers
+
+    import hpcrender
+
+    return {
+        "job": job.to_dict(),
+        "params_hash": job.params_hash(),
+        "model": job.model,
+        "versions": {"hpcrender": hpcrender.__version__, "python": platform.python_version(),
+                     "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__},
+    }
+
+
 def write_meta(job_dir: str | os.PathLike, meta: dict) -> None:
     """OUT/JOB/meta.json: the resolved job, model, versions, layout, timings (atomic)."""
     write_json_atomic(Path(job_dir) / META_FILE, meta)

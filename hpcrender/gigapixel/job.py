@@ -3,7 +3,6 @@ driver, the exports, and what meta.json records of it (levels, tiles, timings, s
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,19 +111,10 @@ def job_meta(job: Job, outcome: GigaJobOutcome, layout, comms, peaks: list, star
              device) -> dict:
     """meta.json of a gigapixel job: as an ordinary job's (job, model, versions, layout, timings, peak memory,
     outputs) with the gigapixel section."""
-    import diffusers
-    import torch
-    import transformers
-
-    import hpcrender
+    from hpcrender.records import meta_header
 
     return {
-        "job": job.to_dict(),
-        "params_hash": job.params_hash(),
-        "model": job.model,
-        "versions": {"hpcrender": hpcrender.__version__, "python": platform.python_version(),
-                     "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__},
+        **meta_header(job),
         "layout": {"world_size": world_size, "ranks": list(comms.global_ranks), "mode": job.parallel.mode.value,
                    "split_cfg": layout.split_cfg, "nodes": sorted({p["node"] for p in peaks}), "device": str(device)},
         "timings": {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 3)},
@@ -132,43 +122,3 @@ def job_meta(job: Job, outcome: GigaJobOutcome, layout, comms, peaks: list, star
         "gigapixel": gigapixel_meta(outcome),
         "outputs": [p.name for p in outcome.exported],
     }
-
-
-def run_for_render(world, job: Job, layout, comms, pipe, progress, out: Path, *, resume: bool, should_stop, agree,
-                   started: float) -> str:
-    """The render command's handling of a gigapixel job on this rank's group: "done" or "stopped" (a signal came;
-    the stored units are kept and the same command resumes). Failures propagate to the runner as any job's do."""
-    from hpcrender.records import JobState, record_job_state, record_progress, write_meta
-
-    env = world.env
-    leader = layout.rank == 0
-    last = [time.monotonic()]
-
-    def on_tile(unit, done: int, total: int) -> None:
-        if leader:
-            if done == 1 or progress_total[0] != total:
-                progress.start(job.name, total, unit="tile")
-                progress_total[0] = total
-                progress.update(done - 1)
-            progress.update(1)
-            if time.monotonic() - last[0] >= 5.0:
-                record_progress(out, job.name, done, total)
-                last[0] = time.monotonic()
-
-    progress_total = [None]
-    outcome = render_job(pipe, job, out / job.name, layout, comms, env.device, resume=resume,
-                         should_stop=should_stop, on_tile=on_tile)
-    result = outcome.result
-    if result.stopped:
-        if leader:
-            record_job_state(out, job.name, JobState.PENDING, rank=env.rank, node=env.node)
-            progress.finish(f"{job.name}: stopped; finished tiles are in the store")
-        return "stopped"
-    peaks = agree.allgather({"rank": env.rank, "node": env.node, "peak_memory_bytes": result.peak_memory_bytes})
-    if leader:
-        write_meta(out / job.name, job_meta(job, outcome, layout, comms, peaks, started, env.world_size, env.device))
-        progress.finish(f"{job.name}: done in {time.time() - started:.1f}s, seam score "
-                        f"{gigapixel_meta(outcome)['seam_score']}")
-        record_job_state(out, job.name, JobState.DONE, rank=env.rank, node=env.node, started=started,
-                         finished=time.time(), seconds=round(time.time() - started, 3))
-    return "done"

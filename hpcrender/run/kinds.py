@@ -8,7 +8,6 @@ store, then exported). A kind only uses the group's protocol (run.protocol) and 
 from __future__ import annotations
 
 import logging
-import platform
 import time
 import traceback
 from dataclasses import dataclass
@@ -246,11 +245,7 @@ def _write_outputs(out: Path, job: Job, result, layout, comms, peaks, options: R
 
 
 def _meta(job: Job, result, layout, comms, peaks, exported, started, world, group) -> dict:
-    import diffusers
-    import torch
-    import transformers
-
-    import hpcrender
+    from hpcrender.records import meta_header
 
     steps = result.step_seconds
     exchange = dict(result.exchange)
@@ -258,12 +253,7 @@ def _meta(job: Job, result, layout, comms, peaks, exported, started, world, grou
         exchange["per_rank"] = [{"rank": p["rank"], **p["exchange"]} for p in peaks if "exchange" in p]
     peaks = [{k: v for k, v in p.items() if k != "exchange"} for p in peaks]
     return {
-        "job": job.to_dict(),
-        "params_hash": job.params_hash(),
-        "model": job.model,
-        "versions": {"hpcrender": hpcrender.__version__, "python": platform.python_version(),
-                     "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__},
+        **meta_header(job),
         "layout": {"world_size": world.env.world_size, "group": group.index, "ranks": list(comms.global_ranks),
                    "mode": job.parallel.mode.value, "split_cfg": layout.split_cfg,
                    "warmup_steps": job.parallel.warmup_steps, "groupnorm": job.parallel.groupnorm.value,
