@@ -227,17 +227,7 @@ class TileStore(_StoreFile):
 
     @classmethod
     def _reopen(cls, path: Path) -> TileStore:
-        # A writer that was killed leaves the superblock marked "open for writing"; HDF5 refuses
-        # to reopen such a file until the mark is cleared (what `h5clear -s` does).
-        _clear_status_flags(path)
-        file = h5py.File(path, "r+", libver="latest", **_LOCKING)
-        try:
-            file.swmr_mode = True
-            lock_fd = _hold_lock(path)
-        except BaseException:
-            file.close()
-            raise
-        store = cls(file, path, writable=True, lock_fd=lock_fd)
+        store = cls(**_reopen_for_writing(path), writable=True)
         log.info("%s: resuming, %d of %d tiles already done", path, int(store._done.sum()), len(store.grid))
         return store
 
@@ -383,15 +373,7 @@ class LevelStore(_StoreFile):
                 if reason is not None:
                     raise BadInput(f"{path}: a tile store {reason}; it is kept as it is: render into another "
                                    "--out, move it away, or render with --no-resume to set it aside")
-                _clear_status_flags(path)
-                file = h5py.File(path, "r+", libver="latest", **_LOCKING)
-                try:
-                    file.swmr_mode = True
-                    lock_fd = _hold_lock(path)
-                except BaseException:
-                    file.close()
-                    raise
-                store = cls(file, path, writable=True, lock_fd=lock_fd)
+                store = cls(**_reopen_for_writing(path), writable=True)
                 log.info("%s: resuming, %d of %d patches already done", path,
                          sum(int(d.sum()) for d in store._done), sum(d.size for d in store._done))
                 return store
@@ -691,6 +673,22 @@ def _mismatch(path: Path, grid: TileGrid, params_hash: str) -> str | None:
     except (OSError, KeyError, ValueError, BadInput) as exc:
         return f"unreadable ({exc})"
     return None
+
+
+def _reopen_for_writing(path: Path) -> dict:
+    """An existing store's file opened for writing in SWMR mode, with its lock held: a store's constructor's
+    arguments (file, path, lock_fd)."""
+    # A writer that was killed leaves the superblock marked "open for writing"; HDF5 refuses to reopen such a file
+    # until the mark is cleared (what `h5clear -s` does).
+    _clear_status_flags(path)
+    file = h5py.File(path, "r+", libver="latest", **_LOCKING)
+    try:
+        file.swmr_mode = True
+        lock_fd = _hold_lock(path)
+    except BaseException:
+        file.close()
+        raise
+    return {"file": file, "path": path, "lock_fd": lock_fd}
 
 
 def _move_aside(path: Path, reason: str) -> Path:
