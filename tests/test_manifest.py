@@ -273,7 +273,8 @@ CASES = [
     ("halo-unknown", JOB + '[jobs.parallel]\nhalo = "corrected"\n', 5,
      "jobs[harbor].parallel.halo: must be one of stale, fresh, got 'corrected'"),
     ("builtin-unknown", JOB + 'model = "builtin:tiny-sdx"\n', 4,
-     "jobs[harbor].model: unknown builtin model 'tiny-sdx' (known: tiny-sd, tiny-sdxl, sdxl-mini, sdxl)"),
+     "jobs[harbor].model: unknown builtin model 'tiny-sdx' (known: tiny-sd, tiny-sdxl, sdxl-mini, sdxl, tiny-pixart,"
+     " tiny-sd3, tiny-flux, pixart-mini)"),
     ("model-path-missing", JOB + 'model = "./nowhere"\n', 4, "jobs[harbor].model: no such folder or file: "),
     ("safetensors-missing", JOB + 'model = "w.safetensors"\n', 4, "jobs[harbor].model: no such folder or file: "),
     ("ckpt-refused", JOB + 'model = "./sd15.ckpt"\n', 4, "jobs[harbor].model: pickled weights are never loaded"),
