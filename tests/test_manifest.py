@@ -274,7 +274,8 @@ CASES = [
     ("halo-unknown", JOB + '[jobs.parallel]\nhalo = "corrected"\n', 5,
      "jobs[harbor].parallel.halo: must be one of stale, fresh, got 'corrected'"),
     ("builtin-unknown", JOB + 'model = "builtin:tiny-sdx"\n', 4,
-     "jobs[harbor].model: unknown builtin model 'tiny-sdx' (builtins: tiny-sd, tiny-sdxl, sdxl-mini, sdxl) (did you mean 'tiny-sdxl'?)"),
+     "jobs[harbor].model: unknown builtin model 'tiny-sdx' (builtins: tiny-sd, tiny-sdxl, sdxl-mini, sdxl, "
+     "tiny-pixart, tiny-sd3, tiny-flux, pixart-mini) (did you mean 'tiny-sdxl'?)"),
     ("model-path-missing", JOB + 'model = "./nowhere"\n', 4, "jobs[harbor].model: no such folder or file: "),
     ("safetensors-missing", JOB + 'model = "w.safetensors"\n', 4, "jobs[harbor].model: no such folder or file: "),
     ("ckpt-refused", JOB + 'model = "./sd15.ckpt"\n', 4, "jobs[harbor].model: pickled checkpoints"),
