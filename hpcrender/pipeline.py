@@ -247,6 +247,11 @@ def noised_image_latent(moments: torch.Tensor, vae_config, scheduler, first: int
     gen = torch.Generator("cpu").manual_seed(seed)
     latent = to_latent_space(vae_config, DiagonalGaussianDistribution(moments.float()).sample(gen))
     noise = torch.randn(latent.shape, generator=gen, dtype=torch.float32)
+    return noised_to(scheduler, latent, noise, first)
+
+
+def noised_to(scheduler, latent: torch.Tensor, noise: torch.Tensor, first: int) -> torch.Tensor:
+    """`latent` with `noise` added as the sampler's step `first` expects its input."""
     if hasattr(scheduler, "scale_noise"):  # flow matching: a straight line from the image to the noise
         return scheduler.scale_noise(latent, scheduler.timesteps[first:first + 1], noise)
     return scheduler.add_noise(latent, noise, scheduler.timesteps[first:first + 1])

@@ -22,7 +22,7 @@ from hpcrender.gigapixel.plan import GigaPlan, TilePatch, TileUnit, gigapixel_pl
 from hpcrender.parallel.gather import array_from_leader, objects_from_leader
 from hpcrender.pipeline import (
     Comms, GroupLayout, Render, check_layout, conditioning, denoise, encode_image, finish, render_image, timesteps,
-    to_latent_space, vae_scale_of,
+    alignment_of, noised_to, to_latent_space, vae_scale_of,
 )
 
 # Latent pixels per side of a noise block: each block's noise comes from its own generator, keyed on
@@ -32,9 +32,7 @@ NOISE_BLOCK = 64
 
 def plan_for(pipe, job: Job) -> GigaPlan:
     """The job's plan for a loaded model (its VAE scale and the UNet's alignment)."""
-    from hpcrender.parallel.bands import unet_alignment
-
-    return gigapixel_plan(job, vae_scale_of(pipe), unet_alignment(pipe.unet.config))
+    return gigapixel_plan(job, vae_scale_of(pipe), alignment_of(pipe))
 
 
 def block_seed(seed: int, level: int, block_row: int, block_col: int) -> int:
@@ -116,7 +114,7 @@ def render_tile(pipe, job: Job, plan: GigaPlan, unit: TileUnit, read_previous: R
     latent = to_latent_space(pipe.vae.config, moments[:, :channels])
     s = plan.vae_scale
     noise = position_noise(job.seed, unit.level, channels, box.y0 // s, box.y1 // s, box.x0 // s, box.x1 // s)
-    start = scheduler.add_noise(latent, noise, scheduler.timesteps[plan.first_step:plan.first_step + 1])
+    start = noised_to(scheduler, latent, noise, plan.first_step)
     latent = denoise(run, cond, scheduler, run.band_of(start), plan.first_step)
     if run.result.stopped_at is not None:
         return None
