@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from hpcrender.gigapixel.render import plan_for, render_base, render_gigapixel, 
 from hpcrender.models import load_pipeline
 from hpcrender.pipeline import Comms, GroupLayout
 
-from clirun import hpcrender, write_manifest
+from clirun import HPCRENDER, clean_env, hpcrender, write_manifest
 
 ALONE = (GroupLayout(size=1, rank=0, mode=Mode.NONE), Comms(None, None, (0,)))
 JOB = Job(name="harbor-giga", prompt="an aerial harbor", width=256, height=192, seed=5, model="builtin:tiny-sdxl",
@@ -118,7 +120,25 @@ def test_blended_colour_fixed_tiles_score_no_seams_and_naive_tiles_do(pipe, refe
 
 def test_render_command_writes_the_image_meta_and_a_viewable_deepzoom(reference, tmp_path):
     _, plan, _, expected = reference
-    manifest = write_manifest(tmp_path / "giga.toml", f"""
+    manifest = _manifest(tmp_path)
+    out = tmp_path / "out"
+    run = hpcrender("render", manifest, "--out", out)
+    assert run.returncode == 0, run.stderr
+    job_dir = out / JOB.name
+    meta = json.loads((job_dir / "meta.json").read_text())
+    assert meta["gigapixel"]["seam_score"] == pytest.approx(1.0, abs=0.05)
+    assert meta["gigapixel"]["tiles"] == plan.total_tiles
+    assert sorted(meta["outputs"]) == ["image.png", "preview.png"]
+    # rendered a second time, in another process: the same bytes
+    assert np.array_equal(np.asarray(Image.open(job_dir / "image.png")), expected[-1])
+    stitched = hpcrender("stitch", job_dir, "--format", "dzi")
+    assert stitched.returncode == 0, stitched.stderr
+    assert (job_dir / "index.html").is_file() and (job_dir / "openseadragon" / "LICENSE.txt").is_file()
+    _assert_viewer_shows_tiles(job_dir / "index.html", tmp_path / "shot.png")
+
+
+def _manifest(tmp_path):
+    return write_manifest(tmp_path / "giga.toml", f"""
 [defaults]
 model = "{JOB.model}"
 steps = {JOB.steps}
@@ -137,20 +157,40 @@ tile = {JOB.gigapixel.tile}
 overlap = {JOB.gigapixel.overlap}
 strength = {JOB.gigapixel.strength}
 """)
-    out = tmp_path / "out"
-    run = hpcrender("render", manifest, "--out", out)
-    assert run.returncode == 0, run.stderr
-    job_dir = out / JOB.name
-    meta = json.loads((job_dir / "meta.json").read_text())
-    assert meta["gigapixel"]["seam_score"] == pytest.approx(1.0, abs=0.05)
-    assert meta["gigapixel"]["tiles"] == plan.total_tiles
-    assert sorted(meta["outputs"]) == ["image.png", "preview.png"]
-    # rendered a second time, in another process: the same bytes
-    assert np.array_equal(np.asarray(Image.open(job_dir / "image.png")), expected[-1])
-    stitched = hpcrender("stitch", job_dir, "--format", "dzi")
-    assert stitched.returncode == 0, stitched.stderr
-    assert (job_dir / "index.html").is_file() and (job_dir / "openseadragon" / "LICENSE.txt").is_file()
-    _assert_viewer_shows_tiles(job_dir / "index.html", tmp_path / "shot.png")
+
+
+def test_sigterm_stops_between_tiles_with_exit_3_and_the_rerun_finishes_the_same_image(reference, tmp_path):
+    from hpcrender.store import LevelStore
+
+    _, plan, _, expected = reference
+    manifest, out = _manifest(tmp_path), tmp_path / "out"
+    proc = subprocess.Popen([str(HPCRENDER), "render", str(manifest), "--out", str(out)], env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    store_path = out / JOB.name / "tiles.h5"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:  # signal once the first tile of level 1 is stored
+            if store_path.exists():
+                try:
+                    with LevelStore.read(store_path) as store:
+                        if len(store.missing_patches(1)) < len(plan.levels[1].tiles):
+                            break
+                except Exception:  # noqa: BLE001 - the file is being created
+                    pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err
+    with LevelStore.read(store_path) as store:
+        assert not store.level_complete(len(plan.levels) - 1)
+    rerun = hpcrender("render", manifest, "--out", out)
+    assert rerun.returncode == 0, rerun.stderr
+    meta = json.loads((out / JOB.name / "meta.json").read_text())
+    assert meta["gigapixel"]["units_rendered"] < plan.total_tiles + 1
+    assert np.array_equal(np.asarray(Image.open(out / JOB.name / "image.png")), expected[-1])
 
 
 def _assert_viewer_shows_tiles(page, shot):

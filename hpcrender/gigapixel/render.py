@@ -149,7 +149,8 @@ def render_gigapixel(pipe, job: Job, store, layout: GroupLayout, comms: Comms, d
 
     `store` (a LevelStore for the plan, open for writing) is needed on the group's first rank only. A stop (asked
     between tiles and between denoising steps) loses at most the tile in flight; rerunning resumes from the store.
-    on_tile(unit, done, total) follows every stored unit."""
+    on_tile(unit, done, total) follows every stored unit. The group's other ranks wait for the first rank's
+    composition of a level in the next level's first broadcast (within the collective timeout)."""
     from hpcrender.pipeline import _peak_memory
 
     plan = plan_for(pipe, job)
