@@ -39,6 +39,10 @@ _META_CHUNK = 4096
 _LOCKING: dict[str, Any] = (
     {"locking": "best-effort"} if h5py.version.hdf5_version_tuple >= (1, 12, 1) else {}
 )
+# Readers (SWMR) take no HDF5 lock at all: a reader that holds the file while the writer (re)opens it - `hpcrender
+# status`, a viewer, the next level's readers - would make the writer's exclusive lock fail. Writers are kept apart
+# by the store's own lock file (_hold_lock, _refuse_if_busy).
+_READ_LOCKING: dict[str, Any] = {"locking": False} if _LOCKING else {}
 _LOCK_UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -182,7 +186,7 @@ class TileStore(_StoreFile):
         if not path.is_file():
             raise BadInput(f"{path}: no tile store there")
         try:
-            file = h5py.File(path, "r", libver="latest", swmr=True, **_LOCKING)
+            file = h5py.File(path, "r", libver="latest", swmr=True, **_READ_LOCKING)
         except OSError as exc:
             raise BadInput(f"{path}: not a readable HDF5 file ({exc})") from exc
         if _is_level_store(file):  # a gigapixel render's store: its final level is the image
@@ -386,7 +390,7 @@ class LevelStore(_StoreFile):
         if not path.is_file():
             raise BadInput(f"{path}: no tile store there")
         try:
-            file = h5py.File(path, "r", libver="latest", swmr=True, **_LOCKING)
+            file = h5py.File(path, "r", libver="latest", swmr=True, **_READ_LOCKING)
         except OSError as exc:
             raise BadInput(f"{path}: not a readable HDF5 file ({exc})") from exc
         problem = _levels_problem(file)
@@ -619,7 +623,7 @@ def _is_level_store(file: h5py.File) -> bool:
 def _levels_mismatch(path: Path, levels: tuple[LevelShape, ...], params_hash: str) -> str | None:
     """Why the existing file cannot be resumed for these levels and parameters, or None when it can."""
     try:
-        with h5py.File(path, "r", libver="latest", swmr=True, **_LOCKING) as file:
+        with h5py.File(path, "r", libver="latest", swmr=True, **_READ_LOCKING) as file:
             if not _is_level_store(file):
                 return "of another kind (not a gigapixel level store)"
             problem = _levels_problem(file)
@@ -660,7 +664,7 @@ def _layout_problem(file: h5py.File) -> str | None:
 def _mismatch(path: Path, grid: TileGrid, params_hash: str) -> str | None:
     """Why the existing file cannot be resumed for this job, or None when it can."""
     try:
-        with h5py.File(path, "r", libver="latest", swmr=True, **_LOCKING) as file:
+        with h5py.File(path, "r", libver="latest", swmr=True, **_READ_LOCKING) as file:
             problem = _layout_problem(file)
             if problem is not None:
                 return problem

@@ -8,12 +8,17 @@ group took it or when (seeds and noise come from the job), so the bytes do not d
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 import numpy as np
 
 Unit = TypeVar("Unit")
+# How often rank 0 lets MPI make progress while its own thread computes: a passive-target atomic on its window
+# completes only when rank 0's MPI library runs (MPICH without an asynchronous progress thread), so without this a
+# group would wait to take work for as long as rank 0 spends in one denoising step, a composition or a sleep.
+PROGRESS_POKE_S = 0.002
 
 
 class WorkQueue(Generic[Unit]):
@@ -28,8 +33,13 @@ class WorkQueue(Generic[Unit]):
         self._comm = comm
         itemsize = MPI.INT64_T.Get_size()
         self._win = MPI.Win.Allocate(itemsize if comm.Get_rank() == 0 else 0, itemsize, comm=comm)
+        self._stop = threading.Event()
+        self._poker = None
+        self._poke_comm = comm.Dup()  # collective; nothing is ever sent on it
         if comm.Get_rank() == 0:
             np.frombuffer(self._win.tomemory(), dtype=np.int64)[0] = 0
+            self._poker = threading.Thread(target=self._poke, name="hpcrender-queue-progress", daemon=True)
+            self._poker.start()
         comm.Barrier()  # the counter is zero before anyone takes
 
     def take(self) -> Unit | None:
@@ -47,6 +57,16 @@ class WorkQueue(Generic[Unit]):
         index = int(got[0])
         return index if index < len(self.units) else None
 
+    def _poke(self) -> None:
+        """Rank 0's helper thread: an Iprobe on a communicator nothing is sent on, every PROGRESS_POKE_S, drives
+        MPI's progress engine (mpi4py starts MPI with MPI_THREAD_MULTIPLE) and costs next to no CPU."""
+        while not self._stop.wait(PROGRESS_POKE_S):
+            self._poke_comm.Iprobe(source=self._mpi.ANY_SOURCE, tag=self._mpi.ANY_TAG)
+
     def free(self) -> None:
         """Collective: every rank calls it once its group has stopped taking."""
+        if self._poker is not None:
+            self._stop.set()
+            self._poker.join()
+        self._poke_comm.Free()
         self._win.Free()

@@ -29,8 +29,22 @@ while (index := group.take(queue)) is not None:
     time.sleep(0.002 * (1 + 4 * g))  # group 0 is the fastest
 agreed = all(t == taken for t in group.gather(taken))
 queue.free()
+
+# Rank 0 holds the counter; while it computes without calling MPI (a long step, a composition), the other groups
+# must still be able to take work.
+busy = WorkQueue(world, list(range(12)))
+after_sleep = []
+if group.leader:
+    first = busy.take_index()
+    if rank == 0:
+        time.sleep(1.5)
+    while (index := busy.take_index()) is not None:
+        after_sleep.append(index)
+        time.sleep(0.01)
+busy.free()
 group.free()
-report = world.gather({"rank": rank, "group": g, "taken": taken, "agreed": agreed})
+report = world.gather({"rank": rank, "group": g, "taken": taken, "agreed": agreed, "busy": after_sleep})
 if rank == 0:
     groups = {r["group"]: r["taken"] for r in report}
-    print(json.dumps({"world_size": world.Get_size(), "groups": groups, "agreed": all(r["agreed"] for r in report)}))
+    print(json.dumps({"world_size": world.Get_size(), "groups": groups, "agreed": all(r["agreed"] for r in report),
+                      "taken_by_rank0_after_its_busy_time": report[0]["busy"]}))
