@@ -19,11 +19,11 @@ from hpcrender.run.plan import job_memory as plan_job_memory
 
 # --- split_cfg's partner exchange ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("size", [2, 4, 6, 8])
 def job_memory(job, size):
     return plan_job_memory(job, size, model_shape)
 
 
+@pytest.mark.parametrize("size", [2, 4, 6, 8])
 def test_branch_partners_pair_each_band_of_one_half_with_the_same_band_of_the_other(size):
     layouts = [GroupLayout(size=size, rank=r, mode=Mode.SYNC, split_cfg=True) for r in range(size)]
     partners = [branch_partner(layout) for layout in layouts]
