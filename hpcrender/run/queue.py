@@ -18,7 +18,7 @@ Unit = TypeVar("Unit")
 # How often rank 0 lets MPI make progress while its own thread computes: a passive-target atomic on its window
 # completes only when rank 0's MPI library runs (MPICH without an asynchronous progress thread), so without this a
 # group would wait to take work for as long as rank 0 spends in one denoising step, a composition or a sleep.
-PROGRESS_POKE_S = 0.002
+PROGRESS_POKE_S = 0.02
 
 
 class WorkQueue(Generic[Unit]):
