@@ -183,12 +183,7 @@ class TileStore(_StoreFile):
 
         A gigapixel render's level store opens as its final level's image, which every reader takes alike."""
         path = Path(path)
-        if not path.is_file():
-            raise BadInput(f"{path}: no tile store there")
-        try:
-            file = h5py.File(path, "r", libver="latest", swmr=True, **_READ_LOCKING)
-        except OSError as exc:
-            raise BadInput(f"{path}: not a readable HDF5 file ({exc})") from exc
+        file = _open_for_reading(path)
         if _is_level_store(file):  # a gigapixel render's store: its final level is the image
             file.close()
             levels = LevelStore.read(path)
@@ -387,12 +382,7 @@ class LevelStore(_StoreFile):
     def read(cls, path: str | os.PathLike) -> LevelStore:
         """Open read-only; works while the writer runs or after it was killed."""
         path = Path(path)
-        if not path.is_file():
-            raise BadInput(f"{path}: no tile store there")
-        try:
-            file = h5py.File(path, "r", libver="latest", swmr=True, **_READ_LOCKING)
-        except OSError as exc:
-            raise BadInput(f"{path}: not a readable HDF5 file ({exc})") from exc
+        file = _open_for_reading(path)
         problem = _levels_problem(file)
         if problem is not None:
             file.close()
@@ -677,6 +667,16 @@ def _mismatch(path: Path, grid: TileGrid, params_hash: str) -> str | None:
     except (OSError, KeyError, ValueError, BadInput) as exc:
         return f"unreadable ({exc})"
     return None
+
+
+def _open_for_reading(path: Path) -> h5py.File:
+    """A store's file opened read-only in SWMR mode (without an HDF5 lock); BadInput (one line) when there is none."""
+    if not path.is_file():
+        raise BadInput(f"{path}: no tile store there")
+    try:
+        return h5py.File(path, "r", libver="latest", swmr=True, **_READ_LOCKING)
+    except OSError as exc:
+        raise BadInput(f"{path}: not a readable HDF5 file ({exc})") from exc
 
 
 def _reopen_for_writing(path: Path) -> dict:
