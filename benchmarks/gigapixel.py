@@ -50,6 +50,7 @@ def render_one(args) -> dict:
         "compose_seconds": meta["compose_seconds"],
         "seconds_with_export": round(seconds, 1),
         "seam_score": meta["seam_score"],
+        "boundary_detail_ratio": meta["boundary_detail_ratio"],
         "rss_after_model_load_mib": round(loaded / 2**20, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "outputs": [p.name for p in outcome.exported],

@@ -15,7 +15,7 @@ import tifffile
 
 from hpcrender.config import GigapixelConfig, Job, Mode, ParallelConfig
 from hpcrender.errors import BadInput
-from hpcrender.gigapixel import compose_level, gigapixel_plan, level_units, seam_score
+from hpcrender.gigapixel import compose_level, gigapixel_plan, level_units, seam_score, seam_statistics
 from hpcrender.gigapixel.compose import blend_detail
 from hpcrender.gigapixel.job import level_shapes
 from hpcrender.gigapixel.pixels import cubic_taps, low_frequencies, upscale_region, wavelet_colour_fix
@@ -170,6 +170,21 @@ def test_seam_score_is_one_without_seams_and_shows_steps_and_flat_borders():
         flat[max(0, k - 2):k + 2] = 128
     assert seam_score(_reader(flat), 192, 256, 64) < 0.6
     assert seam_score(_reader(texture), 64, 64, 64) is None
+
+
+def test_a_broad_band_of_detail_along_the_boundaries_is_no_seam_but_shows_in_the_detail_ratio():
+    """Texture 1.5 x stronger within 48 px of every boundary (smoothly, no step): the seam score compares each
+    boundary with lines 8 px either side and stays 1; the detail ratio, against every inner line, reads the band."""
+    rng = np.random.default_rng(4)
+    noise = rng.normal(0, 20, (512, 512, 3))
+    distance = np.minimum(np.arange(512) % 256, 256 - np.arange(512) % 256).astype(float)
+    gain = 1 + 0.5 * np.clip(1 - distance / 48, 0, 1)
+    banded = np.clip(128 + noise * np.maximum(gain[:, None], gain[None, :])[..., None], 0, 255).astype(np.uint8)
+    score, ratio = seam_statistics(_reader(banded), 512, 512, 256, period=8)
+    assert score == pytest.approx(1.0, abs=0.05)
+    assert ratio > 1.2
+    uniform = np.clip(128 + noise, 0, 255).astype(np.uint8)
+    assert seam_statistics(_reader(uniform), 512, 512, 256, period=8) == pytest.approx((1.0, 1.0), abs=0.05)
 
 
 def test_blend_of_agreeing_patches_is_the_image_and_unrelated_detail_keeps_its_contrast():

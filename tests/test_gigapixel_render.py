@@ -108,13 +108,13 @@ def test_a_stopped_render_resumes_to_the_same_bytes(pipe, reference, tmp_path):
 
 def test_blended_colour_fixed_tiles_score_no_seams_and_naive_tiles_do(pipe, reference, tmp_path):
     _, plan, result, _ = reference
-    refined = result.seam_scores[len(plan.levels) - 1]
+    refined = result.seams[len(plan.levels) - 1].score
     assert refined == pytest.approx(1.0, abs=0.05)
     naive_job = dataclasses.replace(JOB, gigapixel=dataclasses.replace(JOB.gigapixel, overlap=0))
     naive_plan = plan_for(pipe, naive_job)
     with open_store(tmp_path, naive_job, naive_plan) as store:
         naive = render_gigapixel(pipe, naive_job, store, *ALONE, "cpu", colour_fix=False)
-    score = naive.seam_scores[len(naive_plan.levels) - 1]
+    score = naive.seams[len(naive_plan.levels) - 1].score
     assert abs(score - 1.0) > 3 * abs(refined - 1.0) and abs(score - 1.0) > 0.1, (score, refined)
 
 

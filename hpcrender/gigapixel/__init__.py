@@ -15,13 +15,13 @@ over one group, alike:
              when store.missing_patches(k) is empty: compose_level(store, plan, k)
 """
 
-from hpcrender.gigapixel.compose import compose_level, level_seam_score
-from hpcrender.gigapixel.pixels import seam_score
+from hpcrender.gigapixel.compose import Seams, compose_level, level_seams
+from hpcrender.gigapixel.pixels import seam_score, seam_statistics
 from hpcrender.gigapixel.plan import (
     Box, GigaPlan, LevelPlan, TilePatch, TilePlan, TileUnit, gigapixel_plan, level_units,
 )
 
 __all__ = [
     "Box", "GigaPlan", "LevelPlan", "TilePatch", "TilePlan", "TileUnit", "compose_level", "gigapixel_plan",
-    "level_seam_score", "level_units", "seam_score",
+    "Seams", "level_seams", "level_units", "seam_score", "seam_statistics",
 ]

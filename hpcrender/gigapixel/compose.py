@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcrender.gigapixel.pixels import low_frequencies, seam_score
+from typing import NamedTuple
+
+from hpcrender.gigapixel.pixels import low_frequencies, seam_statistics
 from hpcrender.gigapixel.plan import Box, GigaPlan, TilePlan, contributors, tile_weights
 
 # The window of the tiles' local detail variance and covariance: a-trous levels of 1..8 px, about 31 px across.
@@ -129,12 +131,19 @@ def _covariance(a: TilePlan, b: TilePlan, cache: dict, known: dict) -> tuple[Box
     return known[key]
 
 
-def level_seam_score(store, plan: GigaPlan, level: int) -> float | None:
-    """seam_score of a composed level over its tile grid, read tile by tile from the store, against lines inside
-    the tiles on the same phase of the model's coarsest grid as the boundaries (seam_period)."""
+class Seams(NamedTuple):
+    """What seam_statistics finds on one level: the seam score and the boundary detail ratio (None: one tile)."""
+
+    score: float | None
+    detail_ratio: float | None
+
+
+def level_seams(store, plan: GigaPlan, level: int) -> Seams:
+    """seam_statistics of a composed level over its tile grid, read tile by tile from the store, against lines
+    inside the tiles on the same phase of the model's coarsest grid as the boundaries (seam_period)."""
     lp = plan.levels[level]
-    return seam_score(lambda y0, y1, x0, x1: store.read_level(level, y0, y1, x0, x1), lp.height, lp.width, lp.tile,
-                      seam_period(lp.tile, plan.alignment))
+    return Seams(*seam_statistics(lambda y0, y1, x0, x1: store.read_level(level, y0, y1, x0, x1), lp.height,
+                                  lp.width, lp.tile, seam_period(lp.tile, plan.alignment)))
 
 
 def seam_period(tile: int, alignment: int) -> int:

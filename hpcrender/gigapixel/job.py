@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hpcrender.config import Job
 from hpcrender.errors import HpcrenderError
-from hpcrender.gigapixel.compose import seam_period
+from hpcrender.gigapixel.compose import Seams, seam_period
 from hpcrender.gigapixel.plan import GigaPlan, preview_level
 from hpcrender.store import LevelShape, LevelStore
 
@@ -75,6 +75,10 @@ def render_job(pipe, job: Job, job_dir: Path, layout, comms, device, *, resume: 
     return GigaJobOutcome(result, exported)
 
 
+def _seams(result, level: int) -> Seams:
+    return result.seams.get(level, Seams(None, None))
+
+
 def gigapixel_meta(outcome: GigaJobOutcome) -> dict:
     """meta.json's `gigapixel` section."""
     result = outcome.result
@@ -83,12 +87,17 @@ def gigapixel_meta(outcome: GigaJobOutcome) -> dict:
     tiles = result.tile_seconds
     return {
         "levels": [{"level": lp.index, "width": lp.width, "height": lp.height, "tile": lp.tile, "rows": lp.rows,
-                    "cols": lp.cols, "seam_score": _round(result.seam_scores.get(lp.index))}
+                    "cols": lp.cols, "seam_score": _round(_seams(result, lp.index).score),
+                    "boundary_detail_ratio": _round(_seams(result, lp.index).detail_ratio)}
                    for lp in plan.levels],
-        "seam_score": _round(result.seam_scores.get(final)),
+        "seam_score": _round(_seams(result, final).score),
         "seam_score_definition": "summed |difference| of pixel pairs straddling tile boundaries of the final level, "
-                                 "divided by its expectation from pairs across the lines inside the tiles that are "
-                                 "multiples of seam_period px from their edges (1.0: no seams)",
+                                 "divided by its expectation from the pairs across the lines seam_period px either "
+                                 "side of each boundary, inside the tiles (1.0: no seams)",
+        "boundary_detail_ratio": _round(_seams(result, final).detail_ratio),
+        "boundary_detail_ratio_definition": "the same straddling pairs against the lines at every multiple of "
+                                            "seam_period px inside the tiles (a band of more or less detail along "
+                                            "the boundaries shows here and not in the seam score)",
         "seam_period": seam_period(plan.levels[-1].tile, plan.alignment),
         "overlap": plan.overlap,
         "alignment": plan.alignment,

@@ -16,6 +16,8 @@ ReadBox = Callable[[int, int, int, int], np.ndarray]
 CUBIC_A = -0.5        # Keys' bicubic, as PIL and OpenCV use it
 # The seam score compares tile boundaries with lines this far apart inside the tiles (default: the VAE's 8 px).
 SEAM_PERIOD = 8
+# ... and with the lines this many periods either side of each boundary (the seam score's surroundings).
+NEAR_LINES = 1
 WAVELET_LEVELS = 5    # StableSR's wavelet colour fix: detail from the tile, the rest (blur radius 31 px) from the reference
 
 
@@ -85,21 +87,37 @@ def wavelet_colour_fix(content: np.ndarray, reference: np.ndarray, levels: int =
     return np.clip(np.rint(fixed), 0, 255).astype(np.uint8)
 
 
-def seam_score(read: ReadBox, height: int, width: int, tile: int, period: int = SEAM_PERIOD) -> float | None:
-    """How much tile boundaries show: the summed absolute difference of the pixel pairs that straddle a tile
-    boundary, divided by what the same pairs would sum to if they differed like the pairs one pixel apart across the
-    lines inside the tiles that lie a multiple of `period` px from the tile's edge (per direction: side by side for
-    vertical boundaries, one above the other for horizontal ones).
+def seam_score(read: ReadBox, height: int, width: int, tile: int, period: int = SEAM_PERIOD,
+               near: int = NEAR_LINES) -> float | None:
+    """How much tile boundaries show as seams: the first of seam_statistics."""
+    return seam_statistics(read, height, width, tile, period, near)[0]
 
-    Those lines have the boundaries' phase on the model's grids (the decoder's 8 px, the UNet's coarsest feature
-    map: pass the model's pixel alignment) and on a x2 upscale's pixel grid, whose own faint steps would otherwise
-    count as seams. 1.0: the boundaries look like any other such line. Above 1: steps in
-    colour or brightness at the boundaries; below 1: tile borders flatter than the rest (a decoder's padding shows
-    so). None for a level of one tile or without differences inside the tiles. Reads one tile (and one row and
-    column more) at a time."""
+
+def seam_statistics(read: ReadBox, height: int, width: int, tile: int, period: int = SEAM_PERIOD,
+                    near: int = NEAR_LINES) -> tuple[float | None, float | None]:
+    """(seam score, boundary detail ratio) of an image cut into `tile` px tiles, in one pass.
+
+    Seam score: the summed absolute difference of the pixel pairs that straddle a tile boundary, divided by what
+    the same pairs would sum to if they differed like the pairs one pixel apart across the `near` lines on each
+    side of that boundary that lie a multiple of `period` px from it, inside the tiles (per direction: side by
+    side for vertical boundaries, one above the other for horizontal ones). It measures a step at the boundary
+    against its own surroundings: 1.0, no seam; above 1, a step in colour, brightness or texture; below 1, a
+    border flatter than its surroundings (a decoder's zero padding shows so).
+
+    Boundary detail ratio: the same straddling pairs against the lines at every multiple of `period` inside the
+    tiles. It also reads a broad band of more or less detail along the boundaries, which a model whose tiles
+    carry more detail near their box's edges than in their middle leaves (random weights do) and which no
+    blend of independent tiles removes.
+
+    The reference lines have the boundaries' phase on the model's grids (the decoder's 8 px, the UNet's
+    coarsest feature map: pass the model's pixel alignment) and on a x2 upscale's pixel grid, whose own faint
+    steps would otherwise count as seams. None for an image of one tile or without differences. Reads one tile
+    (and one row and column more) at a time."""
     seam = np.zeros(2)                 # straddling pairs: summed |difference| (side by side, one above the other)
     seam_pairs = np.zeros(2, np.int64)
-    inner = np.zeros(2)                # pairs across the inner lines, likewise
+    close = np.zeros(2)                # pairs across the lines near a boundary, likewise
+    close_pairs = np.zeros(2, np.int64)
+    inner = np.zeros(2)                # pairs across every line inside the tiles, likewise
     inner_pairs = np.zeros(2, np.int64)
     for y0 in range(0, height, tile):
         y1 = min(height, y0 + tile)
@@ -109,21 +127,25 @@ def seam_score(read: ReadBox, height: int, width: int, tile: int, period: int = 
             a = np.asarray(read(top, y1, left, x1), dtype=np.int16)
             rows = a[y0 - top:]   # the tile's rows, with the column left of it when there is one
             cols = a[:, x0 - left:]
-            # pair (p - 1, p) for p = 0 (the boundary, when there is a column before) and p = period, 2 period, ...
-            for d, lines, strip in ((0, x0 - left, rows), (1, y0 - top, cols)):
-                n = strip.shape[1 - d]
-                for p in range(lines - 1 if lines else period - 1, n - 1, period):
-                    if d == 0:
-                        diff = np.abs(strip[:, p + 1] - strip[:, p])
-                    else:
-                        diff = np.abs(strip[p + 1] - strip[p])
-                    if lines and p == lines - 1:
-                        seam[d] += diff.sum()
-                        seam_pairs[d] += diff.size
-                    else:
-                        inner[d] += diff.sum()
-                        inner_pairs[d] += diff.size
-    expected = sum(seam_pairs[d] * inner[d] / inner_pairs[d] for d in (0, 1) if inner_pairs[d] and seam_pairs[d])
-    if not seam_pairs.any() or not expected:
-        return None
-    return float(seam.sum() / expected)
+            for d, start, end, size, strip in ((0, x0, x1, width, rows), (1, y0, y1, height, cols)):
+                offset = start - (left if d == 0 else top)   # the strip's index of the tile's first pixel
+                for p in range(start + period, end, period):   # lines inside the tile
+                    i = p - start + offset
+                    diff = np.abs(strip[:, i] - strip[:, i - 1]) if d == 0 else np.abs(strip[i] - strip[i - 1])
+                    inner[d] += diff.sum()
+                    inner_pairs[d] += diff.size
+                    # near the tile's first edge (a boundary when start > 0) or its last (when end < size)
+                    if (start and p - start <= near * period) or (end < size and end - p <= near * period):
+                        close[d] += diff.sum()
+                        close_pairs[d] += diff.size
+                if start:
+                    i = offset
+                    diff = np.abs(strip[:, i] - strip[:, i - 1]) if d == 0 else np.abs(strip[i] - strip[i - 1])
+                    seam[d] += diff.sum()
+                    seam_pairs[d] += diff.size
+
+    def ratio(sums, pairs):
+        expected = sum(seam_pairs[d] * sums[d] / pairs[d] for d in (0, 1) if pairs[d] and seam_pairs[d])
+        return float(seam.sum() / expected) if seam_pairs.any() and expected else None
+
+    return ratio(close, close_pairs), ratio(inner, inner_pairs)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hpcrender.config import Job
-from hpcrender.gigapixel.compose import compose_level, level_seam_score
+from hpcrender.gigapixel.compose import Seams, compose_level, level_seams
 from hpcrender.gigapixel.pixels import ReadBox, upscale_region, wavelet_colour_fix
 from hpcrender.gigapixel.plan import GigaPlan, TilePatch, TileUnit, gigapixel_plan, level_units
 from hpcrender.parallel.gather import array_from_leader, objects_from_leader
@@ -137,7 +137,7 @@ class GigaResult:
     base_seconds: float = 0.0
     tile_seconds: list[float] = field(default_factory=list)
     compose_seconds: float = 0.0
-    seam_scores: dict[int, float | None] = field(default_factory=dict)  # level -> score; the group's first rank
+    seams: dict[int, Seams] = field(default_factory=dict)  # level -> its seams; on the group's first rank
     peak_memory_bytes: int = 0
 
 
@@ -200,6 +200,6 @@ def render_gigapixel(pipe, job: Job, store, layout: GroupLayout, comms: Comms, d
             result.compose_seconds += time.perf_counter() - t0
     if leader:
         for lp in plan.levels[1:]:
-            result.seam_scores[lp.index] = level_seam_score(store, plan, lp.index)
+            result.seams[lp.index] = level_seams(store, plan, lp.index)
     result.peak_memory_bytes = _peak_memory(device)
     return result

@@ -46,7 +46,7 @@ class _JobState:
     groups: dict = field(default_factory=dict)   # group -> units it rendered
     peaks: dict = field(default_factory=dict)    # world rank of a group's first rank -> (node, peak bytes)
     missing: list = field(default_factory=list)  # tiles of the round's level not stored yet
-    seam_scores: dict = field(default_factory=dict)
+    seams: dict = field(default_factory=dict)
     progress: object = None                      # progress.Progress of this job's tiles, on the writer
 
 
@@ -318,7 +318,7 @@ class GigapixelKind:
     def _finish_level(self, s: _JobState, r: int, ctx: UnitContext) -> None:
         """On the writer after round r: compose level r when all its patches are in, and finish the job after its
         last level (seam scores, exports, meta.json)."""
-        from hpcrender.gigapixel.compose import compose_level, level_seam_score
+        from hpcrender.gigapixel.compose import compose_level, level_seams
 
         if s.failed is not None:
             self._fail(s, ctx, s.failed)
@@ -329,7 +329,7 @@ class GigapixelKind:
         compose_level(s.store, s.plan, r)
         s.compose_seconds += time.perf_counter() - t0
         if r > 0:
-            s.seam_scores[r] = level_seam_score(s.store, s.plan, r)
+            s.seams[r] = level_seams(s.store, s.plan, r)
         if r == len(s.plan.levels) - 1:
             self._finish_job(s, ctx)
 
@@ -343,16 +343,16 @@ class GigapixelKind:
         from hpcrender.records import JobState, record_job_state, write_meta
 
         out, job, env = ctx.options.out, s.job, ctx.world.env
-        from hpcrender.gigapixel.compose import level_seam_score
+        from hpcrender.gigapixel.compose import level_seams
 
         for k in range(1, len(s.plan.levels)):
-            if k not in s.seam_scores:  # composed by an earlier run
-                s.seam_scores[k] = level_seam_score(s.store, s.plan, k)
+            if k not in s.seams:  # composed by an earlier run
+                s.seams[k] = level_seams(s.store, s.plan, k)
         preview = s.store.level(preview_level(s.plan, PREVIEW_MAX_SIDE))
         exported = export_job(s.store.final(), out / job.name, preview_from=preview)
         result = GigaResult(s.plan, tiles_rendered=s.rendered, base_seconds=s.base_seconds,
                             tile_seconds=s.tile_seconds, compose_seconds=s.compose_seconds,
-                            seam_scores=dict(s.seam_scores))
+                            seams=dict(s.seams))
         outcome = GigaJobOutcome(result, exported)
         layout = GroupLayout(size=1, rank=0, mode=job.parallel.mode, split_cfg=job.parallel.split_cfg)
         peaks = [{"rank": rank, "node": node, "peak_memory_bytes": peak} for rank, (node, peak) in sorted(s.peaks.items())]
