@@ -165,35 +165,36 @@ def plan(manifest, ranks, ranks_per_image, rate):
 
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("--only", "name", required=True, metavar="NAME", help="The job to verify.")
+@click.option("--only", "names", required=True, multiple=True, metavar="NAME",
+              help="A job to verify (repeatable: each in turn, in one launch).")
 @click.option("--mode", "modes", multiple=True, type=click.Choice([m.value for m in Mode if m is not Mode.NONE]),
-              help="Parallel mode to check (repeatable; default: the job's).")
+              help="Parallel mode to check (repeatable; default: each job's own).")
 @click.option("--debug", is_flag=True)
-def verify(manifest, name, modes, debug):
-    """Render one job single-device and on all ranks; print latent error, PSNR and SSIM per mode."""
+def verify(manifest, names, modes, debug):
+    """Render jobs single-device and on all ranks; print latent error, PSNR and SSIM per job and mode."""
     from hpcrender.environment import guarded
     from hpcrender.verify import run_verify
 
     world = _start_world(debug)
     with guarded(world, debug):
-        job, error = None, None
+        jobs, error = None, None
         if world.env.rank == 0:
             try:
                 from hpcrender.models.shapes import model_shape
                 from hpcrender.run.plan import make_run_plan
 
-                m = _load(manifest, only=(name,), mode=modes[0] if modes else None, ranks_per_image=0,
+                m = _load(manifest, only=names, mode=modes[0] if modes else None, ranks_per_image=0,
                           warmup_steps=None, steps=None)
-                make_run_plan(m, (0,), world.env.world_size, model_shape)
-                job = m.jobs[0]
+                make_run_plan(m, tuple(range(len(m.jobs))), world.env.world_size, model_shape)
+                jobs = m.jobs
             except HpcrenderError as e:
                 error = e
-        job, error = world.bcast((job, error))
+        jobs, error = world.bcast((jobs, error))
         if error is not None:
             code = _fail(error, debug) if world.env.rank == 0 else error.exit_code
             world.close()
             sys.exit(code)
-        code = run_verify(world, job, tuple(Mode(m) for m in modes))
+        code = run_verify(world, jobs, tuple(Mode(m) for m in modes))
     sys.exit(code)
 
 

@@ -349,8 +349,12 @@ class LevelStore(_StoreFile):
         self._meta_ds = file["meta"]
         self.params_hash = str(file.attrs["params_hash"])
         count = int(file.attrs["levels"])
-        self._groups = [file[f"levels/{k}"] for k in range(count)]
-        self.levels = tuple(_level_shape(g) for g in self._groups)
+        groups = [file[f"levels/{k}"] for k in range(count)]
+        self.levels = tuple(_level_shape(g) for g in groups)
+        # Each dataset opened once and held: a dataset object let go right after a write closes its HDF5 id, which
+        # writes its cached chunks from a destructor, where a failure (a full disk) cannot raise; held, the chunks
+        # reach the file at the next flush, inside _writing, whose error the caller sees.
+        self._groups = [{name: g[name] for name in _LEVEL_DATASETS} for g in groups]
         self._done = [np.asarray(g["done"][...], dtype=bool) for g in self._groups]
         self._composed = [np.asarray(g["composed"][...], dtype=bool) for g in self._groups]
 
@@ -583,6 +587,9 @@ class LevelImage:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
+
+
+_LEVEL_DATASETS = ("image", "patches", "boxes", "done", "composed")
 
 
 def _level_shape(group: h5py.Group) -> LevelShape:

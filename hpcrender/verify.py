@@ -1,4 +1,4 @@
-"""`hpcrender verify`: one job rendered single-device and K-way in one launch, compared number by number."""
+"""`hpcrender verify`: jobs rendered single-device and K-way in one launch, compared number by number."""
 
 from __future__ import annotations
 
@@ -11,29 +11,40 @@ from hpcrender.config import Job, Mode
 from hpcrender.errors import EXIT_OK, BadInput
 
 
-def run_verify(world, job: Job, modes: Sequence[Mode] = ()) -> int:
-    """Rank 0 renders the reference alone, then all ranks render together once per mode (the job's own mode when
-    none is given); rank 0 prints one comparison block per mode."""
-    from hpcrender.metrics import psnr, relative_l2, ssim
+def run_verify(world, jobs: Sequence[Job], modes: Sequence[Mode] = ()) -> int:
+    """For each job in turn: rank 0 renders the reference alone, then all ranks render together once per mode (the
+    job's own mode when none is given); rank 0 prints one comparison block per job and mode. One launch for
+    several jobs: the world and torch.distributed start once."""
+    if Mode.NONE in modes:
+        raise BadInput("verify compares a parallel mode with single-device: use --mode sync|displaced|naive")
     from hpcrender.models.cache import ModelCache
-    from hpcrender.models.shapes import model_shape
     from hpcrender.parallel.groups import make_comms
+
+    world.init_torch_distributed()
+    size = world.env.world_size
+    comms = make_comms(world, (tuple(range(size)),), size, any(job.parallel.split_cfg for job in jobs))
+    models = ModelCache(device=world.env.device)
+    for job in jobs:
+        _verify_job(world, models, comms[job.parallel.split_cfg], job, tuple(modes) or (job.parallel.mode,))
+    world.barrier()
+    world.close()
+    return EXIT_OK
+
+
+def _verify_job(world, models, comms, job: Job, modes: Sequence[Mode]) -> None:
+    from hpcrender.metrics import psnr, relative_l2, ssim
+    from hpcrender.models.shapes import model_shape
     from hpcrender.pipeline import Comms, GroupLayout, render_image
     from hpcrender.run.plan import plan_job
 
-    modes = tuple(modes) or (job.parallel.mode,)
-    if Mode.NONE in modes:
-        raise BadInput("verify compares a parallel mode with single-device: use --mode sync|displaced|naive")
     env = world.env
-    world.init_torch_distributed()
-    pipe = ModelCache(device=env.device).get(job.model, job.dtype)
+    pipe = models.get(job.model, job.dtype)
     reference = None
     if env.rank == 0:
         single = GroupLayout(size=1, rank=0, mode=Mode.NONE)
         reference = render_image(pipe, job, single, Comms(None, None, (0,)), env.device)
     world.barrier()
     size = env.world_size
-    comms = make_comms(world, (tuple(range(size)),), size, job.parallel.split_cfg)[job.parallel.split_cfg]
     for mode in modes:
         run = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, mode=mode))
         layout = GroupLayout(size=size, rank=env.rank, mode=mode, split_cfg=job.parallel.split_cfg)
@@ -41,9 +52,6 @@ def run_verify(world, job: Job, modes: Sequence[Mode] = ()) -> int:
         result = render_image(pipe, run, layout, comms, env.device, bands=bands)
         if env.rank == 0:
             print(_report(run, size, result, reference, relative_l2, psnr, ssim), flush=True)
-    world.barrier()
-    world.close()
-    return EXIT_OK
 
 
 def _report(job: Job, size: int, result, reference, relative_l2, psnr, ssim) -> str:

@@ -245,3 +245,33 @@ strength = {small.gigapixel.strength}
     assert meta["layout"]["ranks"] == [0, 1] and meta["gigapixel"]["tiles"] == plan.total_tiles
     banded = np.asarray(Image.open(tmp_path / "out" / "small" / "image.png")).astype(np.int16)
     assert np.abs(banded - alone).max() <= 8 and np.abs(banded - alone).mean() < 0.5
+
+
+def test_a_full_disk_fails_the_job_with_one_line_and_the_store_resumes_elsewhere(reference, tmp_path, small_disk):
+    """The disk fills while tiles stream in: the job fails naming its store, no traceback; every tile stored before
+    stays readable, and the same out folder moved to a roomier disk finishes the same image."""
+    from hpcrender.store import LevelStore
+
+    _, plan, _, expected = reference
+    manifest, out = _manifest(tmp_path), small_disk / "out"
+    (small_disk / "filler").write_bytes(b"\0" * FULL_DISK_FILLER)
+    full = hpcrender("render", manifest, "--out", out)
+    assert full.returncode == 1, full.stderr
+    assert "Traceback" not in full.stderr, full.stderr
+    store_path = out / JOB.name / "tiles.h5"
+    assert f"{JOB.name}: FAILED: OSError: [Errno 28] {store_path}: cannot write the tile store: " \
+           "No space left on device" in full.stderr, full.stderr
+    with LevelStore.read(store_path) as store:
+        stored = sum(int(d.sum()) for d in store._done)
+        assert 0 < stored < plan.total_tiles + 1, stored
+    roomy = tmp_path / "roomy"
+    shutil.copytree(out, roomy)
+    resumed = hpcrender("render", manifest, "--out", roomy)
+    assert resumed.returncode == 0, resumed.stderr
+    meta = json.loads((roomy / JOB.name / "meta.json").read_text())
+    assert meta["gigapixel"]["units_rendered"] == plan.total_tiles + 1 - stored
+    assert np.array_equal(np.asarray(Image.open(roomy / JOB.name / "image.png")), expected[-1])
+
+
+# Bytes taken from the 400 KiB disk before the render, so that it fills after a few tiles of level 1.
+FULL_DISK_FILLER = 200 * 1024

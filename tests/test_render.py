@@ -317,11 +317,11 @@ def stop_mid_image(args: list[str], out: Path, ranks: int | None, after_step: in
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("model, mode, ranks, steps", [("builtin:tiny-sdxl", "none", None, 120),
-                                                       ("builtin:tiny-sd", "sync", 2, 16)])
-def test_a_signal_mid_image_checkpoints_exits_3_and_the_rerun_resumes_bit_for_bit(tmp_path, model, mode, ranks,
-                                                                                  steps):
-    manifest = write_manifest(tmp_path / "long.toml", LONG.format(model=model, mode=mode, steps=steps))
+def test_a_signal_mid_image_checkpoints_exits_3_and_the_rerun_resumes_bit_for_bit(tmp_path):
+    """2 ranks in sync on an SDXL-family model: stopped after step 3, resumed bit for bit; the same checkpoint
+    finished by one process (it holds the whole latent), and started over with --no-resume."""
+    steps, ranks = 16, 2
+    manifest = write_manifest(tmp_path / "long.toml", LONG.format(model="builtin:tiny-sdxl", mode="sync", steps=steps))
     whole = hpcrender("render", manifest, "--out", tmp_path / "whole", ranks=ranks)
     assert whole.returncode == 0, whole.stderr
 
@@ -333,22 +333,21 @@ def test_a_signal_mid_image_checkpoints_exits_3_and_the_rerun_resumes_bit_for_bi
     assert (out / "long" / "checkpoint.h5").exists() and not (out / "long" / "image.png").exists()
     assert f"checkpoint after step {job['checkpoint_step']}/{steps}" in hpcrender("status", out).stdout
 
-    if ranks is None:  # --no-resume starts from the first step and overwrites the checkpoint's job
-        fresh = tmp_path / "fresh"
-        shutil.copytree(out, fresh)
-        again = hpcrender("render", manifest, "--out", fresh, "--no-resume")
-        assert again.returncode == 0, again.stderr
-        assert meta_of(fresh, "long")["timings"]["resumed_after_step"] == 0
-        assert not (fresh / "long" / "checkpoint.h5").exists()
-    else:  # the checkpoint holds the whole latent: one process can finish what 2 ranks started
-        alone = tmp_path / "alone"
-        shutil.copytree(out, alone)
-        finished = hpcrender("render", manifest, "--out", alone)
-        assert finished.returncode == 0, finished.stderr
-        assert meta_of(alone, "long")["timings"]["resumed_after_step"] == job["checkpoint_step"]
-        a = np.asarray(Image.open(alone / "long" / "image.png"), dtype=int)
-        b = np.asarray(Image.open(tmp_path / "whole" / "long" / "image.png"), dtype=int)
-        assert np.abs(a - b).max() <= 1
+    fresh = tmp_path / "fresh"  # --no-resume starts from the first step and overwrites the checkpoint's job
+    shutil.copytree(out, fresh)
+    again = hpcrender("render", manifest, "--out", fresh, "--no-resume")
+    assert again.returncode == 0, again.stderr
+    assert meta_of(fresh, "long")["timings"]["resumed_after_step"] == 0
+    assert not (fresh / "long" / "checkpoint.h5").exists()
+
+    alone = tmp_path / "alone"  # one process finishes what 2 ranks started
+    shutil.copytree(out, alone)
+    finished = hpcrender("render", manifest, "--out", alone)
+    assert finished.returncode == 0, finished.stderr
+    assert meta_of(alone, "long")["timings"]["resumed_after_step"] == job["checkpoint_step"]
+    a = np.asarray(Image.open(alone / "long" / "image.png"), dtype=int)
+    b = np.asarray(Image.open(tmp_path / "whole" / "long" / "image.png"), dtype=int)
+    assert np.abs(a - b).max() <= 1
 
     resumed = hpcrender("render", manifest, "--out", out, ranks=ranks)
     assert resumed.returncode == 0, resumed.stderr
@@ -422,8 +421,9 @@ def test_under_nccl_a_job_that_fails_on_every_rank_after_a_collective_ends_the_r
 
 
 def test_a_job_that_fails_on_one_rank_of_its_group_ends_the_world_instead_of_hanging(tmp_path):
-    done, seconds, out = render_with_fault(tmp_path, "1")
-    # Rank 0 waits in a collective for rank 1, which ends the world once the others have not failed with it.
+    done, seconds, out = render_with_fault(tmp_path, "1", FAULT_GRACE_S="4")
+    # Rank 0 waits in a collective for rank 1, which ends the world once the others have not failed with it
+    # within the grace period (20 s, here 4 s).
     assert done.returncode != 0 and seconds < 120, (done.returncode, seconds)
     assert "injected fault on rank 1" in done.stderr and "on this rank only" in done.stderr, done.stderr
     # The world ended before rank 0 could refresh status.json: what `hpcrender status` reads is current.
@@ -463,19 +463,6 @@ prompt = "y"
 width = 512
 height = 512
 """
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 400 KiB file system (a tmpfs; needs root)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_full_disk_ends_with_one_line_naming_the_file_and_keeps_finished_images(tmp_path, small_disk):

@@ -5,6 +5,8 @@ refused with exit 2."""
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +61,40 @@ width = 128
 height = 128
 [jobs.parallel]
 ranks_per_image = 2
+
+# img2img: the same layouts, each job starting from an image (the VAE encodes it band-parallel over the group).
+[[jobs]]
+name = "xl-i2i"
+model = "builtin:tiny-sdxl"
+width = 256
+height = 288
+steps = 8
+init_image = "sketches/start.png"
+strength = 0.75
+
+# img2img: the same layouts, each job starting from an image (the VAE encodes it band-parallel over the group).
+[[jobs]]
+name = "sd-i2i"
+model = "builtin:tiny-sd"
+scheduler = "dpmpp"
+width = 320
+height = 200
+steps = 8
+init_image = "sketches/start.png"
+strength = 0.75
+
+# img2img: the same layouts, each job starting from an image (the VAE encodes it band-parallel over the group).
+[[jobs]]
+name = "xl-split-i2i"
+model = "builtin:tiny-sdxl"
+width = 192
+height = 160
+steps = 8
+init_image = "sketches/start.png"
+strength = 0.75
+[jobs.parallel]
+mode = "sync"
+split_cfg = true
 """
 
 BLOCK = re.compile(
@@ -71,29 +107,55 @@ BLOCK = re.compile(
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    return write_manifest(tmp_path_factory.mktemp("verify") / "jobs.toml", JOBS)
+    folder = tmp_path_factory.mktemp("verify")
+    (folder / "sketches").mkdir()
+    shutil.copy(Path(__file__).parent / "data" / "manifests" / "sketches" / "harbor.png", folder / "sketches" / "start.png")
+    return write_manifest(folder / "jobs.toml", JOBS)
 
 
-def verify(manifest, job: str, ranks: int, *modes: str) -> dict[str, dict]:
-    args = [a for m in modes for a in ("--mode", m)]
-    done = hpcrender("verify", manifest, "--only", job, *args, ranks=ranks)
+def verify(manifest, jobs: tuple[str, ...], ranks: int, *modes: str) -> dict[str, dict[str, dict]]:
+    """`hpcrender verify` of `jobs` in one launch on `ranks` ranks: {job: {mode: its comparison block}}."""
+    args = [a for m in modes for a in ("--mode", m)] + [a for job in jobs for a in ("--only", job)]
+    done = hpcrender("verify", manifest, *args, ranks=ranks)
     assert done.returncode == 0, done.stderr[-3000:]
-    found = {m["mode"]: m.groupdict() for m in BLOCK.finditer(done.stdout)}
-    assert list(found) == list(modes), done.stdout
-    for block in found.values():
+    found: dict[str, dict[str, dict]] = {}
+    for m in BLOCK.finditer(done.stdout):
+        block = m.groupdict()
         assert int(block["ranks"]) == ranks  # the world size mpiexec gave us
         for key in ("latent", "psnr", "ssim"):
             block[key] = float(block[key])
         block["level"] = int(block["level"])
+        found.setdefault(block["job"], {})[block["mode"]] = block
+    assert {job: list(got) for job, got in found.items()} == {job: list(modes) for job in jobs}, done.stdout
     return found
+
+
+ALL_MODES = ("sync", "displaced", "naive")
+
+
+@pytest.fixture(scope="module")
+def on_two_ranks(manifest):
+    """Every 2-rank check in one launch: SDXL shape, split_cfg (one branch each), text-to-image and img2img."""
+    return verify(manifest, ("xl", "xl-split", "xl-i2i", "xl-split-i2i"), 2, *ALL_MODES)
+
+
+@pytest.fixture(scope="module")
+def on_three_ranks(manifest):
+    return verify(manifest, ("sd", "sd-i2i"), 3, *ALL_MODES)
+
+
+@pytest.fixture
+def launch(request):
+    """The report of the launch with this many ranks."""
+    return lambda ranks: request.getfixturevalue({2: "on_two_ranks", 3: "on_three_ranks"}[ranks])
 
 
 @pytest.mark.parametrize("job, ranks, bands", [
     ("xl", 2, "0-20,20-36"),          # SDXL shape, uneven bands, non-square
     ("sd", 3, "0-8,8-16,16-25"),      # SD shape, 3 ranks, the last band holds a row past the coarse rows
 ])
-def test_sync_equals_single_device_and_displaced_beats_naive(manifest, job, ranks, bands):
-    got = verify(manifest, job, ranks, "sync", "displaced", "naive")
+def test_sync_equals_single_device_and_displaced_beats_naive(launch, job, ranks, bands):
+    got = launch(ranks)[job]
     sync, displaced, naive = got["sync"], got["displaced"], got["naive"]
     assert sync["bands"] == bands
     assert sync["latent"] <= 1e-4
@@ -102,14 +164,14 @@ def test_sync_equals_single_device_and_displaced_beats_naive(manifest, job, rank
     assert displaced["latent"] < naive["latent"]
 
 
-def test_split_cfg_on_two_ranks_is_one_branch_each(manifest):
-    got = verify(manifest, "xl-split", 2, "sync")["sync"]
+def test_split_cfg_on_two_ranks_is_one_branch_each(on_two_ranks):
+    got = on_two_ranks["xl-split"]["sync"]
     assert got["split"] and got["bands"] == "whole latent per rank"
     assert got["latent"] <= 1e-4 and got["level"] <= 1
 
 
 def test_split_cfg_on_four_ranks_is_patch_parallel_in_each_half(manifest):
-    got = verify(manifest, "xl-split", 4, "sync", "displaced")
+    got = verify(manifest, ("xl-split",), 4, "sync", "displaced")["xl-split"]
     assert got["sync"]["bands"] == "0-12,12-20"  # 5 coarse rows over the two ranks of each branch
     assert got["sync"]["latent"] <= 1e-4 and got["sync"]["level"] <= 1
     assert got["displaced"]["latent"] < 0.5
@@ -154,25 +216,9 @@ def test_a_world_that_does_not_divide_into_the_groups_exits_2(manifest, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-# img2img: the same layouts, each job starting from an image (the VAE encodes it band-parallel over the group).
-IMG2IMG = JOBS.replace("[defaults]\n", '[defaults]\ninit_image = "sketches/start.png"\nstrength = 0.75\n', 1) \
-    .replace("steps = 6", "steps = 8")
-
-
-@pytest.fixture(scope="module")
-def img2img_manifest(tmp_path_factory):
-    import shutil
-    from pathlib import Path
-
-    folder = tmp_path_factory.mktemp("verify-img2img")
-    (folder / "sketches").mkdir()
-    shutil.copy(Path(__file__).parent / "data" / "manifests" / "sketches" / "harbor.png", folder / "sketches" / "start.png")
-    return write_manifest(folder / "jobs.toml", IMG2IMG)
-
-
-@pytest.mark.parametrize("job, ranks", [("xl", 2), ("sd", 3)])
-def test_img2img_sync_equals_single_device_and_displaced_beats_naive(img2img_manifest, job, ranks):
-    got = verify(img2img_manifest, job, ranks, "sync", "displaced", "naive")
+@pytest.mark.parametrize("job, ranks", [("xl-i2i", 2), ("sd-i2i", 3)])
+def test_img2img_sync_equals_single_device_and_displaced_beats_naive(launch, job, ranks):
+    got = launch(ranks)[job]
     sync, displaced, naive = got["sync"], got["displaced"], got["naive"]
     print(job, ranks, "ranks, img2img:", {mode: (r["latent"], r["psnr"]) for mode, r in got.items()})
     assert sync["latent"] <= 1e-4 and sync["level"] <= 1
@@ -180,6 +226,6 @@ def test_img2img_sync_equals_single_device_and_displaced_beats_naive(img2img_man
     assert displaced["latent"] < naive["latent"]
 
 
-def test_img2img_with_split_cfg_equals_single_device(img2img_manifest):
-    got = verify(img2img_manifest, "xl-split", 2, "sync")["sync"]
+def test_img2img_with_split_cfg_equals_single_device(on_two_ranks):
+    got = on_two_ranks["xl-split-i2i"]["sync"]
     assert got["split"] and got["latent"] <= 1e-4 and got["level"] <= 1

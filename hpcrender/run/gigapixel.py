@@ -118,7 +118,10 @@ class GigapixelKind:
             self._drain(ctx, until_done=leaders - 1)
             for s in self.states.values():
                 if s.active and r < len(s.plan.levels):
-                    self._finish_level(s, r, ctx)
+                    try:
+                        self._finish_level(s, r, ctx)
+                    except OSError as e:  # composing or exporting on a full disk: the store keeps the tiles
+                        self._store_failed(s, ctx, e)
         self._comm.Barrier()
 
     def end_phase(self, ctx: UnitContext, interrupted: bool) -> None:
@@ -131,7 +134,12 @@ class GigapixelKind:
                 if s.progress is not None:
                     s.progress.finish(f"{s.job.name}: stopped; finished tiles are in the store")
             if s.store is not None:
-                s.store.close()
+                try:
+                    s.store.close()
+                except OSError as e:
+                    if s.failed is None:
+                        raise
+                    log.debug("%s: closing the store: %s", s.job.name, e)  # the failure was said once: a full disk
                 s.store = None
         if self._comm is not None:
             self._comm.Free()
@@ -230,7 +238,13 @@ class GigapixelKind:
                 s.failed = f"level {level} tile ({row}, {col}): {error}"
             return
         _, level, row, col, box, pixels, seconds, group, peaks = message
-        s.store.write_patch(level, TileUnit(s.job.name, level, row, col), TilePatch(level, row, col, box, pixels))
+        if not s.active:
+            return  # the job failed on the writer (its store could not be written): the patch is dropped
+        try:
+            s.store.write_patch(level, TileUnit(s.job.name, level, row, col), TilePatch(level, row, col, box, pixels))
+        except OSError as e:  # a full disk, say: this job fails, the tiles stored before are kept
+            self._store_failed(s, ctx, e)
+            return
         if level == 0:
             s.base_seconds = seconds
         else:
@@ -278,7 +292,7 @@ class GigapixelKind:
         record_job_state(out, s.job.name, JobState.RUNNING, started=s.started, rank=WRITER)
         try:
             s.store = open_store(out / s.job.name, s.job, s.plan, ctx.options.resume)
-        except HpcrenderError as e:
+        except (HpcrenderError, OSError) as e:  # a store for other parameters, or none can be created here
             self._fail(s, ctx, str(e).splitlines()[0])
             return
         s.done_tiles = self._total(s) - sum(len(s.store.missing_patches(k)) for k in range(len(s.plan.levels)))
@@ -305,15 +319,27 @@ class GigapixelKind:
             store.close()
 
     def _fail(self, s: _JobState, ctx: UnitContext, message: str) -> None:
+        """The job fails on the writer: said first (the records below may not be writable on a full disk)."""
         from hpcrender.records import JobState, record_job_state
 
         log.error("%s: failed: %s", s.job.name, message)
-        record_job_state(ctx.options.out, s.job.name, JobState.FAILED, error=message, rank=WRITER,
-                         started=s.started or time.time(), finished=time.time())
         (s.progress or ctx.progress).finish(f"{s.job.name}: FAILED: {message}")
         s.active = False
         s.failed = message
         self.failed_jobs += 1
+        record_job_state(ctx.options.out, s.job.name, JobState.FAILED, error=message, rank=WRITER,
+                         started=s.started or time.time(), finished=time.time())
+
+    def _store_failed(self, s: _JobState, ctx: UnitContext, error: OSError) -> None:
+        """The store could not be written (a full disk): close it now, so that nothing is left for HDF5 to write at
+        exit; what was flushed before stays readable and a rerun resumes from it."""
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        try:
+            s.store.close()
+        except (OSError, RuntimeError) as e:
+            log.debug("%s: closing the store after a failed write: %s", s.job.name, e)
+        s.store = None
+        self._fail(s, ctx, message)
 
     def _finish_level(self, s: _JobState, r: int, ctx: UnitContext) -> None:
         """On the writer after round r: compose level r when all its patches are in, and finish the job after its

@@ -2,7 +2,8 @@
 
 usage: render_fault.py JOB STEP RANKS(comma-separated global ranks) -- hpcrender render ARGS...
 The listed ranks raise RuntimeError after STEP steps of JOB; every other rank renders normally.
-With FAULT_AS_NCCL=1 the runner decides what a failure ends as it would on GPUs under NCCL.
+With FAULT_AS_NCCL=1 the runner decides what a failure ends as it would on GPUs under NCCL; FAULT_GRACE_S shortens
+how long failing ranks wait for the rest of their group to fail with them (20 s in production).
 """
 
 from __future__ import annotations
@@ -35,4 +36,6 @@ hpcrender.pipeline.render_image = render_image
 if os.environ.get("FAULT_AS_NCCL") == "1":
     decide = hpcrender.run.kinds.failure_ends_world
     hpcrender.run.kinds.failure_ends_world = lambda device, issued: decide("cuda:0", issued)
+if os.environ.get("FAULT_GRACE_S"):
+    hpcrender.run.kinds.FAIL_TOGETHER_S = float(os.environ["FAULT_GRACE_S"])
 cli.main(args=args, prog_name="hpcrender")
