@@ -362,6 +362,15 @@ def check_master_addr(address: str, n_nodes: int) -> None:
                        "reaches")
 
 
+def idle_barrier(comm, poll_s: float = 0.001) -> None:
+    """An MPI barrier whose waiting ranks sleep between tests of it. MPI's own barrier spins a core for as long as
+    the slowest rank takes (rank 0 loading a manifest, or composing a gigapixel level for minutes), taking it from
+    the ranks that work when ranks share cores; the price is at most poll_s of latency."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_s)
+
+
 def connect_store(address: str, port: int, world_size: int, connect_s: float, timeout_s: float, store_cls=None):
     """A client of rank 0's rendezvous store: a short connect timeout (rank 0 opened the store before it sent the
     address), then the rendezvous timeout for what is waited for in it."""
@@ -455,13 +464,15 @@ class World:
         return len(set(self._leaders))
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
+        """The root's `obj` on every rank; the others wait for the root without spinning (idle_barrier)."""
+        idle_barrier(self.comm)
         return self.comm.bcast(obj, root=root)
 
     def allgather(self, obj: Any) -> list:
         return self.comm.allgather(obj)
 
     def barrier(self) -> None:
-        self.comm.barrier()
+        idle_barrier(self.comm)
 
     def allreduce_max(self, x: Any) -> Any:
         from mpi4py import MPI

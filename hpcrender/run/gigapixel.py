@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcrender.config import Job
+from hpcrender.environment import idle_barrier
 from hpcrender.run.kinds import FAIL_TOGETHER_S, PROGRESS_RECORD_S, Unit, UnitContext, failure_ends_world
 from hpcrender.run.protocol import Outcome
 
@@ -76,6 +77,7 @@ class GigapixelKind:
                     self._open(s, ctx)
                 if s.active and r < len(s.plan.levels):
                     missing[s.index] = s.store.missing_patches(r) if not s.store.level_complete(r) else []
+        idle_barrier(self._comm)  # the writer may take a while opening stores
         missing, active = self._comm.bcast((missing, {i: s.active for i, s in self.states.items()}), root=WRITER)
         for i, s in self.states.items():
             s.active = active[i]
@@ -122,7 +124,7 @@ class GigapixelKind:
                         self._finish_level(s, r, ctx)
                     except OSError as e:  # composing or exporting on a full disk: the store keeps the tiles
                         self._store_failed(s, ctx, e)
-        self._comm.Barrier()
+        idle_barrier(self._comm)  # the others sleep while the writer composes
 
     def end_phase(self, ctx: UnitContext, interrupted: bool) -> None:
         """Close the stores; the writer records the jobs a stop left unfinished."""
