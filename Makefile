@@ -8,7 +8,7 @@ VENV   ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PIP    = $(VENV)/bin/pip
 RANKS  ?= 2
-# pytest workers: each test file runs whole on one worker (its module fixtures once), the Slurm tests together.
+# pytest workers: each test file runs whole on one worker (its module fixtures once).
 TEST_WORKERS ?= 2
 
 .PHONY: venv demo test slurm-deps viewer-deps clean
@@ -43,7 +43,7 @@ viewer-deps:
 	else echo "chromium missing and not root: the DeepZoom viewer test will be skipped"; fi
 
 test: venv slurm-deps viewer-deps
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

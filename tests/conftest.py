@@ -1,5 +1,5 @@
 """Shared fixtures: `slurm`, a private one-node Slurm started once per test session (per pytest-xdist worker), and
-`small_disk`; the grouping of tests over pytest-xdist workers."""
+`small_disk`; the order test files are handed to pytest-xdist workers in."""
 
 from __future__ import annotations
 
@@ -36,19 +36,14 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=True)
 
 
-# The longest groups first, so that no worker is left with one at the end.
-LONGEST_FIRST = ("test_render", "test_verify", "slurm", "test_gigapixel_queue", "test_gigapixel_render", "test_queue",
-                 "test_fidelity", "test_parallel", "test_img2img", "test_dit")
+# The longest files first, so that no worker is left alone with one at the end.
+LONGEST_FIRST = ("test_render", "test_verify", "test_slurm", "test_gigapixel_queue", "test_gigapixel_render",
+                 "test_queue", "test_fidelity", "test_parallel", "test_img2img", "test_dit")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n N --dist loadgroup` (make test): every test file whole on one worker, so that its module
-    fixtures (the reference renders several tests compare against) run once; every test that needs the local Slurm
-    on one worker, which starts it once. The longest groups are handed out first."""
-    def group_of(item) -> str:
-        return "slurm" if "slurm" in getattr(item, "fixturenames", ()) else item.module.__name__
-
+    """`make test` runs `pytest -n 2 --dist loadfile`: each test file whole on one worker, so that its module fixtures
+    (the reference renders several tests compare against) run once, and the local Slurm starts once (every test that
+    needs it is in test_slurm.py). The longest files are handed out first."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(group_of(item), len(rank)))  # stable: the files' own order otherwise
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group_of(item)))
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: the files' own order otherwise

@@ -436,21 +436,3 @@ def test_a_failure_in_a_plain_process_exits_with_its_code():
     result = run_ranks(None, "env_crash.py", "0", "badinput", timeout=60)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"hpcrender: rank 0 on {socket.gethostname()}: width must be a multiple of 8"]
-
-
-# --- under a real Slurm (the shared `slurm` fixture: a private one-node cluster) ---------------------------
-
-@pytest.mark.slurm
-def test_srun_with_pmi2_gives_the_real_world_size(slurm):
-    result = slurm.srun(2, sys.executable, SCRIPTS / "env_world.py", mpi="pmi2")
-    got = reports(result)
-    assert [(r["rank"], r["world_size"], r["dist_size"], r["launcher"]) for r in got] == [
-        (0, 2, 2, "srun"), (1, 2, 2, "srun")]
-
-
-@pytest.mark.slurm
-def test_srun_without_pmi_is_refused_instead_of_two_worlds_of_one(slurm):
-    result = slurm.srun(2, sys.executable, SCRIPTS / "env_world.py", mpi="none", kill_on_bad_exit=False)
-    assert result.returncode != 0
-    assert "srun started 2 ranks but MPI sees a world of 1" in result.stderr
-    assert "{" not in result.stdout

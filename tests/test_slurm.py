@@ -4,6 +4,7 @@ stopping on a signal with exit 3 then resuming (SIGTERM to the ranks; the overni
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -163,3 +164,24 @@ def test_overnight_template_checkpoints_on_usr1_requeues_and_resumes(slurm: Loca
     assert sorted(after) == sorted(names)
     # The second run resumed: images finished before the signal were not rendered again.
     assert {name: after[name] for name in before} == before
+
+
+# --- how hpcrender finds its world under srun (from test_environment: every Slurm test in one file) -------
+
+@pytest.mark.slurm
+def test_srun_with_pmi2_gives_the_real_world_size(slurm):
+    result = slurm.srun(2, sys.executable, Path(__file__).parent / "mpi_scripts" / "env_world.py", mpi="pmi2")
+    assert result.returncode == 0, result.stderr
+    got = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
+                 key=lambda r: r["rank"])
+    assert [(r["rank"], r["world_size"], r["dist_size"], r["launcher"]) for r in got] == [
+        (0, 2, 2, "srun"), (1, 2, 2, "srun")]
+
+
+@pytest.mark.slurm
+def test_srun_without_pmi_is_refused_instead_of_two_worlds_of_one(slurm):
+    result = slurm.srun(2, sys.executable, Path(__file__).parent / "mpi_scripts" / "env_world.py", mpi="none",
+                        kill_on_bad_exit=False)
+    assert result.returncode != 0
+    assert "srun started 2 ranks but MPI sees a world of 1" in result.stderr
+    assert "{" not in result.stdout
