@@ -391,6 +391,16 @@ def test_mpiexec_world_starts_torch_distributed_over_every_rank(n, group_size):
 @pytest.mark.mpi
 @needs_mpiexec
 @pytest.mark.parametrize("n,group_size", WORLDS)
+def test_ranks_waiting_in_a_world_barrier_sleep_instead_of_spinning(n, group_size):
+    """Rank 0 reaches the barrier 0.5 s late; MPI's own barrier would spin the others' cores all that time."""
+    for r in world_reports(n, group_size)[1:]:
+        assert r["barrier_wall_s"] > 0.3, r
+        assert r["barrier_cpu_s"] < 0.5 * r["barrier_wall_s"], r
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("n,group_size", WORLDS)
 def test_new_groups_give_each_rank_only_its_own_group(n, group_size):
     for r in world_reports(n, group_size):
         first = r["rank"] // group_size * group_size

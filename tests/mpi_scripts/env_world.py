@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,12 @@ with guarded(world):
         "max": world.allreduce_max(env.rank), "ranks": world.allgather(env.rank),
         "collective_timeout_s": _timeout_s(dist.group.WORLD),
     }
+    # World.barrier while rank 0 works 0.5 s without MPI: the others wait it out asleep, not spinning a core.
+    if env.rank == 0:
+        time.sleep(0.5)
+    wall, cpu = time.perf_counter(), time.process_time()
+    world.barrier()
+    report.update(barrier_wall_s=time.perf_counter() - wall, barrier_cpu_s=time.process_time() - cpu)
     group_size = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     if group_size:
         groups = rank_groups(env.world_size, group_size)
