@@ -148,7 +148,10 @@ def validate(manifest, ranks):
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="GMAC/S",
               help="Multiply-accumulates per second of one rank, for the estimated times "
                    "[default: one CPU core, measured with sdxl-mini].")
-def plan(manifest, ranks, ranks_per_image, rate):
+@click.option("--tile-seconds", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="A gigapixel tile's measured time on one group (meta.json: gigapixel.tile_seconds_mean; "
+                   "hpcrender status: 1 / tiles per s per group), for the estimate of the whole render, VAE included.")
+def plan(manifest, ranks, ranks_per_image, rate, tile_seconds):
     """Show how MANIFEST's jobs would be spread over RANKS ranks: groups, bands, bytes, memory and time per job."""
     from hpcrender.environment import memory_limit, max_memory_bytes
     from hpcrender.models.shapes import model_shape
@@ -158,7 +161,7 @@ def plan(manifest, ranks, ranks_per_image, rate):
         m = _load(manifest, only=(), mode=None, ranks_per_image=ranks_per_image, warmup_steps=None, steps=None)
         run_plan = make_run_plan(m, selected_jobs(m, None), ranks, model_shape,
                                  memory_limit("cpu", None, max_memory_bytes(os.environ)))
-        click.echo(describe_plan(m, run_plan, rate * 1e9 if rate else CPU_CORE_MACS_PER_S))
+        click.echo(describe_plan(m, run_plan, rate * 1e9 if rate else CPU_CORE_MACS_PER_S, tile_seconds))
     except HpcrenderError as e:
         sys.exit(_fail(e, False))
 

@@ -163,3 +163,12 @@ def test_a_gigapixel_job_plans_its_levels_tiles_evaluations_store_and_time():
     text = describe_plan(manifest(giga), plan_of(manifest(giga), 2))
     assert "gigapixel levels: 128x64 (1 tile), 256x128 (2 tiles), 384x256 (6 tiles)" in text
     assert "UNet evaluations" in text and "uncompressed" in text and "on all 2 group(s)" in text
+    assert "per tile (measured)" not in text
+    # At a measured time per tile: level by level, each level's tiles over the groups, the base as one tile.
+    from hpcrender.run.plan import tile_rate_seconds
+
+    assert tile_rate_seconds(p.gigapixel, 2.0, 1) == 2.0 * (1 + 2 + 6)
+    assert tile_rate_seconds(p.gigapixel, 2.0, 2) == 2.0 * (1 + 1 + 3)
+    assert tile_rate_seconds(p.gigapixel, 2.0, 4) == 2.0 * (1 + 1 + 2)
+    measured = describe_plan(manifest(giga), plan_of(manifest(giga), 2), tile_seconds=2.0)
+    assert "at 2 s per tile (measured): 18.0 s on one group, 10.0 s on all 2 group(s)" in measured

@@ -312,9 +312,17 @@ def describe_costs(costs) -> str:
     return ", ".join(f"rank {c.rank} {_macs(c.macs)} + {_size(c.memory.activations)}" for c in costs)
 
 
-def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_CORE_MACS_PER_S) -> str:
+def tile_rate_seconds(giga, tile_seconds: float, groups: int) -> float:
+    """A gigapixel render's time at a measured time per tile on one group: level by level (a level starts when
+    the previous one is done), each level's tiles spread over the groups; the base render counts as one tile."""
+    return tile_seconds * (1 + sum(-(-len(lv.tiles) // groups) for lv in giga.levels[1:]))
+
+
+def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_CORE_MACS_PER_S,
+                  tile_seconds: float | None = None) -> str:
     """`hpcrender plan`: per job its group (as the queue would hand jobs out if the estimates held), bands, bytes
-    per step, memory and estimated time at `macs_per_s` per rank."""
+    per step, memory and estimated time at `macs_per_s` per rank; for a gigapixel job also at a measured
+    `tile_seconds` per tile on one group, which covers what the MAC count leaves out (VAE, colour fix, I/O)."""
     lines = [f"{manifest.path}: {len(plan.jobs)} job(s) on {plan.world_size} rank(s); estimated times at "
              f"{macs_per_s / 1e9:.0f} GMAC/s per rank"]
     for phase in plan.phases:
@@ -356,6 +364,11 @@ def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_COR
                 lines.append(f"  {'':<24} estimated UNet time {_duration(seconds)} on one group, "
                              f"{_duration(seconds / len(phase.groups))} with the tiles on all {len(phase.groups)} "
                              f"group(s); a tile sends {_size(sent)} per step per rank at most")
+                if tile_seconds is not None:
+                    lines.append(f"  {'':<24} at {tile_seconds:g} s per tile (measured): "
+                                 f"{_duration(tile_rate_seconds(giga, tile_seconds, 1))} on one group, "
+                                 f"{_duration(tile_rate_seconds(giga, tile_seconds, len(phase.groups)))} on all "
+                                 f"{len(phase.groups)} group(s), composition between levels not included")
                 lines.append(f"  {'':<24} memory per rank for a tile: at least {describe_memory(need)}")
                 continue
             lines.append(f"  {'':<24} sends per step: {_size(sent)} per rank at most; estimated "
