@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcrender.config import DType, Job, Mode, ParallelConfig, SchedulerName
+from hpcrender.environment import idle_barrier
 from hpcrender.errors import EXIT_OK
 
 DIFFUSERS = "diffusers"  # the row of diffusers' own pipeline loop
@@ -266,14 +267,6 @@ def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: b
             "exchange": result.exchange}
 
 
-def _idle_barrier(world, poll_s: float = 0.01) -> None:
-    """A barrier that sleeps while it waits: MPI's busy-polls a core, which would slow the one process that runs
-    alone on all of them (its threads stall whenever one is descheduled)."""
-    request = world.comm.Ibarrier()
-    while not request.Test():
-        time.sleep(poll_s)
-
-
 def _row(run: str, req: BenchRequest, ranks: int, threads: int, device: str, per_rank: list[dict]) -> dict:
     slowest = max(per_rank, key=lambda r: r["mean_s"])
     return {"run": run, "mode": run if run != DIFFUSERS else None, "ranks": ranks, "threads_per_rank": threads,
@@ -336,14 +329,14 @@ def run_bench(world, req: BenchRequest) -> int:
         seconds = diffusers_steps(models.get(one_job.model, one_job.dtype), one_job, env.device, threads)
         rows.append(_row(DIFFUSERS, req, 1, threads, env.device, [{"rank": 0, **summarize(seconds),
                                                                    "step_seconds": seconds}]))
-    _idle_barrier(world)
+    idle_barrier(world.comm, poll_s=0.01)
     # 2. hpcrender on one rank (rank 0, its own threads), the rest waiting.
     if env.rank == 0:
         run = _hpcrender_run(world, models, one_job, 1, single)
         row = _row(Mode.NONE.value, req, 1, env.threads, env.device, [run])
         _exchange_fields(row, Mode.NONE, req, planned(one_job, 1))
         rows.append(row)
-    _idle_barrier(world)
+    idle_barrier(world.comm, poll_s=0.01)
     # 3. Every rank together, mode by mode.
     for mode in modes:
         job = bench_job(req, mode)

@@ -362,13 +362,18 @@ def check_master_addr(address: str, n_nodes: int) -> None:
                        "reaches")
 
 
-def idle_barrier(comm, poll_s: float = 0.001) -> None:
+def idle_barrier(comm, poll_s: float = 0.001, timeout_s: float | None = None) -> bool:
     """An MPI barrier whose waiting ranks sleep between tests of it. MPI's own barrier spins a core for as long as
     the slowest rank takes (rank 0 loading a manifest, or composing a gigapixel level for minutes), taking it from
-    the ranks that work when ranks share cores; the price is at most poll_s of latency."""
+    the ranks that work when ranks share cores; the price is at most poll_s of latency. With timeout_s: False when
+    not every rank arrived in time (the request is left pending)."""
     request = comm.Ibarrier()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not request.Test():
+        if deadline is not None and time.monotonic() > deadline:
+            return False
         time.sleep(poll_s)
+    return True
 
 
 def connect_store(address: str, port: int, world_size: int, connect_s: float, timeout_s: float, store_cls=None):

@@ -6,8 +6,9 @@ group's asynchronous exchanges. The group's ranks are consecutive world ranks, s
 from __future__ import annotations
 
 import enum
-import time
 from typing import Any
+
+from hpcrender.environment import idle_barrier
 
 
 class Outcome(str, enum.Enum):
@@ -73,13 +74,7 @@ class GroupProtocol:
         """
         if self.size == 1:
             return True
-        request = self.comm.Ibarrier()
-        deadline = time.monotonic() + grace_s
-        while not request.Test():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
+        return idle_barrier(self.comm, poll_s=0.01, timeout_s=grace_s)
 
     def free(self) -> None:
         self.comm.Free()
