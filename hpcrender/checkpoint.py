@@ -2,7 +2,9 @@
 
 A long image stopped by a signal (Slurm's time-limit warning, a preemption) keeps the steps it finished: the
 group's first rank writes `OUT/JOB/checkpoint.h5` and the next run carries on from that step. Restored exactly,
-the sampler continues as if never stopped, so `none` and `sync` renders resume bit for bit; `displaced` re-runs
+the sampler continues as if never stopped, so `none` and `sync` renders resume bit for bit (the tensors' memory
+layouts too: an img2img latent is channels-last from the VAE encoder, and a convolution over a contiguous copy of it
+rounds differently); `displaced` re-runs
 its warm-up steps after a resume (the stale activations of the stopped run are gone), like a fresh start does.
 
 The file is written beside its final name and renamed onto it, so a kill while writing leaves the previous
@@ -34,7 +36,8 @@ class Checkpoint:
 
     history holds one entry per slot of the sampler's list of past model outputs (None for an empty slot), or is
     empty for samplers without one. Latent-shaped arrays are whole images, not bands: a resume may use another
-    number of ranks.
+    number of ranks. channels_last tells, for the latent and then each history slot, whether the live tensor was
+    channels-last (empty: all contiguous).
     """
 
     step: int
@@ -42,11 +45,33 @@ class Checkpoint:
     latent: np.ndarray
     scalars: dict
     history: tuple
+    channels_last: tuple = ()
 
     def __post_init__(self):
         if not 0 < self.step < self.steps:
             raise ValueError(f"a checkpoint lies strictly between the first and the last step, got {self.step}"
                              f" of {self.steps}")
+        if self.channels_last and len(self.channels_last) != 1 + len(self.history):
+            raise ValueError(f"{len(self.channels_last)} memory layouts for {1 + len(self.history)} arrays")
+
+    def is_channels_last(self, index: int) -> bool:
+        """Whether array `index` (0 the latent, then the history slots) was channels-last when it was saved."""
+        return bool(self.channels_last[index]) if self.channels_last else False
+
+
+def is_channels_last(tensor) -> bool:
+    """A 4-d torch tensor laid out channels-last (NHWC strides) rather than contiguous."""
+    import torch
+
+    return (tensor is not None and tensor.dim() == 4 and not tensor.is_contiguous()
+            and tensor.is_contiguous(memory_format=torch.channels_last))
+
+
+def with_layout(tensor, channels_last: bool):
+    """`tensor` in the memory layout it had when saved."""
+    import torch
+
+    return tensor.contiguous(memory_format=torch.channels_last) if channels_last else tensor
 
 
 def scheduler_state(scheduler) -> tuple[dict, tuple]:
@@ -89,6 +114,8 @@ def write_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint, params_has
                     f.attrs[f"none.{name}"] = 1
             f.create_dataset("latent", data=np.asarray(checkpoint.latent, dtype=np.float32))
             f.attrs["history_length"] = len(checkpoint.history)
+            if checkpoint.channels_last:
+                f.attrs["channels_last"] = np.asarray(checkpoint.channels_last, dtype=np.uint8)
             for i, entry in enumerate(checkpoint.history):
                 if entry is not None:
                     f.create_dataset(f"history/{i}", data=np.asarray(entry, dtype=np.float32))
@@ -114,8 +141,9 @@ def read_checkpoint(path: str | os.PathLike, params_hash: str) -> Checkpoint | N
                     scalars[key.removeprefix("none.")] = None
             history = tuple(f[f"history/{i}"][...] if f"history/{i}" in f else None
                             for i in range(int(f.attrs["history_length"])))
+            layouts = tuple(bool(v) for v in f.attrs.get("channels_last", ()))
             return Checkpoint(step=int(f.attrs["step"]), steps=int(f.attrs["steps"]), latent=f["latent"][...],
-                              scalars=scalars, history=history)
+                              scalars=scalars, history=history, channels_last=layouts)
     except (OSError, KeyError, ValueError):
         return None
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from hpcrender.checkpoint import Checkpoint, restore_scheduler, scheduler_state
+from hpcrender.checkpoint import Checkpoint, is_channels_last, restore_scheduler, scheduler_state, with_layout
 from hpcrender.config import DType, Job, Mode, SchedulerName
 from hpcrender.errors import BadInput
 from hpcrender.models import Family, denoiser_of, family
@@ -422,10 +422,13 @@ def checkpoint_latent(run: Render, scheduler, resume: Checkpoint) -> tuple[torch
     if resume.steps != job.steps or not job.first_step < resume.step < len(scheduler.timesteps):
         raise ValueError(f"a checkpoint after step {resume.step} of {resume.steps} does not fit {job.steps} steps "
                          f"from step {job.first_step}")
+    def band(index: int, array: np.ndarray) -> torch.Tensor:
+        return with_layout(run.band_of(torch.from_numpy(array)), resume.is_channels_last(index))
+
     restore_scheduler(scheduler, resume.scalars,
-                      tuple(None if h is None else run.band_of(torch.from_numpy(h)) for h in resume.history))
+                      tuple(None if h is None else band(i, h) for i, h in enumerate(resume.history, start=1)))
     run.result.resumed_from = resume.step
-    return run.band_of(torch.from_numpy(resume.latent)), resume.step
+    return band(0, resume.latent), resume.step
 
 
 def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, start: int) -> torch.Tensor:
@@ -611,7 +614,8 @@ def _checkpoint(run: Render, latent: torch.Tensor, scheduler, step: int) -> Chec
     arrays = tuple(None if h is None else _whole(run, h).cpu().numpy() for h in (latent, *history))
     if run.layout.rank != 0:
         return None
-    return Checkpoint(step=step, steps=run.job.steps, latent=arrays[0], scalars=scalars, history=arrays[1:])
+    return Checkpoint(step=step, steps=run.job.steps, latent=arrays[0], scalars=scalars, history=arrays[1:],
+                      channels_last=tuple(is_channels_last(h) for h in (latent, *history)))
 
 
 def encode_image(run: Render, pixels: torch.Tensor) -> torch.Tensor:

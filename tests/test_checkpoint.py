@@ -88,6 +88,35 @@ def test_a_checkpoint_of_another_sampler_is_refused():
         restore_scheduler(fresh("dpmpp-3"), {}, history)
 
 
+def test_a_checkpoint_puts_back_each_tensors_memory_layout(tmp_path):
+    """A convolution over a channels-last tensor and over its contiguous copy may round differently: the resume
+    must hand the loop the layout the stopped run had (an img2img latent is channels-last)."""
+    from hpcrender.checkpoint import is_channels_last, with_layout
+
+    plain = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(1))
+    nhwc = plain.contiguous(memory_format=torch.channels_last)
+    assert is_channels_last(nhwc) and not is_channels_last(plain) and not is_channels_last(None)
+    assert not is_channels_last(torch.zeros(1, 1, 6, 5).contiguous(memory_format=torch.channels_last))  # both
+    assert not is_channels_last(torch.zeros(2, 3, 4))
+    saved = Checkpoint(step=2, steps=8, latent=nhwc.numpy(), scalars={}, history=(None, plain.numpy()),
+                       channels_last=(True, False, False))
+    write_checkpoint(tmp_path / "checkpoint.h5", saved, "hash")
+    back = read_checkpoint(tmp_path / "checkpoint.h5", "hash")
+    assert back.channels_last == (True, False, False)
+    assert back.is_channels_last(0) and not back.is_channels_last(2)
+    latent = with_layout(torch.from_numpy(back.latent), back.is_channels_last(0))
+    assert torch.equal(latent, nhwc) and latent.stride() == nhwc.stride()
+    history = with_layout(torch.from_numpy(back.history[1]), back.is_channels_last(2))
+    assert history.stride() == plain.stride()
+    # Written without layouts (an older file): every array contiguous.
+    write_checkpoint(tmp_path / "old.h5", checkpoint(3), "hash")
+    assert read_checkpoint(tmp_path / "old.h5", "hash").channels_last == ()
+    assert not read_checkpoint(tmp_path / "old.h5", "hash").is_channels_last(0)
+    with pytest.raises(ValueError, match="2 memory layouts for 3 arrays"):
+        Checkpoint(step=2, steps=8, latent=nhwc.numpy(), scalars={}, history=(None, plain.numpy()),
+                   channels_last=(True, False))
+
+
 def checkpoint(step: int = 3) -> Checkpoint:
     latent = np.arange(2 * 4 * 3, dtype=np.float32).reshape(1, 2, 4, 3)
     return Checkpoint(step=step, steps=8, latent=latent, scalars={"_step_index": step, "_begin_index": None},
