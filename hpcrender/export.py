@@ -83,7 +83,7 @@ def export_tiff(
     """A tiled, pyramidal BigTIFF: full resolution first, then half-size levels as SubIFDs down to
     the first level that fits in one tile (the layout QuPath, napari and OME readers expect).
 
-    While a level is written its half-size level is built into a scratch file beside `path`.
+    While a level is written its half-size level is built into a scratch file beside `path` (LevelFile).
     """
     if tile < 16 or tile % 16:
         raise ValueError(f"TIFF tile side must be a positive multiple of 16, got {tile}")
@@ -238,7 +238,7 @@ def _store_rows(store: TileStore) -> ReadRows:
 
 
 def _strips(
-    read: ReadRows, height: int, step: int, overlap: int = 0, below: np.ndarray | None = None
+    read: ReadRows, height: int, step: int, overlap: int = 0, below: LevelFile | None = None
 ) -> Iterator[tuple[int, int, int, np.ndarray]]:
     """Full-width strips of `step` rows (plus `overlap` rows above and below where there are any),
     as (y0, y1, first row of strip, strip). When `below` is given, each strip's own rows are
@@ -255,27 +255,64 @@ def _strips(
 
 def _levels(
     store: TileStore, shapes: list[tuple[int, int]], scratch: Path
-) -> Iterator[tuple[int, ReadRows, np.ndarray | None]]:
-    """(index, reader, memmap for the next level) per pyramid level; the caller must read each
+) -> Iterator[tuple[int, ReadRows, LevelFile | None]]:
+    """(index, reader, scratch file for the next level) per pyramid level; the caller must read each
     level completely (through _strips with `below`) before asking for the next."""
     read = _store_rows(store)
-    previous: Path | None = None
-    for index in range(len(shapes)):
-        below = None
-        if index + 1 < len(shapes):
-            target = scratch / f"level-{index + 1}.u8"
-            below = np.memmap(target, dtype=np.uint8, mode="w+", shape=(*shapes[index + 1], 3))
-        yield index, read, below
-        if previous is not None:
-            previous.unlink()
-        if below is not None:
-            below.flush()
-            read = _memmap_rows(below)
-            previous = target
+    open_files: list[LevelFile] = []  # the level being read and the one being built
+    try:
+        for index in range(len(shapes)):
+            below = None
+            if index + 1 < len(shapes):
+                below = LevelFile(scratch / f"level-{index + 1}.u8", *shapes[index + 1])
+                open_files.append(below)
+            yield index, read, below
+            while len(open_files) > (below is not None):
+                open_files.pop(0).close()  # the level just read
+            if below is not None:
+                read = below.read
+    finally:
+        for level in open_files:
+            level.close()
 
 
-def _memmap_rows(level: np.ndarray) -> ReadRows:
-    return lambda y0, y1: np.asarray(level[y0:y1])
+class LevelFile:
+    """An RGB8 pyramid level in a raw scratch file, written and read by whole rows with pwrite/pread.
+
+    Not a memory map: a mapped level's written pages count in the process's RSS while they stay cached (768 MiB
+    for the half-size level of a 32768-px image); through pread they stay in the page cache only, and a rank's
+    memory is bounded by a strip of rows.
+    """
+
+    def __init__(self, path: Path, height: int, width: int):
+        self.path, self.height, self.width = path, height, width
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, height * width * 3)
+
+    def __setitem__(self, rows: slice, values: np.ndarray) -> None:
+        y0, y1, _ = rows.indices(self.height)
+        values = np.ascontiguousarray(values, dtype=np.uint8)
+        if values.shape != (y1 - y0, self.width, 3):
+            raise ValueError(f"rows {y0}:{y1} of a {self.width}-px level, got an array of shape {values.shape}")
+        data, offset = memoryview(values).cast("B"), y0 * self.width * 3
+        while data:
+            written = os.pwrite(self._fd, data, offset)
+            data, offset = data[written:], offset + written
+
+    def read(self, y0: int, y1: int) -> np.ndarray:
+        y0, y1 = max(0, y0), min(self.height, y1)
+        out = np.empty((y1 - y0, self.width, 3), np.uint8)
+        view, offset = memoryview(out).cast("B"), y0 * self.width * 3
+        while view:
+            got = os.preadv(self._fd, [view], offset)
+            if got == 0:
+                raise OSError(f"{self.path}: short read at byte {offset}")
+            view, offset = view[got:], offset + got
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)
+        self.path.unlink(missing_ok=True)
 
 
 def _pyramid_shapes(height: int, width: int, go_on: Callable[[int, int], bool]) -> list[tuple[int, int]]:

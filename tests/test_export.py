@@ -143,6 +143,22 @@ def test_tiff_is_a_tiled_bigtiff_pyramid_of_half_size_levels(tmp_path, store, im
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.tif", "tiles.h5"]  # scratch removed
 
 
+def test_pyramid_levels_are_built_in_a_scratch_file_read_back_by_rows(tmp_path, image):
+    """The half-size level is written and read with pwrite/pread, not mapped: mapped pages would count in the
+    process's memory (768 MiB for the next level of a 32768-px image)."""
+    level = export.LevelFile(tmp_path / "level.u8", H, W)
+    assert (tmp_path / "level.u8").stat().st_size == H * W * 3
+    for y0 in range(0, H, 64):  # in strips, as _strips writes them
+        level[y0 : y0 + 64] = image[y0 : y0 + 64]
+    np.testing.assert_array_equal(level.read(0, H), image)
+    np.testing.assert_array_equal(level.read(37, 101), image[37:101])
+    np.testing.assert_array_equal(level.read(140, 200), image[140:])  # clipped at the bottom
+    with pytest.raises(ValueError, match="rows 0:2 of a 230-px level"):
+        level[0:2] = image[:2, :100]
+    level.close()
+    assert not (tmp_path / "level.u8").exists()
+
+
 def test_tiff_without_compression_and_rejects_bad_tile(tmp_path, store, image):
     path = export_tiff(store, tmp_path / "raw.tif", tile=256, compression=None)
     with tifffile.TiffFile(path) as tif:
