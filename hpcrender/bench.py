@@ -32,6 +32,7 @@ class BenchRequest:
     dtype: str
     json_path: Path | None
     plot_path: Path | None = None
+    project: tuple[int, ...] = ()  # group sizes to project displaced scaling to (projection.py)
 
 
 def bench_job(req: BenchRequest, mode: Mode) -> Job:
@@ -356,15 +357,37 @@ def run_bench(world, req: BenchRequest) -> int:
             r["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__}
         add_ratios(rows)
         print(format_table(rows))
+        projected = _projection(req, models, env.device, rows) if req.project else []
         if req.json_path:
             req.json_path.parent.mkdir(parents=True, exist_ok=True)
-            req.json_path.write_text(json.dumps(rows, indent=2, default=str))
+            req.json_path.write_text(json.dumps(rows + projected, indent=2, default=str))
         if req.plot_path:
             plot_scaling(rows, req.plot_path)
         sys.stdout.flush()
     world.barrier()
     world.close()
     return EXIT_OK
+
+
+def _projection(req: BenchRequest, models, device: str, rows: list[dict]) -> list[dict]:
+    """Displaced scaling to each of req.project ranks, projected from this launch's one-rank run (projection.py);
+    printed as its own table, and as rows of run "projection" for the JSON."""
+    from hpcrender.models.shapes import model_shape
+    from hpcrender.projection import format_projection, measure_band, projection_rows
+    from hpcrender.run.plan import plan_job
+
+    one = next(r for r in rows if r["run"] == Mode.NONE.value)
+    job = bench_job(req, Mode.DISPLACED)
+    measured = []
+    for ranks in req.project:
+        bands = plan_job(0, job, ranks, model_shape(job.model)).bands
+        plan = planned(job, ranks)
+        measured.append(measure_band(models.get(job.model, job.dtype), job, ranks, device, bands,
+                                     plan["bytes_per_step"] if plan else [None] * ranks))
+    projected = projection_rows(one["per_step_s"], req.width, req.height, measured)
+    print(format_projection(projected, f"{req.width}x{req.height}", req.model))
+    return [{"run": "projection", "model": req.model, "size": f"{req.width}x{req.height}", "steps": req.steps,
+             "dtype": req.dtype, "device": device, **row} for row in projected]
 
 
 # --- the table ---------------------------------------------------------------------------------------------------

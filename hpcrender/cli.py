@@ -249,19 +249,36 @@ def status(outdir):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also draw seconds per step and parallel efficiency against ranks as a PNG.")
+@click.option("--project", "project", metavar="K,...",
+              help="Also project displaced scaling to K ranks (e.g. 2,4,8) from this one-rank launch: the widest "
+                   "band computed alone, the exchange at NVLink and InfiniBand bandwidth.")
 @click.option("--debug", is_flag=True)
-def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, plot_path, debug):
+def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, plot_path, project, debug):
     """Time the denoising steps (UNet with CFG, no VAE): diffusers' own loop with the node's cores, hpcrender on one
     rank, then on all ranks of this launch in each mode; beside the plan's bytes, compute and memory."""
     from hpcrender.bench import BenchRequest, run_bench
     from hpcrender.environment import guarded
 
+    from hpcrender.projection import parse_ranks
+
     try:
         w, h = (int(v) for v in size.lower().split("x"))
     except ValueError:
         sys.exit(_fail(BadInput(f"--size: expected WxH, got {size!r}"), debug))
+    try:
+        projected = parse_ranks(project) if project else ()
+    except ValueError as e:
+        sys.exit(_fail(BadInput(f"--project: {e}"), debug))
+    if projected and steps < max(warmup_steps, 1) + 2:
+        sys.exit(_fail(BadInput(f"--project: {steps} steps leave fewer than two displaced steps after the warm-up; "
+                                f"give --steps {max(warmup_steps, 1) + 2} or more"), debug))
     world = _start_world(debug)
     with guarded(world, debug):
+        if projected and world.env.world_size > 1:
+            if world.env.rank == 0:
+                _fail(BadInput(f"--project runs in a launch of one rank (it renders each band alone), got "
+                               f"{world.env.world_size}"), debug)
+            sys.exit(EXIT_BAD_INPUT)
         try:
             wanted = [Mode(m.strip()) for m in modes.split(",")] if modes else None
         except ValueError as e:
@@ -270,7 +287,7 @@ def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, 
             sys.exit(EXIT_BAD_INPUT)
         req = BenchRequest(model=model, width=w, height=h, steps=steps, modes=wanted, warmup_steps=warmup_steps,
                            scheduler=scheduler, dtype=dtype, json_path=Path(json_path) if json_path else None,
-                           plot_path=Path(plot_path) if plot_path else None)
+                           plot_path=Path(plot_path) if plot_path else None, project=projected)
         code = run_bench(world, req)
     sys.exit(code)
 
