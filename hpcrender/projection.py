@@ -75,10 +75,10 @@ def measure_band(pipe, job: Job, ranks: int, device: str, bands: Sequence, plann
     call only from a launch of one rank. The other bands' token counts are taken as this band's (the fake
     all-gather returns a rank's own data), so attention over the gathered keys is, if anything, overestimated.
     """
+    import torch
     import torch.distributed as dist
-    # Importing the module registers torch's "fake" backend (FakeProcessGroup).
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from hpcrender.errors import HpcrenderError
     from hpcrender.parallel.layout import Comms, GroupLayout
     from hpcrender.pipeline import render_image
 
@@ -88,6 +88,12 @@ def measure_band(pipe, job: Job, ranks: int, device: str, bands: Sequence, plann
     if job.steps < first_stale + 2:
         raise ValueError(f"{job.steps} steps leave fewer than two displaced steps after {first_stale} warm-up "
                          f"step(s); give --steps {first_stale + 2} or more")
+    try:
+        # Importing the module registers torch's "fake" backend (FakeProcessGroup).
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+    except ImportError as e:
+        raise HpcrenderError(f"--project needs torch's fake process group, which torch {torch.__version__} does "
+                             f"not have ({e})") from None
     rank = widest_band(bands)
     if dist.is_initialized():
         dist.destroy_process_group()
