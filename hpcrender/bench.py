@@ -316,9 +316,12 @@ def run_bench(world, req: BenchRequest) -> int:
     models = ModelCache(device=env.device)
     if env.rank == 0:
         from hpcrender.config import Manifest
+        from hpcrender.run.plan import plan_job
 
         jobs = tuple(bench_job(req, m) for m in modes)
         make_run_plan(Manifest(path=Path("bench"), jobs=jobs), tuple(range(len(jobs))), size, model_shape)
+        for ranks in req.project:  # refused before anything runs, like the launch's own layout
+            plan_job(0, bench_job(req, Mode.DISPLACED), ranks, model_shape(req.model))
     placements = world.allgather((env.node, env.threads))
     threads = node_threads(placements, placements[0][0])
     single = Comms(group=None, patch_group=None, global_ranks=(0,))

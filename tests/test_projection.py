@@ -92,6 +92,9 @@ def test_bench_projection_refuses_too_few_steps_and_a_launch_of_several_ranks():
     assert few.returncode == 2 and "--project: 2 steps leave fewer than two displaced steps" in few.stderr
     bad = hpcrender("bench", "--project", "1")
     assert bad.returncode == 2 and "--project: a projection is for 2 or more ranks" in bad.stderr
+    # a layout the image cannot be cut into: refused before anything is timed
+    small = hpcrender("bench", "--model", "builtin:tiny-sdxl", "--size", "128x128", "--steps", "4", "--project", "2,8")
+    assert small.returncode == 2 and "fewer than its 8 ranks" in small.stderr and "diffusers" not in small.stdout
     several = hpcrender("bench", "--model", "builtin:tiny-sdxl", "--size", "128x128", "--steps", "4",
                         "--project", "2", ranks=2)
     assert several.returncode == 2, several.stderr[-2000:]
