@@ -89,6 +89,9 @@ def test_two_groups_share_the_tiles_and_give_the_bytes_of_one_process(renders):
         taken = meta["layout"]["groups"]
         assert sum(len(t) for t in taken.values()) == len(tiles)
         assert meta["gigapixel"]["seam_score"] is not None
+        # each group's first rank, the writer's peak covering its composition and export
+        peaks = {p["rank"]: p["peak_memory_bytes"] for p in meta["peak_memory"]}
+        assert set(peaks) == {0, 1} and min(peaks.values()) > 100 * 2**20
     assert all(len(g["units"]) > 1 for g in status["groups"]), "both groups took work"
 
 

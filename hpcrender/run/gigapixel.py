@@ -383,9 +383,12 @@ class GigapixelKind:
                             seams=dict(s.seams))
         outcome = GigaJobOutcome(result, exported)
         layout = GroupLayout(size=1, rank=0, mode=job.parallel.mode, split_cfg=job.parallel.split_cfg)
+        from hpcrender.pipeline import _peak_memory
+
+        # The writer's own peak covers its composition, seam scores and export too (and is there when an earlier
+        # run rendered every tile).
+        s.peaks[env.rank] = (env.node, max(_peak_memory(env.device), s.peaks.get(env.rank, (env.node, 0))[1]))
         peaks = [{"rank": rank, "node": node, "peak_memory_bytes": peak} for rank, (node, peak) in sorted(s.peaks.items())]
-        if not peaks:  # every tile was rendered by an earlier run
-            peaks = [{"rank": env.rank, "node": env.node, "peak_memory_bytes": 0}]
         meta = job_meta(job, outcome, layout, Comms(None, None, tuple(range(env.world_size))), peaks, s.started,
                         env.world_size, env.device)
         meta["layout"]["groups"] = {str(g): units for g, units in sorted(s.groups.items())}
