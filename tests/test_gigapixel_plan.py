@@ -362,3 +362,15 @@ def test_a_gigapixel_job_off_the_models_alignment_is_refused_before_loading():
     with pytest.raises(DoesNotFit, match="planned from its model's configs before anything loads"):
         make_run_plan(Manifest(path="m.toml", jobs=(bad,)), (0,), 1, lambda ref: None)
     make_run_plan(Manifest(path="m.toml", jobs=(giga_job(model="builtin:tiny-sdxl"),)), (0,), 1, model_shape)
+
+
+def test_composers_share_every_row_of_a_level_once():
+    from hpcrender.gigapixel.compose import share_rows
+
+    for rows in range(0, 12):
+        for composers in range(1, 6):
+            shares = [list(share_rows(rows, composers, p)) for p in range(composers)]
+            assert sorted(r for share in shares for r in share) == list(range(rows))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(ValueError, match="composer 2 of 2"):
+        share_rows(4, 2, 2)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from hpcrender.gigapixel.compose import share_rows
 from hpcrender.store import LevelStore
 
 from clirun import HPCRENDER, MPIEXEC, clean_env, hpcrender, status_of, write_manifest
@@ -89,6 +90,9 @@ def test_two_groups_share_the_tiles_and_give_the_bytes_of_one_process(renders):
         taken = meta["layout"]["groups"]
         assert sum(len(t) for t in taken.values()) == len(tiles)
         assert meta["gigapixel"]["seam_score"] is not None
+        # the level images composed by both groups' first ranks, every other row each; the bytes are one process's
+        shares = [sum(len(share_rows(lv["rows"], 2, p)) * lv["cols"] for lv in levels) for p in (0, 1)]
+        assert meta["layout"]["composed_by"] == {"0": shares[0], "1": shares[1]} and min(shares) > 0
         # each group's first rank, the writer's peak covering its composition and export
         peaks = {p["rank"]: p["peak_memory_bytes"] for p in meta["peak_memory"]}
         assert set(peaks) == {0, 1} and min(peaks.values()) > 100 * 2**20

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from hpcrender.gigapixel.pixels import low_frequencies, seam_statistics
@@ -15,21 +16,31 @@ CORRELATION_LEVELS = 4
 
 def compose_level(store, plan: GigaPlan, level: int) -> int:
     """Blend the stored patches of `level` into its image, one core tile at a time in raster order; returns how
-    many tiles were composed (tiles composed before, by a run that was stopped, are kept).
+    many tiles were composed (tiles composed before, by a run that was stopped, are kept). compose_rows does the
+    work; this writes what it yields."""
+    composed = 0
+    for row, col, rgb in compose_rows(store, plan, level, range(plan.levels[level].rows)):
+        store.write_level_tile(level, row, col, rgb)
+        composed += 1
+    return composed
+
+
+def compose_rows(store, plan: GigaPlan, level: int, rows) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(row, col, uint8 pixels) of every tile of `rows` of `level` not composed yet, in raster order: what
+    write_level_tile takes. `store` may be a reader: any rank can compose any row, with the same bytes.
 
     Each core pixel is a blend of the patches that reach it with their feather weights: the low frequencies (what
     the colour fix took from the shared reference) as a weighted mean, the detail as a weighted sum scaled so that
     its local variance stays that of the patches (blend_detail). Sums run in float32 in raster order of the patches, so
-    the bytes do not depend on the order the tiles were rendered in. Memory: the patches of a 3 x 3 neighbourhood
-    (more only when the overlap exceeds the tile), whatever the level's size."""
+    the bytes do not depend on the order the tiles were rendered in, nor on which rows a rank composes. Memory: the
+    patches of a 3 x 3 neighbourhood (more only when the overlap exceeds the tile), whatever the level's size."""
     lp = plan.levels[level]
     missing = store.missing_patches(level)
     if missing:
         raise ValueError(f"level {level}: {len(missing)} tile(s) not rendered yet, first {missing[0]}")
     cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     covariances: dict[tuple[int, int, int, int], tuple[Box, np.ndarray]] = {}
-    composed = 0
-    for row in range(lp.rows):
+    for row in rows:
         for col in range(lp.cols):
             if store.is_composed(level, row, col):
                 continue
@@ -44,9 +55,7 @@ def compose_level(store, plan: GigaPlan, level: int) -> int:
                     continue
                 pixels, detail, variance = _patch(store, level, other, cache)
                 parts.append((other, part, w, pixels[inside], detail[inside], variance[inside]))
-            rgb = blend_detail(core, parts, lambda a, b: _covariance(a, b, cache, covariances))
-            store.write_level_tile(level, row, col, rgb)
-            composed += 1
+            yield row, col, blend_detail(core, parts, lambda a, b: _covariance(a, b, cache, covariances))
             # Within a row a patch is needed again only by the next `reach` tiles; each row reads its own.
             for key in [k for k in cache if k[1] < col + 1 - lp.reach]:
                 del cache[key]
@@ -54,7 +63,14 @@ def compose_level(store, plan: GigaPlan, level: int) -> int:
                 del covariances[key]
         cache.clear()
         covariances.clear()
-    return composed
+
+
+def share_rows(rows: int, composers: int, position: int) -> range:
+    """The rows of a level that composer `position` of `composers` blends: every composers-th row from its
+    position, so that each gets rows from the whole level (the image's edges compose faster)."""
+    if not 0 <= position < composers:
+        raise ValueError(f"composer {position} of {composers}")
+    return range(position, rows, composers)
 
 
 def blend_detail(core: Box, parts: list, covariance) -> np.ndarray:

@@ -4,8 +4,10 @@ Round r of a phase renders level r of every gigapixel job in it (round 0: the ba
 ordinary jobs); a level starts when the previous one is composed. World rank 0 - the first rank of group 0 in every
 phase - is the one writer of every gigapixel store: the other groups' first ranks send it their finished patches over
 MPI (on a communicator of their own, so the order of one sender's messages is kept), and it writes each one, flushed,
-between its own units and at the end of the round; then it composes the level and the next round reads it. A kill
-of any rank loses at most the patches in flight; the same command resumes from the store's done-bitmaps.
+between its own units and at the end of the round. Then the groups' first ranks compose the level, a share of its
+rows each (compose.share_rows), and send the composed tiles to the writer the same way; the next round reads the
+level. A kill of any rank loses at most the patches and tiles in flight; the same command resumes from the store's
+done-bitmaps.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from hpcrender.run.protocol import Outcome
 
 log = logging.getLogger("hpcrender")
 WRITER = 0          # world rank of the stores' writer
-_PATCH, _FAILED, _ROUND_DONE = 1, 2, 3  # message tags
+_PATCH, _FAILED, _ROUND_DONE, _COMPOSED = 1, 2, 3, 4  # message tags
 _POLL_S = 0.005
+_COMPOSED_IN_FLIGHT = 4  # composed tiles a composer may have on their way to the writer
 
 
 @dataclass
@@ -46,6 +49,7 @@ class _JobState:
     last_record: float = 0.0
     groups: dict = field(default_factory=dict)   # group -> units it rendered
     peaks: dict = field(default_factory=dict)    # world rank of a group's first rank -> (node, peak bytes)
+    composed_by: dict = field(default_factory=dict)  # world rank -> tiles of level images it composed (this run)
     missing: list = field(default_factory=list)  # tiles of the round's level not stored yet
     seams: dict = field(default_factory=dict)
     progress: object = None                      # progress.Progress of this job's tiles, on the writer
@@ -58,6 +62,8 @@ class GigapixelKind:
         self.states = {i: _JobState(i, plan.jobs[i].job, plan.jobs[i].gigapixel) for i in indices}
         self.rounds = max((len(s.plan.levels) for s in self.states.values()), default=0)
         self._sends: list = []
+        self._dones = 0  # done messages the writer has had in the current stage of a round
+        self._composers: list[int] | None = None  # world ranks that compose levels: the groups' first ranks
         self._comm = None
         self.failed_jobs = 0  # jobs the writer found failed (store refused, a tile failed)
 
@@ -105,26 +111,97 @@ class GigapixelKind:
             self._sends = [req for req in self._sends if not req.Test()]
 
     def end_round(self, r: int, ctx: UnitContext, leaders: int) -> None:
-        """Collective over the world: every patch of the round reaches the store, the writer composes level r of
-        every job whose level is complete and finishes the jobs whose last level it was."""
-        from mpi4py import MPI
-
+        """Collective over the world: every patch of the round reaches the store, the groups' first ranks compose
+        level r of every job whose level is complete (a share of its rows each, sent to the writer), and the writer
+        finishes the jobs whose last level it was."""
         world, group = ctx.world, ctx.protocol
         writer = world.env.rank == WRITER
+        if self._composers is None:  # the groups' first ranks, the same in every round of the phase
+            self._composers = [rank for rank, leader in enumerate(self._comm.allgather(group.leader)) if leader]
+        composers = self._composers
         if group.leader and not writer:
-            while not MPI.Request.Testall(self._sends):
-                time.sleep(_POLL_S)
-            self._sends = []
+            self._wait_sends()
             self._comm.send(None, dest=WRITER, tag=_ROUND_DONE)
+        work = {}
         if writer:
             self._drain(ctx, until_done=leaders - 1)
+            work = self._compose_work(r, ctx)
+        idle_barrier(self._comm)  # the others sleep while the writer stores the last patches
+        work = self._comm.bcast(work, root=WRITER)
+        if group.leader:
+            self._compose_share(r, ctx, work, composers.index(world.env.rank), len(composers))
+        if writer:
             for s in self.states.values():
                 if s.active and r < len(s.plan.levels):
                     try:
                         self._finish_level(s, r, ctx)
-                    except OSError as e:  # composing or exporting on a full disk: the store keeps the tiles
+                    except OSError as e:  # seam scores or export on a full disk: the store keeps the tiles
                         self._store_failed(s, ctx, e)
-        idle_barrier(self._comm)  # the others sleep while the writer composes
+        idle_barrier(self._comm)  # the others sleep while the writer scores and exports
+
+    def _wait_sends(self) -> None:
+        from mpi4py import MPI
+
+        while not MPI.Request.Testall(self._sends):
+            time.sleep(_POLL_S)
+        self._sends = []
+
+    def _compose_work(self, r: int, ctx: UnitContext) -> dict[int, int]:
+        """On the writer: {job index: rows of level r} of the jobs whose level r has every patch and is not
+        composed yet; a job a group found failed fails here."""
+        work = {}
+        for s in self.states.values():
+            if not s.active or r >= len(s.plan.levels):
+                continue
+            if s.failed is not None:
+                self._fail(s, ctx, s.failed)
+            elif not s.store.missing_patches(r) and not s.store.level_complete(r):
+                work[s.index] = s.plan.levels[r].rows
+        return work
+
+    def _compose_share(self, r: int, ctx: UnitContext, work: dict[int, int], position: int, composers: int) -> None:
+        """This composer's rows of each job's level r (compose.share_rows): the writer stores its tiles and, between
+        them, those the others send; the others send theirs, then a done message."""
+        from hpcrender.gigapixel.compose import compose_rows, share_rows
+        from hpcrender.store import LevelStore
+
+        writer = ctx.world.env.rank == WRITER
+        for index, rows in work.items():
+            s = self.states[index]
+            mine = share_rows(rows, composers, position)
+            if not mine or (writer and not s.active):
+                continue
+            t0 = time.perf_counter()
+            try:
+                if not writer:
+                    if s.store is None:
+                        s.store = LevelStore.read(ctx.options.out / s.job.name / "tiles.h5")
+                    s.store.refresh()
+                for row, col, rgb in compose_rows(s.store, s.plan, r, mine):
+                    if writer:
+                        s.store.write_level_tile(r, row, col, rgb)
+                        s.composed_by[WRITER] = s.composed_by.get(WRITER, 0) + 1
+                        self._drain(ctx, until_done=0)
+                        if not s.active:
+                            break
+                    else:
+                        self._sends.append(self._comm.isend((index, r, row, col, rgb, ctx.world.env.rank),
+                                                            dest=WRITER, tag=_COMPOSED))
+                        while len(self._sends) > _COMPOSED_IN_FLIGHT:  # a few tiles' worth of memory at most
+                            self._sends = [req for req in self._sends if not req.Test()]
+                            time.sleep(_POLL_S)
+            except OSError as e:
+                if writer:  # the store cannot be written (a full disk): the job fails, its tiles are kept
+                    self._store_failed(s, ctx, e)
+                else:
+                    self._sends.append(self._comm.isend((index, r, -1, -1, f"composing: {e}"), dest=WRITER,
+                                                        tag=_FAILED))
+            s.compose_seconds += time.perf_counter() - t0
+        if writer:
+            self._drain(ctx, until_done=composers - 1)
+        else:
+            self._wait_sends()
+            self._comm.send(None, dest=WRITER, tag=_ROUND_DONE)
 
     def end_phase(self, ctx: UnitContext, interrupted: bool) -> None:
         """Close the stores; the writer records the jobs a stop left unfinished."""
@@ -214,19 +291,24 @@ class GigapixelKind:
             self._sends.append(self._comm.isend(message, dest=WRITER, tag=tag))
 
     def _drain(self, ctx: UnitContext, until_done: int) -> None:
-        """Store every message that has arrived; with until_done > 0, wait for that many round-done messages."""
+        """Store every message that has arrived; with until_done > 0, wait until that many done messages have come
+        in this stage (counted across calls: a composer may be done while the writer still composes), then start
+        the count again."""
         from mpi4py import MPI
 
-        done, status = 0, MPI.Status()
+        status = MPI.Status()
         while True:
             if not self._comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-                if done >= until_done:
+                if until_done == 0:
+                    return
+                if self._dones >= until_done:
+                    self._dones = 0
                     return
                 time.sleep(_POLL_S)  # waiting without spinning: the other groups are still rendering
                 continue
             message = self._comm.recv(source=status.Get_source(), tag=status.Get_tag())
             if status.Get_tag() == _ROUND_DONE:
-                done += 1
+                self._dones += 1
             else:
                 self._receive(ctx, message, status.Get_tag())
 
@@ -234,6 +316,17 @@ class GigapixelKind:
         from hpcrender.gigapixel.plan import TilePatch, TileUnit
 
         s = self.states[message[0]]
+        if tag == _COMPOSED:
+            _, level, row, col, rgb, rank = message
+            if not s.active:
+                return  # the job failed on the writer: the tile is dropped
+            try:
+                s.store.write_level_tile(level, row, col, rgb)
+            except OSError as e:
+                self._store_failed(s, ctx, e)
+                return
+            s.composed_by[rank] = s.composed_by.get(rank, 0) + 1
+            return
         if tag == _FAILED:
             _, level, row, col, error = message
             if s.failed is None:
@@ -354,7 +447,7 @@ class GigapixelKind:
         if s.store.missing_patches(r):
             return  # a stop came: the same command renders the rest
         t0 = time.perf_counter()
-        compose_level(s.store, s.plan, r)
+        compose_level(s.store, s.plan, r)  # what the composers left (nothing, unless one failed): stored here
         s.compose_seconds += time.perf_counter() - t0
         if r > 0:
             s.seams[r] = level_seams(s.store, s.plan, r)
@@ -393,6 +486,7 @@ class GigapixelKind:
                         env.world_size, env.device)
         meta["layout"]["groups"] = {str(g): units for g, units in sorted(s.groups.items())}
         meta["layout"]["writer"] = WRITER
+        meta["layout"]["composed_by"] = {str(rank): n for rank, n in sorted(s.composed_by.items())}
         write_meta(out / job.name, meta)
         self._record(s, ctx, final=True)
         seconds = round(time.time() - s.started, 3)
