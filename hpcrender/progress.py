@@ -80,6 +80,8 @@ class Progress:
         elapsed = now - self._t0
         rate = self.done / elapsed if elapsed > 0 else 0.0
         summary = f"{self.done}/{self.total} {self.unit} in {_hms(elapsed)}, {rate:.2f} {self.unit}/s"
+        if self.total == 0:  # a resumed job that had only composing or exporting left
+            summary = f"no {self.unit} left to render, {_hms(elapsed)}"
         self._write(f"{message or self.job + ': done'} ({summary})\n")
 
     # -- drawing ---------------------------------------------------------------------------

@@ -36,6 +36,15 @@ def test_batch_log_gets_one_line_per_interval_with_rate_and_eta():
     assert "\r" not in out.getvalue()
 
 
+def test_a_job_with_nothing_left_to_render_says_so_rather_than_a_rate():
+    out, clock = io.StringIO(), FakeClock()
+    progress = Progress(out, tty=False, interval_s=5.0, clock=clock)
+    progress.start("coast", 0, unit="tile")
+    clock.t += 75
+    progress.finish("coast: done in 75.0s, seam score 1.02")
+    assert out.getvalue() == "coast: done in 75.0s, seam score 1.02 (no tile left to render, 0:01:15)\n"
+
+
 def test_batch_lines_keep_coming_every_interval():
     out, clock = io.StringIO(), FakeClock()
     progress = Progress(out, tty=False, interval_s=2.0, clock=clock)
