@@ -161,7 +161,8 @@ class GigapixelKind:
 
     def _compose_share(self, r: int, ctx: UnitContext, work: dict[int, int], position: int, composers: int) -> None:
         """This composer's rows of each job's level r (compose.share_rows): the writer stores its tiles and, between
-        them, those the others send; the others send theirs, then a done message."""
+        them, those the others send; the others send theirs, then a done message. A job's compose_seconds is the
+        writer's time on its share and its share of the wait for the others' last tiles."""
         from hpcrender.gigapixel.compose import compose_rows, share_rows
         from hpcrender.store import LevelStore
 
@@ -198,7 +199,10 @@ class GigapixelKind:
                                                         tag=_FAILED))
             s.compose_seconds += time.perf_counter() - t0
         if writer:
+            t0 = time.perf_counter()
             self._drain(ctx, until_done=composers - 1)
+            for index in work:  # the wait for the other composers' last tiles, shared by the round's jobs
+                self.states[index].compose_seconds += (time.perf_counter() - t0) / len(work)
         else:
             self._wait_sends()
             self._comm.send(None, dest=WRITER, tag=_ROUND_DONE)
