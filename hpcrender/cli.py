@@ -259,7 +259,7 @@ def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, 
     from hpcrender.bench import BenchRequest, run_bench
     from hpcrender.environment import guarded
 
-    from hpcrender.projection import parse_ranks
+    from hpcrender.projection import parse_ranks, steps_problem
 
     try:
         w, h = (int(v) for v in size.lower().split("x"))
@@ -269,9 +269,9 @@ def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, 
         projected = parse_ranks(project) if project else ()
     except ValueError as e:
         sys.exit(_fail(BadInput(f"--project: {e}"), debug))
-    if projected and steps < max(warmup_steps, 1) + 2:
-        sys.exit(_fail(BadInput(f"--project: {steps} steps leave fewer than two displaced steps after the warm-up; "
-                                f"give --steps {max(warmup_steps, 1) + 2} or more"), debug))
+    problem = steps_problem(steps, warmup_steps) if projected else None
+    if problem:
+        sys.exit(_fail(BadInput(f"--project: {problem}"), debug))
     world = _start_world(debug)
     with guarded(world, debug):
         if projected and world.env.world_size > 1:

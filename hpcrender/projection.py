@@ -35,6 +35,16 @@ def parse_ranks(text: str) -> tuple[int, ...]:
     return ranks
 
 
+def steps_problem(steps: int, warmup_steps: int) -> str | None:
+    """Why `steps` cannot be projected (fewer than two displaced steps after the warm-up: the first one also lays
+    out the buckets, so no steady step would be left), or None."""
+    first_stale = max(warmup_steps, 1)
+    if steps < first_stale + 2:
+        return (f"{steps} steps leave fewer than two displaced steps after {first_stale} warm-up step(s); give "
+                f"--steps {first_stale + 2} or more")
+    return None
+
+
 def widest_band(bands: Sequence) -> int:
     """The rank whose band has the most rows (the first of them): the one the group waits for."""
     return max(range(len(bands)), key=lambda r: (bands[r].size, -r))
@@ -84,10 +94,10 @@ def measure_band(pipe, job: Job, ranks: int, device: str, bands: Sequence, plann
 
     if job.parallel.mode is not Mode.DISPLACED:
         raise ValueError(f"a projection renders the displaced mode, got {job.parallel.mode.value}")
+    problem = steps_problem(job.steps, job.parallel.warmup_steps)
+    if problem:
+        raise ValueError(problem)
     first_stale = max(job.parallel.warmup_steps, 1)
-    if job.steps < first_stale + 2:
-        raise ValueError(f"{job.steps} steps leave fewer than two displaced steps after {first_stale} warm-up "
-                         f"step(s); give --steps {first_stale + 2} or more")
     try:
         # Importing the module registers torch's "fake" backend (FakeProcessGroup).
         from torch.testing._internal.distributed.fake_pg import FakeStore

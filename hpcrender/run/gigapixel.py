@@ -334,7 +334,7 @@ class GigapixelKind:
         if tag == _FAILED:
             _, level, row, col, error = message
             if s.failed is None:
-                s.failed = f"level {level} tile ({row}, {col}): {error}"
+                s.failed = f"level {level}: {error}" if row < 0 else f"level {level} tile ({row}, {col}): {error}"
             return
         _, level, row, col, box, pixels, seconds, group, peaks = message
         if not s.active:
