@@ -27,10 +27,11 @@ import torch
 import torch.distributed as dist
 
 from hpcrender.config import GroupNormMode, HaloMode, Mode
-from hpcrender.environment import World
 from hpcrender.models.builtin import architecture
 from hpcrender.parallel.bands import latent_bands, unet_alignment
-from hpcrender.parallel.plan import PatchPlan, parallelize
+from hpcrender.parallel.parallelize import parallelize
+from hpcrender.parallel.plan import PatchPlan
+from hpcrender.run.environment import World
 
 GUIDANCE = 5.0
 SEED_WEIGHTS = 1234

@@ -26,7 +26,7 @@ def render_one(args) -> dict:
     from hpcrender.config import GigapixelConfig, Job, Mode, ParallelConfig
     from hpcrender.gigapixel.job import gigapixel_meta, render_job
     from hpcrender.models import load_pipeline
-    from hpcrender.pipeline import Comms, GroupLayout
+    from hpcrender.parallel.layout import Comms, GroupLayout
 
     torch.set_num_threads(args.threads)
     job = Job(name=f"giga-{args.size}", prompt="an aerial photograph of a coastline with villages", seed=7,

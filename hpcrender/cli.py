@@ -17,6 +17,15 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from hpcrender.config import Mode
 from hpcrender.errors import EXIT_BAD_INPUT, BadInput, HpcrenderError, ManifestError
+from hpcrender.manifest import apply_overrides, load_manifest
+from hpcrender.models.shapes import model_shape
+from hpcrender.output.records import format_status, read_status
+from hpcrender.run.environment import World, guarded, max_memory_bytes, memory_limit, rank_memory_limit
+from hpcrender.run.kinds import RenderOptions
+from hpcrender.run.schedule import slurm_array_index
+
+# What needs torch, diffusers or h5py (the run plan, the runner, measuring, the stores and exports) is imported inside
+# the commands that use it, so that `validate` and `status` stay light (tests/test_imports.py).
 
 MODES = [m.value for m in Mode]
 
@@ -33,8 +42,6 @@ def _fail(err: BaseException, debug: bool) -> int:
 
 def _start_world(debug: bool):
     """The MPI world; a launcher set up wrongly (e.g. srun with the wrong PMI) is a user error, exit 2."""
-    from hpcrender.environment import World
-
     try:
         return World.start()
     except HpcrenderError as e:
@@ -67,9 +74,6 @@ def cli():
 def render(manifest, out, only, mode, ranks_per_image, warmup_steps, steps, no_resume, save_latent,
            array_index, array_count, debug):
     """Render the jobs of MANIFEST (under mpiexec/srun the ranks share the work)."""
-    from hpcrender.environment import guarded, rank_memory_limit
-    from hpcrender.models.shapes import model_shape
-    from hpcrender.run.kinds import RenderOptions
     from hpcrender.run.plan import make_run_plan, selected_jobs
     from hpcrender.run.runner import run_render
 
@@ -99,8 +103,6 @@ def render(manifest, out, only, mode, ranks_per_image, warmup_steps, steps, no_r
 
 
 def _load(manifest, **overrides):
-    from hpcrender.manifest import apply_overrides, load_manifest
-
     m = load_manifest(manifest)
     mode = overrides.pop("mode")
     return apply_overrides(m, mode=Mode(mode) if mode else None, **overrides)
@@ -108,8 +110,6 @@ def _load(manifest, **overrides):
 
 def _array(env, index, count) -> tuple[int, int] | None:
     """The job-array share: --array-index/--array-count, else Slurm's array variables, else none."""
-    from hpcrender.schedule import slurm_array_index
-
     if (index is None) != (count is None):
         raise BadInput("--array-index and --array-count go together")
     if index is not None:
@@ -128,7 +128,6 @@ def validate(manifest, ranks):
     try:
         m = _load(manifest, only=(), mode=None, ranks_per_image=None, warmup_steps=None, steps=None)
         if ranks is not None:
-            from hpcrender.models.shapes import model_shape
             from hpcrender.run.plan import make_run_plan, selected_jobs
 
             make_run_plan(m, selected_jobs(m, None), ranks, model_shape)
@@ -153,8 +152,6 @@ def validate(manifest, ranks):
                    "hpcrender status: 1 / tiles per s per group), for the estimate of the whole render, VAE included.")
 def plan(manifest, ranks, ranks_per_image, rate, tile_seconds):
     """Show how MANIFEST's jobs would be spread over RANKS ranks: groups, bands, bytes, memory and time per job."""
-    from hpcrender.environment import memory_limit, max_memory_bytes
-    from hpcrender.models.shapes import model_shape
     from hpcrender.run.plan import CPU_CORE_MACS_PER_S, describe_plan, make_run_plan, selected_jobs
 
     try:
@@ -175,15 +172,13 @@ def plan(manifest, ranks, ranks_per_image, rate, tile_seconds):
 @click.option("--debug", is_flag=True)
 def verify(manifest, names, modes, debug):
     """Render jobs single-device and on all ranks; print latent error, PSNR and SSIM per job and mode."""
-    from hpcrender.environment import guarded
-    from hpcrender.verify import run_verify
+    from hpcrender.measure.verify import run_verify
 
     world = _start_world(debug)
     with guarded(world, debug):
         jobs, error = None, None
         if world.env.rank == 0:
             try:
-                from hpcrender.models.shapes import model_shape
                 from hpcrender.run.plan import make_run_plan
 
                 m = _load(manifest, only=names, mode=modes[0] if modes else None, ranks_per_image=0,
@@ -207,8 +202,8 @@ def verify(manifest, names, modes, debug):
 @click.option("--out", type=click.Path(), help="Output path [default: JOBDIR/image.<ext> or JOBDIR/image.dzi].")
 def stitch(jobdir, fmt, out):
     """Export a job's HDF5 store (finished or not) as pyramidal BigTIFF, PNG or DeepZoom."""
-    from hpcrender.export import export_dzi, export_png, export_tiff
-    from hpcrender.store import TileStore
+    from hpcrender.output.export import export_dzi, export_png, export_tiff
+    from hpcrender.output.store import TileStore
 
     path = Path(jobdir) / "tiles.h5"
     try:
@@ -230,8 +225,6 @@ def stitch(jobdir, fmt, out):
 @click.argument("outdir", type=click.Path())
 def status(outdir):
     """Show every job's state in OUTDIR (pending, running, done, failed)."""
-    from hpcrender.records import format_status, read_status
-
     try:
         click.echo(format_status(read_status(Path(outdir))))
     except HpcrenderError as e:
@@ -256,10 +249,9 @@ def status(outdir):
 def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, plot_path, project, debug):
     """Time the denoising steps (UNet with CFG, no VAE): diffusers' own loop with the node's cores, hpcrender on one
     rank, then on all ranks of this launch in each mode; beside the plan's bytes, compute and memory."""
-    from hpcrender.bench import BenchRequest, run_bench
-    from hpcrender.environment import guarded
+    from hpcrender.measure.bench import BenchRequest, run_bench
 
-    from hpcrender.projection import parse_ranks, steps_problem
+    from hpcrender.measure.projection import parse_ranks, steps_problem
 
     try:
         w, h = (int(v) for v in size.lower().split("x"))

@@ -19,19 +19,10 @@ from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 from hpcrender.config import (
-    DType,
-    GigapixelConfig,
-    GroupNormMode,
-    InitImage,
-    Job,
-    Manifest,
-    Mode,
-    ParallelConfig,
-    SchedulerName,
-    HaloMode,
-    first_step,
+    DType, GigapixelConfig, GroupNormMode, HaloMode, InitImage, Job, Manifest, Mode, ParallelConfig, SchedulerName, first_step,
 )
 from hpcrender.errors import BadInput, ManifestError, ModelNotFound
+from hpcrender.models.reference import SourceKind, resolve
 
 
 DEFAULT_SIDE = 1024
@@ -173,8 +164,6 @@ def _job_name(value: object) -> str:
 
 def _check_model(value: object, base_dir: Path) -> str:
     """A model reference by models.reference's rules, local paths made absolute against `base_dir`."""
-    from hpcrender.models.reference import SourceKind, resolve
-
     ref = _as_str(value)
     try:
         spec = resolve(ref, base_dir)

@@ -9,11 +9,10 @@ import pytest
 from PIL import Image
 
 from clirun import hpcrender
-from hpcrender.bench import (
-    DIFFUSERS, add_ratios, exchange_hidden, node_threads, parallel_modes, relative_error, scaling_series,
-    steady_waits,
-)
 from hpcrender.config import Mode
+from hpcrender.measure.bench import (
+    DIFFUSERS, add_ratios, exchange_hidden, node_threads, parallel_modes, relative_error, scaling_series, steady_waits,
+)
 
 
 def test_parallel_modes_leave_none_to_the_one_rank_row_and_default_to_sync_and_displaced():

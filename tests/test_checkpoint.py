@@ -9,13 +9,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from hpcrender.checkpoint import (
-    Checkpoint,
-    read_checkpoint,
-    remove_checkpoint,
-    restore_scheduler,
-    scheduler_state,
-    write_checkpoint,
+from hpcrender.render.checkpoint import (
+    Checkpoint, read_checkpoint, remove_checkpoint, restore_scheduler, scheduler_state, write_checkpoint,
 )
 
 SAMPLERS = {
@@ -91,7 +86,7 @@ def test_a_checkpoint_of_another_sampler_is_refused():
 def test_a_checkpoint_puts_back_each_tensors_memory_layout(tmp_path):
     """A convolution over a channels-last tensor and over its contiguous copy may round differently: the resume
     must hand the loop the layout the stopped run had (an img2img latent is channels-last)."""
-    from hpcrender.checkpoint import is_channels_last, with_layout
+    from hpcrender.render.checkpoint import is_channels_last, with_layout
 
     plain = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(1))
     nhwc = plain.contiguous(memory_format=torch.channels_last)

@@ -19,13 +19,15 @@ from hpcrender.config import Job, Mode, ParallelConfig, SchedulerName
 from hpcrender.errors import BadInput
 from hpcrender.models import Family, denoiser_of, family, load_pipeline, scheduler_config_of, unet_config_of
 from hpcrender.models import dit
+from hpcrender.models.facts import facts_of
 from hpcrender.parallel.bands import (
     Band, exchange_buffers, latent_bands, transformer_alignment, transformer_layers, transformer_step_bytes, unet_alignment,
 )
-from hpcrender.pipeline import (
-    Comms, GroupLayout, from_latent_space, initial_noise, latent_channels, make_scheduler, pack_2x2, render_image,
-    t5_tokens, unpack_2x2,
-)
+from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.render.image import render_image
+from hpcrender.render.latents import from_latent_space, initial_noise, pack_2x2, unpack_2x2
+from hpcrender.render.prompt import t5_tokens
+from hpcrender.render.samplers import make_scheduler
 
 from clirun import MPIEXEC, hpcrender, write_manifest
 
@@ -55,7 +57,7 @@ def test_tiny_transformers_are_the_diffusers_families_with_their_samplers(pipes)
     for name, pipe in pipes.items():
         fam, channels, sampler = expected[name]
         assert family(pipe) is fam and fam.transformer
-        assert latent_channels(pipe) == channels == pipe.vae.config.latent_channels
+        assert facts_of(pipe).latent_channels == channels == pipe.vae.config.latent_channels
         assert type(pipe.scheduler).__name__ == sampler
         assert pipe.vae_scale_factor == 8
         assert unet_config_of(f"builtin:{name}")["_class_name"] == type(denoiser_of(pipe)).__name__
@@ -87,9 +89,9 @@ def test_mode_none_equals_diffusers_pipeline_bit_for_bit(pipes, name):
     job = Job(name="a", prompt="a harbor at dawn", width=64, height=48, seed=7, model=f"builtin:{name}", steps=3,
               guidance_scale=4.0, negative_prompt="fog", parallel=ParallelConfig(mode=Mode.NONE))
     ours = render_image(pipe, job, *ALONE, "cpu")
-    noise = initial_noise(job, latent_channels(pipe), 8)
+    noise = initial_noise(job, facts_of(pipe).latent_channels, 8)
     kwargs = dict(num_inference_steps=job.steps, height=job.height, width=job.width,
-                  guidance_scale=job.guidance_scale, output_type="latent", max_sequence_length=t5_tokens(pipe))
+                  guidance_scale=job.guidance_scale, output_type="latent", max_sequence_length=t5_tokens(pipe, family(pipe)))
     if name == "tiny-pixart":
         kwargs.update(use_resolution_binning=False, clean_caption=False, negative_prompt=job.negative_prompt,
                       latents=noise)
@@ -298,7 +300,7 @@ def _forward(name: str, model, latent: torch.Tensor) -> torch.Tensor:
             pooled = torch.randn(1, config.pooled_projection_dim, generator=g)
             return model(latent, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
                          return_dict=False)[0]
-        from hpcrender.pipeline import flux_image_ids
+        from hpcrender.render.latents import flux_image_ids
 
         text = torch.randn(1, 5, config.joint_attention_dim, generator=g)
         pooled = torch.randn(1, config.pooled_projection_dim, generator=g)
@@ -312,10 +314,11 @@ def _forward(name: str, model, latent: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", TINY)
 def test_one_band_plan_runs_the_model_unchanged_and_is_removed_without_a_trace(pipes, name):
     from hpcrender.config import GroupNormMode
-    from hpcrender.parallel.plan import PatchPlan, parallelize
+    from hpcrender.parallel.parallelize import parallelize
+    from hpcrender.parallel.plan import PatchPlan
 
     model = denoiser_of(pipes[name])
-    latent = torch.randn(1, latent_channels(pipes[name]), 10, 8, generator=torch.Generator().manual_seed(1))
+    latent = torch.randn(1, facts_of(pipes[name]).latent_channels, 10, 8, generator=torch.Generator().manual_seed(1))
     before = _forward(name, model, latent)
     modules = [(n, id(m)) for n, m in model.named_modules()]
     processors = [id(m.processor) for m in model.modules() if hasattr(m, "set_processor")]
@@ -343,7 +346,8 @@ class CustomProcessor:
 def test_an_attention_processor_that_cannot_be_split_is_refused_and_the_model_left_as_it_was(pipes):
     from hpcrender.config import GroupNormMode
     from hpcrender.errors import DoesNotFit
-    from hpcrender.parallel.plan import PatchPlan, parallelize
+    from hpcrender.parallel.parallelize import parallelize
+    from hpcrender.parallel.plan import PatchPlan
 
     model = denoiser_of(pipes["tiny-sd3"])
     attentions = [m for m in model.modules() if hasattr(m, "set_processor")]
@@ -377,7 +381,7 @@ def test_a_single_sd3_or_flux_file_goes_to_diffusers_loader_and_fails_offline_wi
     save_file({key: torch.zeros(3, 2)}, str(path))
     assert unet_config_of(str(path)) is None
     ddim = Job(name="a", prompt="a", width=64, height=64, seed=1, model=str(path), scheduler=SchedulerName.DDIM)
-    from hpcrender.pipeline import check_model_options
+    from hpcrender.render.options import check_model_options
 
     with pytest.raises(BadInput, match="does not apply to a flow-matching model"):
         check_model_options(ddim)

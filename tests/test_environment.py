@@ -13,13 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from hpcrender.environment import (
-    CONNECT_TIMEOUT_S, DEFAULT_COLLECTIVE_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S, Backend, Launcher, SlurmInfo,
-    check_master_addr, check_world_size, collective_timeout_s, connect_store, detect_launcher, first_host,
-    MemoryLimit, gpu_identity, is_loopback, launched_size, master_candidate, max_memory_bytes, memory_limit,
-    node_indices, pick_device, ranks_sharing_a_device, slurm_info, threads_per_rank, torch_backend,
-)
 from hpcrender.errors import BadInput, HpcrenderError
+from hpcrender.run.environment import (
+    CONNECT_TIMEOUT_S, DEFAULT_COLLECTIVE_TIMEOUT_S, RENDEZVOUS_TIMEOUT_S, Backend, Launcher, SlurmInfo, check_master_addr, check_world_size, collective_timeout_s, connect_store, detect_launcher, first_host, MemoryLimit, gpu_identity, is_loopback, launched_size, master_candidate, max_memory_bytes, memory_limit, node_indices, pick_device, ranks_sharing_a_device, slurm_info, threads_per_rank, torch_backend,
+)
 
 SCRIPTS = Path(__file__).parent / "mpi_scripts"
 BIN = Path(sys.executable).parent

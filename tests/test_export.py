@@ -11,10 +11,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from hpcrender import export
+from hpcrender.output import export
 from hpcrender.errors import BadInput
-from hpcrender.export import _box_reduce, export_dzi, export_job, export_png, export_preview, export_tiff
-from hpcrender.store import TileStore
+from hpcrender.output.export import _box_reduce, export_dzi, export_job, export_png, export_preview, export_tiff
+from hpcrender.output.store import TileStore
 
 H, W = 150, 230
 
@@ -235,8 +235,8 @@ def test_job_export_refuses_an_unfinished_store(tmp_path, image):
 def test_store_exporters_and_records_never_import_torch_or_mpi():
     code = (
         "import sys\n"
-        "import hpcrender.tiles, hpcrender.store, hpcrender.export, hpcrender.records\n"
-        "import hpcrender.progress, hpcrender.metrics\n"
+        "import hpcrender.output.tiles, hpcrender.output.store, hpcrender.output.export, hpcrender.output.records\n"
+        "import hpcrender.run.progress, hpcrender.measure.metrics\n"
         "print(sorted(m for m in ('torch', 'mpi4py') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -15,12 +15,14 @@ import tifffile
 
 from hpcrender.config import GigapixelConfig, Job, Mode, ParallelConfig
 from hpcrender.errors import BadInput
-from hpcrender.gigapixel import compose_level, gigapixel_plan, level_units, seam_score, seam_statistics
+from hpcrender.gigapixel.compose import compose_level
 from hpcrender.gigapixel.compose import blend_detail
 from hpcrender.gigapixel.job import level_shapes
+from hpcrender.gigapixel.pixels import seam_score, seam_statistics
 from hpcrender.gigapixel.pixels import cubic_taps, low_frequencies, upscale_region, wavelet_colour_fix
+from hpcrender.gigapixel.plan import gigapixel_plan, level_units
 from hpcrender.gigapixel.plan import TilePatch, contributors, feather, level_sizes, preview_level, tile_weights
-from hpcrender.store import LevelStore, TileStore
+from hpcrender.output.store import LevelStore, TileStore
 
 
 def giga_job(width=256, height=192, base=96, tile=64, overlap=16, strength=0.5, steps=2, **kw) -> Job:
@@ -286,9 +288,9 @@ _KILLED = textwrap.dedent(
     import numpy as np
     sys.path.insert(0, sys.argv[2])
     from test_gigapixel_plan import giga_job, _fill_level
-    from hpcrender.gigapixel import gigapixel_plan, level_units
+    from hpcrender.gigapixel.plan import gigapixel_plan, level_units
     from hpcrender.gigapixel.job import level_shapes
-    from hpcrender.store import LevelStore
+    from hpcrender.output.store import LevelStore
     plan = gigapixel_plan(giga_job(), 8, 4)
     store = LevelStore.open(sys.argv[1], levels=level_shapes(plan), params_hash="h")
     lp = plan.levels[2]
@@ -320,7 +322,7 @@ def test_level_store_reads_after_sigkill_and_resumes(tmp_path):
 
 
 def test_a_level_store_reads_and_exports_as_its_final_level(tmp_path):
-    from hpcrender.export import export_job, export_tiff
+    from hpcrender.output.export import export_job, export_tiff
 
     plan = gigapixel_plan(giga_job(), 8, 4)
     path = tmp_path / "tiles.h5"

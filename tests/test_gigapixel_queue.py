@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hpcrender.gigapixel.compose import share_rows
-from hpcrender.store import LevelStore
+from hpcrender.output.store import LevelStore
 
 from clirun import HPCRENDER, MPIEXEC, clean_env, hpcrender, status_of, write_manifest
 

@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 
 from hpcrender.config import GigapixelConfig, Job, Mode, ParallelConfig
-from hpcrender.gigapixel import compose_level, level_units
+from hpcrender.gigapixel.compose import compose_level
 from hpcrender.gigapixel.job import open_store
+from hpcrender.gigapixel.plan import level_units
 from hpcrender.gigapixel.render import plan_for, render_base, render_gigapixel, render_tile
 from hpcrender.models import load_pipeline
-from hpcrender.pipeline import Comms, GroupLayout
+from hpcrender.parallel.layout import Comms, GroupLayout
 
 from clirun import HPCRENDER, clean_env, hpcrender, write_manifest
 
@@ -160,7 +161,7 @@ strength = {JOB.gigapixel.strength}
 
 
 def test_sigterm_stops_between_tiles_with_exit_3_and_the_rerun_finishes_the_same_image(reference, tmp_path):
-    from hpcrender.store import LevelStore
+    from hpcrender.output.store import LevelStore
 
     _, plan, _, expected = reference
     manifest, out = _manifest(tmp_path), tmp_path / "out"
@@ -250,7 +251,7 @@ strength = {small.gigapixel.strength}
 def test_a_full_disk_fails_the_job_with_one_line_and_the_store_resumes_elsewhere(reference, tmp_path, small_disk):
     """The disk fills while tiles stream in: the job fails naming its store, no traceback; every tile stored before
     stays readable, and the same out folder moved to a roomier disk finishes the same image."""
-    from hpcrender.store import LevelStore
+    from hpcrender.output.store import LevelStore
 
     _, plan, _, expected = reference
     manifest, out = _manifest(tmp_path), small_disk / "out"

@@ -8,11 +8,12 @@ import types
 import pytest
 import torch
 
-import hpcrender.pipeline as pipeline
-from hpcrender.parallel import gather
+import hpcrender.render.stages as stages
 from hpcrender.config import DType, Job, Mode, ParallelConfig
-from hpcrender.pipeline import Comms, GroupLayout, branch_partner
 from hpcrender.models.shapes import model_shape
+from hpcrender.parallel import gather
+from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.render.stages import branch_partner
 from hpcrender.run.kinds import failure_ends_world
 from hpcrender.run.plan import job_memory as plan_job_memory
 
@@ -68,7 +69,7 @@ def test_branch_exchange_swaps_on_the_image_group_with_its_partner(monkeypatch, 
     layout = GroupLayout(size=4, rank=rank, mode=Mode.SYNC, split_cfg=True)
     comms = Comms(group=group, patch_group=object(), global_ranks=(4, 5, 6, 7))
     mine = torch.full((1, 2), float(rank))
-    both = pipeline.guidance_pair(mine, layout, comms)
+    both = stages.guidance_pair(mine, layout, comms)
     partner = 4 + branch_partner(layout)
     assert [(op.op, op.peer, op.group) for op in fake.ops] == [(fake.isend, partner, group),
                                                               (fake.irecv, partner, group)]
@@ -90,7 +91,7 @@ def test_a_step_on_cuda_waits_for_its_compute_stream_only(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
-    pipeline._sync("cuda:1")
+    stages._sync("cuda:1")
     assert waited == [torch.device("cuda:1")]
 
 
@@ -100,8 +101,8 @@ def test_a_step_on_the_cpu_waits_for_nothing(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_stream", touched)
     monkeypatch.setattr(torch.cuda, "synchronize", touched)
-    pipeline._sync("cpu")
-    pipeline._sync(torch.device("cpu"))
+    stages._sync("cpu")
+    stages._sync(torch.device("cpu"))
 
 
 # --- a failure on every rank of a group ----------------------------------------------------------------------

@@ -17,9 +17,10 @@ from PIL import Image
 
 from hpcrender.config import InitImage, Job, Mode, ParallelConfig, SchedulerName, first_step
 from hpcrender.models import load_pipeline
-from hpcrender.pipeline import (
-    Comms, GroupLayout, initial_noise, load_init_image, make_scheduler, render_image,
-)
+from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.render.image import render_image
+from hpcrender.render.latents import initial_noise, load_init_image
+from hpcrender.render.samplers import make_scheduler
 
 from clirun import hpcrender, meta_of, status_of, write_manifest
 
@@ -157,7 +158,7 @@ def test_the_init_image_and_the_strength_change_the_result(pipes, start_png, tmp
 @pytest.mark.parametrize("scheduler", [SchedulerName.EULER, SchedulerName.DPMPP])
 def test_a_stopped_img2img_render_resumes_from_its_checkpoint_file_bit_for_bit(pipes, start_png, scheduler,
                                                                              tmp_path):
-    from hpcrender.checkpoint import read_checkpoint, write_checkpoint
+    from hpcrender.render.checkpoint import read_checkpoint, write_checkpoint
 
     pipe = pipes["tiny-sd"]
     render = job("tiny-sd", InitImage(str(start_png), "-", 0.75), steps=8, scheduler=scheduler)
@@ -180,7 +181,7 @@ def test_a_stopped_img2img_render_resumes_from_its_checkpoint_file_bit_for_bit(p
 
 
 def test_a_checkpoint_before_the_strengths_first_step_is_refused(pipes, start_png):
-    from hpcrender.checkpoint import Checkpoint
+    from hpcrender.render.checkpoint import Checkpoint
 
     render = job("tiny-sd", InitImage(str(start_png), "-", 0.5), steps=8)
     early = Checkpoint(step=3, steps=8, latent=np.zeros((1, 4, 6, 8), np.float32), scalars={}, history=())
@@ -266,7 +267,7 @@ strength = 0.75
 
 
 def test_img2img_render_resumes_a_checkpoint_and_ignores_one_of_another_image(tmp_path, start_png, pipes):
-    from hpcrender.checkpoint import checkpoint_path
+    from hpcrender.render.checkpoint import checkpoint_path
     from hpcrender.manifest import load_manifest
 
     (tmp_path / "sketches").mkdir()
@@ -285,11 +286,12 @@ def test_img2img_render_resumes_a_checkpoint_and_ignores_one_of_another_image(tm
     script = f"""
 import torch
 torch.set_num_threads(1)
-from hpcrender.checkpoint import checkpoint_path, write_checkpoint
 from hpcrender.config import Mode
 from hpcrender.manifest import load_manifest
 from hpcrender.models import load_pipeline
-from hpcrender.pipeline import Comms, GroupLayout, render_image
+from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.render.checkpoint import checkpoint_path, write_checkpoint
+from hpcrender.render.image import render_image
 job = load_manifest({str(manifest)!r}).jobs[0]
 done = []
 stopped = render_image(load_pipeline("builtin:tiny-sd"), job, GroupLayout(size=1, rank=0, mode=Mode.NONE),

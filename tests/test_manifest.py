@@ -21,8 +21,8 @@ from hpcrender.config import (
     HaloMode,
 )
 from hpcrender.errors import BadInput, ManifestError
-from hpcrender.models.reference import BUILTIN_NAMES
 from hpcrender.manifest import apply_overrides, derive_seed, load_manifest
+from hpcrender.models.reference import BUILTIN_NAMES
 
 DATA = Path(__file__).parent / "data" / "manifests"
 REPO = Path(__file__).resolve().parent.parent

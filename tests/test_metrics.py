@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from hpcrender.metrics import psnr, relative_l2, ssim
+from hpcrender.measure.metrics import psnr, relative_l2, ssim
 
 
 def _rgb(seed: int, shape=(24, 20, 3), high=256) -> np.ndarray:

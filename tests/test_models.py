@@ -458,7 +458,7 @@ def test_builtin_schedulers_do_not_clip_the_predicted_sample_like_real_sdxl(name
     from diffusers import EulerDiscreteScheduler
 
     from hpcrender.config import SchedulerName
-    from hpcrender.pipeline import make_scheduler
+    from hpcrender.render.samplers import make_scheduler
 
     base = EulerDiscreteScheduler.from_config(builtin.SCHEDULER_CONFIG)
     scheduler = make_scheduler(SchedulerName(name), base.config)

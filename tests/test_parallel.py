@@ -19,7 +19,8 @@ from hpcrender.config import GroupNormMode, Mode
 from hpcrender.errors import BadInput, DoesNotFit
 from hpcrender.parallel.bands import Band, LayerKind, latent_bands
 from hpcrender.parallel.groupnorm import band_moments, corrected_moments, mean_var, normalize, pooled_mean_var
-from hpcrender.parallel.plan import PatchPlan, parallelize, unet_layers
+from hpcrender.parallel.parallelize import parallelize
+from hpcrender.parallel.plan import PatchPlan, unet_layers
 
 SCRIPTS = Path(__file__).parent / "mpi_scripts"
 sys.path.insert(0, str(SCRIPTS))

@@ -6,7 +6,7 @@ import io
 import logging
 import re
 
-from hpcrender.progress import Progress, rank_log_name, setup_rank_logging
+from hpcrender.run.progress import Progress, rank_log_name, setup_rank_logging
 
 
 class FakeClock:

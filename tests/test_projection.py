@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hpcrender.parallel.bands import Band
-from hpcrender.projection import (
-    DISTRIFUSION_SPEEDUP, LINKS, format_projection, parse_ranks, project, projection_rows, reference_speedup,
-    widest_band,
+from hpcrender.measure.projection import (
+    DISTRIFUSION_SPEEDUP, LINKS, format_projection, parse_ranks, project, projection_rows, reference_speedup, widest_band,
 )
+from hpcrender.parallel.bands import Band
 
 from clirun import hpcrender
 

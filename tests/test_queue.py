@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcrender.schedule import assign_jobs
+from hpcrender.run.schedule import assign_jobs
 
 from clirun import HPCRENDER, MPIEXEC, clean_env, hpcrender, meta_of, status_of, write_manifest
 

@@ -10,18 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpcrender import records
+from hpcrender.output import records
 from hpcrender.errors import BadInput
-from hpcrender.records import (
-    JobState,
-    format_status,
-    merge_status,
-    read_status,
-    record_job_state,
-    record_progress,
-    state_path,
-    write_json_atomic,
-    write_meta,
+from hpcrender.output.records import (
+    JobState, format_status, merge_status, read_status, record_job_state, record_progress, state_path, write_json_atomic, write_meta,
 )
 
 

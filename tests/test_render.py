@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hpcrender.records import read_status
+from hpcrender.output.records import read_status
 
 from clirun import MPIEXEC, HPCRENDER, hpcrender, meta_of, status_of, clean_env, write_manifest
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from hpcrender.config import Job, Manifest, Mode, ParallelConfig
-from hpcrender.environment import MemoryLimit
 from hpcrender.errors import DoesNotFit, ModelNotFound
 from hpcrender.models.shapes import model_shape
 from hpcrender.parallel.bands import image_bands, latent_bands
+from hpcrender.run.environment import MemoryLimit
 from hpcrender.run.plan import CPU_CORE_MACS_PER_S, describe_plan, make_run_plan, plan_job
-from hpcrender.schedule import job_cost, queue_order
+from hpcrender.run.schedule import job_cost, queue_order
 
 TINY = "builtin:tiny-sd"
 

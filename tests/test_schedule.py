@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from hpcrender.environment import SlurmInfo
 from hpcrender.errors import BadInput, DoesNotFit
-from hpcrender.schedule import array_shard, assign_jobs, job_cost, rank_groups, slurm_array_index
+from hpcrender.run.environment import SlurmInfo
+from hpcrender.run.schedule import array_shard, assign_jobs, job_cost, rank_groups, slurm_array_index
 
 
 def array_task(task_id, first, last, step, count=None) -> SlurmInfo:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hpcrender.errors import BadInput
-from hpcrender.store import FORMAT_VERSION, StoreBusy, TileStore, _clear_status_flags, _lookup3
+from hpcrender.output.store import FORMAT_VERSION, StoreBusy, TileStore, _clear_status_flags, _lookup3
 
 H, W, TILE = 100, 70, 32  # 4 x 3 tiles, the last row and column clipped
 
@@ -159,7 +159,7 @@ def test_second_writer_is_refused_while_the_first_is_open(tmp_path):
 _READER = textwrap.dedent(
     """
     import sys
-    from hpcrender.store import TileStore
+    from hpcrender.output.store import TileStore
     with TileStore.read(sys.argv[1]) as store:
         print(len(store.missing()), int(store.read_region(0, 32, 0, 32).sum()), store.attrs["job"])
     """
@@ -180,7 +180,7 @@ _KILLED_WRITER = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from hpcrender.store import TileStore
+    from hpcrender.output.store import TileStore
     image = np.random.default_rng(5).integers(0, 256, (100, 70, 3), dtype=np.uint8)
     store = TileStore.open(sys.argv[1], height=100, width=70, tile=32, params_hash="h1")
     store.set_attrs(job="harbor")

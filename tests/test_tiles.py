@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hpcrender.errors import BadInput
-from hpcrender.tiles import STORE_TILE, TileGrid, default_tile
+from hpcrender.output.tiles import STORE_TILE, TileGrid, default_tile
 
 
 def test_tiles_cover_every_pixel_exactly_once_for_all_small_sizes():

@@ -11,7 +11,11 @@ from hpcrender.config import Job
 from hpcrender.errors import HpcrenderError
 from hpcrender.gigapixel.compose import Seams, seam_period
 from hpcrender.gigapixel.plan import GigaPlan, preview_level
-from hpcrender.store import LevelShape, LevelStore
+from hpcrender.gigapixel.render import plan_for, render_gigapixel
+from hpcrender.output.export import PREVIEW_MAX_SIDE, export_job
+from hpcrender.output.records import meta_header
+from hpcrender.output.store import LevelShape, LevelStore
+from hpcrender.parallel.gather import objects_from_leader
 
 STORE_NAME = "tiles.h5"
 
@@ -44,10 +48,6 @@ def render_job(pipe, job: Job, job_dir: Path, layout, comms, device, *, resume: 
                on_tile=None, colour_fix: bool = True) -> GigaJobOutcome:
     """Render (or resume) a gigapixel job on this rank group; the group's first rank holds the store, writes every
     unit and exports image.png or image.tif and preview.png (from a small level) when the job is complete."""
-    from hpcrender.export import PREVIEW_MAX_SIDE, export_job
-    from hpcrender.gigapixel.render import plan_for, render_gigapixel
-    from hpcrender.parallel.gather import objects_from_leader
-
     plan = plan_for(pipe, job)
     leader = layout.rank == 0
     store, problem = None, None
@@ -120,8 +120,6 @@ def job_meta(job: Job, outcome: GigaJobOutcome, layout, comms, peaks: list, star
              device) -> dict:
     """meta.json of a gigapixel job: as an ordinary job's (job, model, versions, layout, timings, peak memory,
     outputs) with the gigapixel section."""
-    from hpcrender.records import meta_header
-
     return {
         **meta_header(job),
         "layout": {"world_size": world_size, "ranks": list(comms.global_ranks), "mode": job.parallel.mode.value,

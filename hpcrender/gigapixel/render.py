@@ -19,20 +19,22 @@ from hpcrender.config import Job
 from hpcrender.gigapixel.compose import Seams, compose_level, level_seams
 from hpcrender.gigapixel.pixels import ReadBox, upscale_region, wavelet_colour_fix
 from hpcrender.gigapixel.plan import GigaPlan, TilePatch, TileUnit, gigapixel_plan, level_units
+from hpcrender.models.facts import ModelFacts, facts_of
+from hpcrender.parallel.bands import image_bands
 from hpcrender.parallel.gather import array_from_leader, objects_from_leader
-from hpcrender.pipeline import (
-    Comms, GroupLayout, Render, check_layout, conditioning, denoise, encode_image, finish, render_image, timesteps,
-    alignment_of, noised_to, to_latent_space, vae_scale_of,
-)
+from hpcrender.parallel.layout import Comms, GroupLayout, check_layout
+from hpcrender.render.image import render_image
+from hpcrender.render.latents import noised_to, to_latent_space
+from hpcrender.render.stages import Render, conditioning, denoise, encode_image, finish, peak_memory, timesteps
 
 # Latent pixels per side of a noise block: each block's noise comes from its own generator, keyed on
 # (seed, level, block row, block column), so overlapping tiles draw the same noise where they overlap.
 NOISE_BLOCK = 64
 
 
-def plan_for(pipe, job: Job) -> GigaPlan:
-    """The job's plan for a loaded model (its VAE scale and the UNet's alignment)."""
-    return gigapixel_plan(job, vae_scale_of(pipe), alignment_of(pipe))
+def plan_for(facts: ModelFacts, job: Job) -> GigaPlan:
+    """The job's plan for a loaded model (its VAE scale and the denoiser's alignment)."""
+    return gigapixel_plan(job, facts.vae_scale, facts.alignment)
 
 
 def block_seed(seed: int, level: int, block_row: int, block_col: int) -> int:
@@ -65,10 +67,10 @@ def base_job(job: Job, plan: GigaPlan) -> Job:
 
 
 def render_base(pipe, job: Job, plan: GigaPlan, layout: GroupLayout, comms: Comms, device,
-                should_stop: Callable[[], bool] | None = None) -> TilePatch | None:
+                should_stop: Callable[[], bool] | None = None, *, facts: ModelFacts | None = None) -> TilePatch | None:
     """Level 0: text-to-image at the base size from the job's seed; the image on the group's first rank, None
     when stopped (the base is cheap beside the levels: it is rendered again on resume)."""
-    result = render_image(pipe, base_job(job, plan), layout, comms, device, should_stop=should_stop)
+    result = render_image(pipe, base_job(job, plan), layout, comms, device, should_stop=should_stop, facts=facts)
     if result.stopped_at is not None:
         return None
     base = plan.levels[0]
@@ -77,7 +79,7 @@ def render_base(pipe, job: Job, plan: GigaPlan, layout: GroupLayout, comms: Comm
 
 def render_tile(pipe, job: Job, plan: GigaPlan, unit: TileUnit, read_previous: ReadBox | None, layout: GroupLayout,
                 comms: Comms, device, should_stop: Callable[[], bool] | None = None, *,
-                colour_fix: bool = True) -> TilePatch | None:
+                colour_fix: bool = True, facts: ModelFacts | None = None) -> TilePatch | None:
     """Refine one tile of a level >= 1 on this rank group: the previous level upscaled over the tile's extended
     box, encoded, noised with position-keyed noise to the strength's first step, denoised (band-parallel when the
     group has several ranks), decoded and colour-fixed against the upscaled reference.
@@ -85,17 +87,17 @@ def render_tile(pipe, job: Job, plan: GigaPlan, unit: TileUnit, read_previous: R
     read_previous(y0, y1, x0, x1) reads the previous level; it is called on the group's first rank only (the
     others may pass None) and the upscaled box is broadcast to the group. Returns the patch on the group's first
     rank (a TilePatch with pixels None elsewhere); None when should_stop said so between two denoising steps.
-    should_stop must give the group's common answer."""
+    should_stop must give the group's common answer. facts: the loaded model's, asked of the pipeline when not
+    given."""
     if unit.level < 1 or unit.level >= len(plan.levels):
         raise ValueError(f"{unit}: refinement levels are 1..{len(plan.levels) - 1}")
     level, previous = plan.levels[unit.level], plan.levels[unit.level - 1]
     box = level.tile_at(unit.row, unit.col).extended
     tile_job = dataclasses.replace(job, width=box.width, height=box.height, gigapixel=None, init_image=None)
     check_layout(layout.size, layout.split_cfg, tile_job.guidance_scale > 1.0)
-    run = Render(pipe, tile_job, layout, comms, device, should_stop=should_stop)
+    run = Render(pipe, facts_of(pipe) if facts is None else facts, tile_job, layout, comms, device,
+                 should_stop=should_stop)
     if run.parallel:
-        from hpcrender.parallel.bands import image_bands
-
         run.bands = run.result.bands = image_bands(tile_job.height, plan.vae_scale,
                                                    plan.alignment // plan.vae_scale, layout.patch_ranks)
     reference = None
@@ -144,16 +146,15 @@ class GigaResult:
 def render_gigapixel(pipe, job: Job, store, layout: GroupLayout, comms: Comms, device,
                      should_stop: Callable[[], bool] | None = None,
                      on_tile: Callable[[TileUnit, int, int], None] | None = None, *,
-                     colour_fix: bool = True) -> GigaResult:
+                     colour_fix: bool = True, facts: ModelFacts | None = None) -> GigaResult:
     """Base, then every level's missing tiles in raster order, then its composition: the whole job on one group.
 
     `store` (a LevelStore for the plan, open for writing) is needed on the group's first rank only. A stop (asked
     between tiles and between denoising steps) loses at most the tile in flight; rerunning resumes from the store.
     on_tile(unit, done, total) follows every stored unit. The group's other ranks wait for the first rank's
     composition of a level in the next level's first broadcast (within the collective timeout)."""
-    from hpcrender.pipeline import _peak_memory
-
-    plan = plan_for(pipe, job)
+    facts = facts_of(pipe) if facts is None else facts
+    plan = plan_for(facts, job)
     leader = layout.rank == 0
     result = GigaResult(plan)
     total = len(plan.levels[0].tiles) + plan.total_tiles
@@ -175,11 +176,11 @@ def render_gigapixel(pipe, job: Job, store, layout: GroupLayout, comms: Comms, d
                 return result
             t0 = time.perf_counter()
             if k == 0:
-                patch = render_base(pipe, job, plan, layout, comms, device, should_stop)
+                patch = render_base(pipe, job, plan, layout, comms, device, should_stop, facts=facts)
             else:
                 read = (lambda y0, y1, x0, x1, k=k: store.read_level(k - 1, y0, y1, x0, x1)) if leader else None
                 patch = render_tile(pipe, job, plan, unit, read, layout, comms, device, should_stop,
-                                    colour_fix=colour_fix)
+                                    colour_fix=colour_fix, facts=facts)
             if patch is None:
                 result.stopped = True
                 return result
@@ -201,5 +202,5 @@ def render_gigapixel(pipe, job: Job, store, layout: GroupLayout, comms: Comms, d
     if leader:
         for lp in plan.levels[1:]:
             result.seams[lp.index] = level_seams(store, plan, lp.index)
-    result.peak_memory_bytes = _peak_memory(device)
+    result.peak_memory_bytes = peak_memory(device)
     return result

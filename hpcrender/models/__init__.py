@@ -1,4 +1,5 @@
-"""Models: turn a model reference (builtin:NAME, diffusers folder, .safetensors file, hub id) into a pipeline.
+"""Models: turn a model reference (builtin:NAME, diffusers folder, .safetensors file, hub id) into a pipeline, and
+say what the render needs to know of it (facts.py). May import: parallel.bands (alignment arithmetic), the input.
 
 Returns a diffusers StableDiffusionPipeline, StableDiffusionXLPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline or
 FluxPipeline, in eval mode, on the asked device/dtype.
@@ -13,13 +14,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from hpcrender.errors import BadInput, ModelNotFound
+from hpcrender.errors import ModelNotFound
+from hpcrender.models.facts import ModelFacts, facts_of
+from hpcrender.models.facts import pipeline_family as family
 from hpcrender.models.reference import BUILTIN_NAMES, Family, ModelSpec, SourceKind, resolve
 
 __all__ = [
     "Family", "ModelSpec", "SourceKind", "resolve", "load_pipeline", "family", "weights_checksum", "builtin_names",
-    "unet_config_of", "component_config_of", "denoiser_of", "scheduler_config_of",
+    "unet_config_of", "component_config_of", "denoiser_of", "scheduler_config_of", "ModelFacts", "facts_of",
 ]
+
+# The loaders (builtin, checkpoints, dit) import torch and diffusers: they are imported inside the functions that
+# load, so that reading a reference or a config (`validate`, `status`) stays light.
 
 
 def builtin_names() -> tuple[str, ...]:
@@ -30,13 +36,15 @@ def load_pipeline(ref: str, dtype: torch.dtype | None = None, device: str | torc
     """The pipeline `ref` names (float32 unless `dtype`); ModelNotFound (one line) when it names nothing loadable."""
     import torch
 
-    from hpcrender.models import builtin, checkpoints
+    from hpcrender.models import builtin, checkpoints, dit
 
     dtype = torch.float32 if dtype is None else dtype
 
     spec = resolve(ref)
     if spec.kind is SourceKind.BUILTIN:
         # Built straight on the device: the full SDXL never needs host memory for its weights.
+        if spec.location in dit.DIT_NAMES:
+            return dit.build_dit(spec.location, dtype=dtype, device=device)
         return builtin.build_builtin(spec.location, dtype=dtype, device=device)
     if spec.kind is SourceKind.SINGLE_FILE:
         pipe = checkpoints.load_single_file(spec, dtype)
@@ -47,20 +55,6 @@ def load_pipeline(ref: str, dtype: torch.dtype | None = None, device: str | torc
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
     return pipe
-
-
-def family(pipe) -> Family:
-    """The model family, from the pipeline's class."""
-    from diffusers import (
-        FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
-    )
-
-    for cls, found in ((StableDiffusionXLPipeline, Family.SDXL), (StableDiffusionPipeline, Family.SD),
-                       (PixArtSigmaPipeline, Family.PIXART), (StableDiffusion3Pipeline, Family.SD3),
-                       (FluxPipeline, Family.FLUX)):
-        if isinstance(pipe, cls):
-            return found
-    raise BadInput(f"{type(pipe).__name__} is not a Stable Diffusion 1.x, SDXL, PixArt-Sigma, SD3 or Flux pipeline")
 
 
 def denoiser_of(pipe) -> torch.nn.Module:

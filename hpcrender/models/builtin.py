@@ -315,10 +315,6 @@ def build_builtin(name: str, dtype: torch.dtype = torch.float32, device: str | t
 
     if name not in BUILTIN_NAMES:
         raise KeyError(name)
-    from hpcrender.models import dit
-
-    if name in dit.DIT_NAMES:
-        return dit.build_dit(name, dtype=dtype, device=device)
     arch = architecture(name)
     parts = build_components(arch, dtype, torch.device(device))
     scheduler = EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)

@@ -1,2 +1,5 @@
-"""Displaced patch parallelism (DistriFusion) for diffusers UNets and the VAE decoder: bands.py does the arithmetic,
-plan.py puts the band layers (conv.py, groupnorm.py, attention.py) around a model and exchange.py moves the data."""
+"""Displaced patch parallelism (DistriFusion) for diffusers UNets, diffusion transformers and the VAE: bands.py does
+the arithmetic, parallelize.py puts the band layers around a model, exchange.py moves the data.
+
+May import: the input (config, errors) only; it knows nothing of manifests, Slurm, stores or the work queue.
+"""

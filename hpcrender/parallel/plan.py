@@ -1,5 +1,5 @@
-"""Patch parallelism put around an unmodified diffusers model and taken off again: `parallelize(model, plan, group)`
-swaps its Conv2d and GroupNorm layers for band-parallel ones, installs band attention processors and a forward
+"""Patch parallelism put around an unmodified diffusers UNet and taken off again: the plan and its handle (shared with
+transformer.py), and `parallelize_unet(model, plan, group)`, which swaps its Conv2d and GroupNorm layers for band-parallel ones, installs band attention processors and a forward
 pre-hook that counts the denoising steps; `remove()` restores the originals."""
 
 from __future__ import annotations
@@ -279,17 +279,9 @@ def check_group(plan: PatchPlan, group) -> None:
             raise DoesNotFit(f"the plan is for band {plan.rank} but this is rank {dist.get_rank(group)} of its group")
 
 
-def parallelize(model: nn.Module, plan: PatchPlan, group) -> Parallelized:
-    """Run `model` on this rank's band of `plan`, exchanging with the other bands over `group` (the K ranks in band
-    order; None only for a single band). The model is used as before, one forward per denoising step; call
-    begin_image() between images; remove() restores it. A diffusion transformer goes to
-    transformer.parallelize_transformer."""
-    from hpcrender.parallel.bands import is_transformer_config
-
-    if is_transformer_config(getattr(model, "config", {})):
-        from hpcrender.parallel.transformer import parallelize_transformer
-
-        return parallelize_transformer(model, plan, group)
+def parallelize_unet(model: nn.Module, plan: PatchPlan, group) -> Parallelized:
+    """Run UNet `model` on this rank's band of `plan`, exchanging with the other bands over `group` (see
+    parallelize.parallelize)."""
     check_group(plan, group)
     ctx = BandContext(plan, group)
     swaps = _swap_layers(model, ctx)

@@ -235,7 +235,7 @@ def _flux_inputs(ctx: BandContext, align: int, text: TextLength):
 
 def parallelize_transformer(model: nn.Module, plan: PatchPlan, group) -> Parallelized:
     """Run diffusion transformer `model` on this rank's band of `plan` (bands in latent rows, on whole token rows),
-    exchanging with the other bands over `group`. Used like plan.parallelize; remove() restores the model."""
+    exchanging with the other bands over `group`. Used like parallelize.parallelize; remove() restores the model."""
     from diffusers.models.embeddings import PatchEmbed
 
     check_group(plan, group)

@@ -13,7 +13,8 @@ from hpcrender.errors import DoesNotFit
 from hpcrender.parallel.bands import Band, split_rows
 from hpcrender.parallel.conv import needs_halo
 from hpcrender.parallel.gather import gather_rows
-from hpcrender.parallel.plan import PatchPlan, parallelize
+from hpcrender.parallel.parallelize import parallelize
+from hpcrender.parallel.plan import PatchPlan
 
 
 def vae_bands(latent_rows: int, ranks: int) -> tuple[Band, ...]:

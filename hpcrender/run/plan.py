@@ -17,8 +17,14 @@ from dataclasses import dataclass
 
 from hpcrender.config import Job, Manifest, Mode
 from hpcrender.errors import DoesNotFit, HpcrenderError
+from hpcrender.gigapixel.plan import gigapixel_plan
+from hpcrender.parallel.bands import (
+    Band, expected_bytes, gathered_keys_values, image_bands, is_flux_config, memory_estimate, step_macs, transformer_step_bytes,
+)
 from hpcrender.parallel.layout import check_layout
-from hpcrender.schedule import array_shard, assign_jobs, job_cost, queue_order, rank_groups
+from hpcrender.parallel.plan import unet_activation_bytes, unet_compute, unet_layers
+from hpcrender.render.options import check_model_options
+from hpcrender.run.schedule import array_shard, assign_jobs, job_cost, queue_order, rank_groups
 
 # Prompt tokens a step's cross-attention reads: CLIP's context length, to which SD and SDXL pipelines pad.
 TEXT_TOKENS = 77
@@ -171,9 +177,6 @@ def _shape(shapes: Callable[[str], object | None], job: Job, size: int):
 
 def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
     """One job's layout on a group of `size`, from the model's shape (None: not known before loading)."""
-    from hpcrender.parallel.bands import image_bands
-
-    from hpcrender.pipeline import check_model_options
 
     check_layout(size, job.parallel.split_cfg, job.guidance_scale > 1.0)
     check_model_options(job)
@@ -186,23 +189,22 @@ def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
                              "anything loads: the model must be a builtin, a folder, a file or a hub id in the cache")
         return JobPlan(index, job, size, patch, (), None, estimate)
     if job.gigapixel is not None:  # sides on the model's alignment, a step per tile: refused before loading
-        from hpcrender.gigapixel.plan import gigapixel_plan
 
-        giga = gigapixel_plan(job, shape.vae_scale, shape.alignment)
+        giga = gigapixel_plan(job, shape.facts.vae_scale, shape.facts.alignment)
         base = giga.levels[0]
         base_job = dataclasses.replace(job, width=base.width, height=base.height, gigapixel=None)
-        bands = image_bands(base.height, shape.vae_scale, shape.alignment, patch) if banded else ()
+        bands = image_bands(base.height, shape.facts.vae_scale, shape.facts.alignment, patch) if banded else ()
         if shape.transformer is not None:
             return JobPlan(index, job, size, patch, bands, None, estimate, giga)
         base_costs = _rank_costs(base_job, size, patch, bands, shape)
         tile_h = max((lv.patch_shape[0] for lv in giga.levels[1:]), default=base.height)
         tile_w = max((lv.patch_shape[1] for lv in giga.levels[1:]), default=base.width)
         tile_job = dataclasses.replace(job, width=tile_w, height=tile_h, gigapixel=None)
-        tile_bands = image_bands(tile_h, shape.vae_scale, shape.alignment, patch) if banded else ()
+        tile_bands = image_bands(tile_h, shape.facts.vae_scale, shape.facts.alignment, patch) if banded else ()
         tile_costs = _rank_costs(tile_job, size, patch, tile_bands, shape)
         return JobPlan(index, job, size, patch, bands, tile_costs, estimate, giga, base_costs=base_costs,
                        sent=tuple(c.bytes_sent for c in tile_costs))
-    bands = image_bands(job.height, shape.vae_scale, shape.alignment, patch) if banded else ()
+    bands = image_bands(job.height, shape.facts.vae_scale, shape.facts.alignment, patch) if banded else ()
     if shape.transformer is not None:  # bytes from the transformer's config; compute and memory not estimated
         return JobPlan(index, job, size, patch, bands, None, estimate,
                        sent=_transformer_sent(job, size, bands, shape))
@@ -211,25 +213,19 @@ def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
 
 
 def _transformer_sent(job: Job, size: int, bands: tuple, shape) -> tuple[int, ...]:
-    from hpcrender.parallel.bands import is_flux_config, transformer_step_bytes
-
     if not bands or job.parallel.mode not in (Mode.SYNC, Mode.DISPLACED):
         return (0,) * size
     guided = job.guidance_scale > 1.0 and not is_flux_config(shape.transformer)
     batch = 2 if guided and not job.parallel.split_cfg else 1
-    width = job.width // shape.vae_scale
+    width = job.width // shape.facts.vae_scale
     return tuple(transformer_step_bytes(shape.transformer, bands, rank % len(bands), width, batch,
                                         _element_size(job.dtype.value)) for rank in range(size))
 
 
 def _rank_costs(job: Job, size: int, patch: int, bands: tuple, shape) -> tuple[RankCost, ...]:
     """RankCost of every rank of the group (split_cfg: both halves alike)."""
-    from hpcrender.parallel.bands import (
-        Band, expected_bytes, gathered_keys_values, memory_estimate, step_macs,
-    )
-
     exchanging = bool(bands) and job.parallel.mode in (Mode.SYNC, Mode.DISPLACED)
-    rows, width = job.height // shape.vae_scale, job.width // shape.vae_scale
+    rows, width = job.height // shape.facts.vae_scale, job.width // shape.facts.vae_scale
     whole = bands or (Band(0, rows),)
     batch = 2 if job.guidance_scale > 1.0 and not job.parallel.split_cfg else 1
     element = _element_size(job.dtype.value)
@@ -255,22 +251,16 @@ def _element_size(dtype: str) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _layers(shape, width: int):
-    from hpcrender.parallel.plan import unet_layers
-
     return unet_layers(shape.unet, width)
 
 
 @functools.lru_cache(maxsize=64)
 def _compute(shape, width: int):
-    from hpcrender.parallel.plan import unet_compute
-
     return unet_compute(shape.unet, width)
 
 
 @functools.lru_cache(maxsize=64)
 def _band_activations(shape, batch: int, rows: int, width: int) -> int | None:
-    from hpcrender.parallel.plan import unet_activation_bytes
-
     return unet_activation_bytes(shape.unet, batch, rows, width, TEXT_TOKENS)
 
 

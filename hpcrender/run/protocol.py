@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from hpcrender.environment import idle_barrier
+from hpcrender.run.environment import idle_barrier
 
 
 class Outcome(str, enum.Enum):

@@ -13,11 +13,18 @@ import signal
 import sys
 import time
 
-from hpcrender.config import Manifest
+from hpcrender.config import Job, Manifest
 from hpcrender.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
-from hpcrender.run.kinds import RenderOptions, UnitContext, kind_of
+from hpcrender.gigapixel.kind import GigapixelKind
+from hpcrender.models.cache import ModelCache
+from hpcrender.output.records import clear_groups, merge_status, record_group
+from hpcrender.parallel.groups import make_comms
+from hpcrender.run.image import ImageKind
+from hpcrender.run.kinds import RenderOptions, UnitContext
 from hpcrender.run.plan import RunPlan
+from hpcrender.run.progress import Progress, setup_rank_logging
 from hpcrender.run.protocol import GroupProtocol, Outcome
+from hpcrender.run.queue import WorkQueue
 
 log = logging.getLogger("hpcrender")
 
@@ -45,14 +52,13 @@ def _part(part: tuple) -> str:
     return "@" + "/".join(str(p) for p in part) if part else ""
 
 
+def kind_of(job: Job) -> type:
+    """The kind (class) that renders `job`; the runner makes one of each per phase for the phase's jobs."""
+    return GigapixelKind if job.gigapixel is not None else ImageKind
+
+
 def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions) -> int:
     """Render the plan's jobs; returns the contract's exit code (the same on every rank)."""
-    from hpcrender.models.cache import ModelCache
-    from hpcrender.parallel.groups import make_comms
-    from hpcrender.progress import Progress, setup_rank_logging
-    from hpcrender.records import clear_groups, merge_status, record_group
-    from hpcrender.run.queue import WorkQueue
-
     env = world.env
     out = options.out
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,8 @@ from PIL import Image
 from hpcrender.config import InitImage, Job, Mode, ParallelConfig
 from hpcrender.models import denoiser_of, load_pipeline
 from hpcrender.parallel.bands import latent_bands, transformer_alignment, transformer_step_bytes
-from hpcrender.pipeline import Comms, GroupLayout, render_image
+from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.render.image import render_image
 from parallel_models import start_torch_distributed
 
 MODELS = ("tiny-pixart", "tiny-sd3", "tiny-flux")

@@ -15,7 +15,8 @@ from hpcrender.config import GroupNormMode, Mode
 from hpcrender.models import load_pipeline
 from hpcrender.parallel.bands import latent_bands, unet_alignment
 from hpcrender.parallel.gather import gather_rows
-from hpcrender.parallel.plan import PatchPlan, parallelize
+from hpcrender.parallel.parallelize import parallelize
+from hpcrender.parallel.plan import PatchPlan
 from parallel_models import start_torch_distributed, report_and_finish
 
 STEPS = 4

@@ -10,8 +10,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from hpcrender.environment import World, guarded
 from hpcrender.errors import BadInput
+from hpcrender.run.environment import World, guarded
 
 failing, kind = int(sys.argv[1]), sys.argv[2]
 world = World.start()

@@ -13,8 +13,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from hpcrender.environment import World, guarded
-from hpcrender.schedule import rank_groups
+from hpcrender.run.environment import World, guarded
+from hpcrender.run.schedule import rank_groups
 
 
 

@@ -22,7 +22,8 @@ from torch import nn
 from hpcrender.config import GroupNormMode, HaloMode, Mode
 from hpcrender.models.builtin import architecture
 from hpcrender.parallel.bands import Band, latent_bands, unet_alignment
-from hpcrender.parallel.plan import PatchPlan, parallelize
+from hpcrender.parallel.parallelize import parallelize
+from hpcrender.parallel.plan import PatchPlan
 from parallel_models import start_torch_distributed, report_and_finish
 
 DEEP_SIDE = {2: 32, 3: 48}  # latent rows and columns: 256 and 384 px, coarsest feature map 8 and 12 rows

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from hpcrender.config import GroupNormMode, Mode
 from hpcrender.parallel.bands import latent_bands, step_macs, unet_alignment
-from hpcrender.parallel.plan import PatchPlan, parallelize, unet_compute
+from hpcrender.parallel.parallelize import parallelize
+from hpcrender.parallel.plan import PatchPlan, unet_compute
 from mac_count import counted_macs
 from parallel_checks import BUILDERS, SIZES
 from parallel_models import TEXT_TOKENS, conditioning, noise, start_torch_distributed

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from hpcrender.config import GroupNormMode, Mode
 from hpcrender.parallel.bands import exchange_buffers, expected_bytes, latent_bands, split_rows, unet_alignment
-from hpcrender.parallel.plan import PatchPlan, parallelize, unet_layers
+from hpcrender.parallel.parallelize import parallelize
+from hpcrender.parallel.plan import PatchPlan, unet_layers
 from hpcrender.parallel.vae import decode_parallel, encode_parallel
 from parallel_models import conditioning, noise, sd_unet, sdxl_unet, small_vae, start_torch_distributed, report_and_finish
 

@@ -13,13 +13,12 @@ import sys
 
 from mpi4py import MPI
 
-import hpcrender.pipeline
-import hpcrender.run.kinds
+import hpcrender.run.image
 from hpcrender.cli import cli
 
 job_name, fail_step, ranks = sys.argv[1], int(sys.argv[2]), {int(r) for r in sys.argv[3].split(",")}
 args = sys.argv[sys.argv.index("--") + 2:]
-original = hpcrender.pipeline.render_image
+original = hpcrender.run.image.render_image
 
 
 def render_image(pipe, job, *a, on_step=None, **kw):
@@ -32,10 +31,10 @@ def render_image(pipe, job, *a, on_step=None, **kw):
     return original(pipe, job, *a, on_step=faulty, **kw)
 
 
-hpcrender.pipeline.render_image = render_image
+hpcrender.run.image.render_image = render_image
 if os.environ.get("FAULT_AS_NCCL") == "1":
-    decide = hpcrender.run.kinds.failure_ends_world
-    hpcrender.run.kinds.failure_ends_world = lambda device, issued: decide("cuda:0", issued)
+    decide = hpcrender.run.image.failure_ends_world
+    hpcrender.run.image.failure_ends_world = lambda device, issued: decide("cuda:0", issued)
 if os.environ.get("FAULT_GRACE_S"):
-    hpcrender.run.kinds.FAIL_TOGETHER_S = float(os.environ["FAULT_GRACE_S"])
+    hpcrender.run.image.FAIL_TOGETHER_S = float(os.environ["FAULT_GRACE_S"])
 cli.main(args=args, prog_name="hpcrender")

@@ -13,14 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-import hpcrender.pipeline
+import hpcrender.run.image
 from hpcrender.cli import cli
 
 slow, fail = sys.argv[1], sys.argv[2]
 args = sys.argv[sys.argv.index("--") + 2:]
 out = Path(args[args.index("--out") + 1])
 manifest_jobs = None
-original = hpcrender.pipeline.render_image
+original = hpcrender.run.image.render_image
 
 
 def others_finished() -> bool:
@@ -53,5 +53,5 @@ def render_image(pipe, job, *a, on_step=None, **kw):
     return original(pipe, job, *a, on_step=hooked, **kw)
 
 
-hpcrender.pipeline.render_image = render_image
+hpcrender.run.image.render_image = render_image
 cli.main(args=args, prog_name="hpcrender")

@@ -13,9 +13,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcrender.config import DType, Job, Mode, ParallelConfig, SchedulerName
-from hpcrender.environment import idle_barrier
+from hpcrender.config import DType, Job, Manifest, Mode, ParallelConfig, SchedulerName
 from hpcrender.errors import EXIT_OK
+from hpcrender.measure.projection import format_projection, measure_band, projection_rows
+from hpcrender.models import Family, denoiser_of
+from hpcrender.models.cache import ModelCache
+from hpcrender.models.facts import facts_of
+from hpcrender.models.shapes import model_shape
+from hpcrender.parallel.groups import make_comms
+from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.render.image import render_image
+from hpcrender.render.latents import initial_noise, pack_2x2
+from hpcrender.render.prompt import t5_tokens
+from hpcrender.render.samplers import make_scheduler
+from hpcrender.render.stages import TORCH_DTYPES, _sync, peak_memory
+from hpcrender.run.environment import idle_barrier
+from hpcrender.run.plan import make_run_plan, plan_job
 
 DIFFUSERS = "diffusers"  # the row of diffusers' own pipeline loop
 
@@ -178,20 +191,16 @@ def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
     first one includes encoding the prompt)."""
     import torch
 
-    from hpcrender.models import Family, family
-    from hpcrender.pipeline import (
-        TORCH_DTYPES, _sync, initial_noise, latent_channels, make_scheduler, pack_2x2, t5_tokens, vae_scale_of,
-    )
-
-    fam = family(pipe)
-    latents = initial_noise(job, latent_channels(pipe), vae_scale_of(pipe)).to(device=device,
+    facts = facts_of(pipe)
+    fam = facts.family
+    latents = initial_noise(job, facts.latent_channels, facts.vae_scale).to(device=device,
                                                                              dtype=TORCH_DTYPES[job.dtype])
     kwargs = dict(prompt=job.prompt, height=job.height, width=job.width, num_inference_steps=job.steps,
                   guidance_scale=job.guidance_scale, latents=latents, output_type="latent")
     if fam is not Family.FLUX:
         kwargs["negative_prompt"] = job.negative_prompt or None
     if fam.transformer:
-        kwargs["max_sequence_length"] = t5_tokens(pipe)
+        kwargs["max_sequence_length"] = t5_tokens(pipe, fam)
     if fam is Family.PIXART:
         kwargs.update(negative_prompt=job.negative_prompt, use_resolution_binning=False, clean_caption=False)
     if fam is Family.FLUX:
@@ -226,9 +235,6 @@ def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
 def planned(job: Job, size: int) -> dict | None:
     """What the run plan says a group of `size` needs per step, rank by rank: bytes sent in a steady step,
     multiply-accumulates, and the memory the loop adds (exchange buffers + activations)."""
-    from hpcrender.models.shapes import model_shape
-    from hpcrender.run.plan import plan_job
-
     planned_job = plan_job(0, job, size, model_shape(job.model))
     costs = planned_job.costs
     if costs is None:
@@ -244,13 +250,9 @@ def planned(job: Job, size: int) -> dict | None:
 
 def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: bool = True) -> dict:
     """One render of `job` by this rank in a group of `group` ranks: its step times, exchange and memory."""
-    from hpcrender.models.shapes import model_shape
-    from hpcrender.models import denoiser_of
-    from hpcrender.pipeline import GroupLayout, _peak_memory, render_image
-    from hpcrender.run.plan import plan_job
-
     env = world.env
-    pipe = models.get(job.model, job.dtype)
+    model = models.get(job.model, job.dtype)
+    pipe = model.pipe
     layout = GroupLayout(size=group, rank=env.rank % group, mode=job.parallel.mode)
     probe = LoopMemory(denoiser_of(pipe), env.device) if measure_memory else None
 
@@ -260,11 +262,12 @@ def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: b
 
     try:
         bands = plan_job(0, job, group, model_shape(job.model)).bands
-        result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, decode=False, bands=bands)
+        result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, decode=False, bands=bands,
+                              facts=model.facts)
     finally:
         loop_memory = probe.result() if probe is not None else None
     return {"rank": env.rank, **summarize(result.step_seconds), "step_seconds": result.step_seconds,
-            "peak_memory_bytes": _peak_memory(env.device), "loop_memory_bytes": loop_memory,
+            "peak_memory_bytes": peak_memory(env.device), "loop_memory_bytes": loop_memory,
             "exchange": result.exchange}
 
 
@@ -303,21 +306,12 @@ def run_bench(world, req: BenchRequest) -> int:
     import diffusers
     import torch
 
-    from hpcrender.models.cache import ModelCache
-    from hpcrender.models.shapes import model_shape
-    from hpcrender.parallel.groups import make_comms
-    from hpcrender.pipeline import Comms
-    from hpcrender.run.plan import make_run_plan
-
     env = world.env
     size = env.world_size
     modes = parallel_modes(req.modes, size)
     world.init_torch_distributed()
     models = ModelCache(device=env.device)
     if env.rank == 0:
-        from hpcrender.config import Manifest
-        from hpcrender.run.plan import plan_job
-
         jobs = tuple(bench_job(req, m) for m in modes)
         make_run_plan(Manifest(path=Path("bench"), jobs=jobs), tuple(range(len(jobs))), size, model_shape)
         for ranks in req.project:  # refused before anything runs, like the launch's own layout
@@ -330,7 +324,7 @@ def run_bench(world, req: BenchRequest) -> int:
     # 1. What a user would run instead: diffusers' loop in one process with the node's cores; the rest wait.
     one_job = bench_job(req, Mode.NONE)
     if env.rank == 0:
-        seconds = diffusers_steps(models.get(one_job.model, one_job.dtype), one_job, env.device, threads)
+        seconds = diffusers_steps(models.get(one_job.model, one_job.dtype).pipe, one_job, env.device, threads)
         rows.append(_row(DIFFUSERS, req, 1, threads, env.device, [{"rank": 0, **summarize(seconds),
                                                                    "step_seconds": seconds}]))
     idle_barrier(world.comm, poll_s=0.01)
@@ -375,17 +369,13 @@ def run_bench(world, req: BenchRequest) -> int:
 def _projection(req: BenchRequest, models, device: str, rows: list[dict]) -> list[dict]:
     """Displaced scaling to each of req.project ranks, projected from this launch's one-rank run (projection.py);
     printed as its own table, and as rows of run "projection" for the JSON."""
-    from hpcrender.models.shapes import model_shape
-    from hpcrender.projection import format_projection, measure_band, projection_rows
-    from hpcrender.run.plan import plan_job
-
     one = next(r for r in rows if r["run"] == Mode.NONE.value)
     job = bench_job(req, Mode.DISPLACED)
     measured = []
     for ranks in req.project:
         bands = plan_job(0, job, ranks, model_shape(job.model)).bands
         plan = planned(job, ranks)
-        measured.append(measure_band(models.get(job.model, job.dtype), job, ranks, device, bands,
+        measured.append(measure_band(models.get(job.model, job.dtype).pipe, job, ranks, device, bands,
                                      plan["bytes_per_step"] if plan else [None] * ranks))
     projected = projection_rows(one["per_step_s"], req.width, req.height, measured)
     print(format_projection(projected, f"{req.width}x{req.height}", req.model))

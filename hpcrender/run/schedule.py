@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from hpcrender.environment import SlurmInfo
 from hpcrender.errors import BadInput, DoesNotFit
+from hpcrender.run.environment import SlurmInfo
 
 
 def array_shard(n_jobs: int, index: int, count: int) -> tuple[int, ...]:

@@ -19,8 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcrender.config import Job
-from hpcrender.environment import idle_barrier
+from hpcrender.errors import HpcrenderError
+from hpcrender.gigapixel.compose import compose_level, compose_rows, level_seams, share_rows
+from hpcrender.gigapixel.job import GigaJobOutcome, gigapixel_meta, job_meta, open_store
+from hpcrender.gigapixel.plan import TilePatch, TileUnit, preview_level
+from hpcrender.gigapixel.render import GigaResult, plan_for, render_base, render_tile
+from hpcrender.output.export import PREVIEW_MAX_SIDE, export_job, image_name
+from hpcrender.output.records import JobState, record_job_state, record_progress, write_meta
+from hpcrender.output.store import LevelStore
+from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.render.stages import peak_memory
+from hpcrender.run.environment import idle_barrier
 from hpcrender.run.kinds import FAIL_TOGETHER_S, PROGRESS_RECORD_S, Unit, UnitContext, failure_ends_world
+from hpcrender.run.progress import Progress
 from hpcrender.run.protocol import Outcome
 
 log = logging.getLogger("hpcrender")
@@ -89,8 +100,6 @@ class GigapixelKind:
             s.active = active[i]
             s.missing = missing.get(i, [])
         if group.leader and not writer and r > 0:
-            from hpcrender.store import LevelStore
-
             for s in self.states.values():
                 if s.active and r < len(s.plan.levels):
                     if s.store is None:
@@ -163,9 +172,6 @@ class GigapixelKind:
         """This composer's rows of each job's level r (compose.share_rows): the writer stores its tiles and, between
         them, those the others send; the others send theirs, then a done message. A job's compose_seconds is the
         writer's time on its share and its share of the wait for the others' last tiles."""
-        from hpcrender.gigapixel.compose import compose_rows, share_rows
-        from hpcrender.store import LevelStore
-
         writer = ctx.world.env.rank == WRITER
         for index, rows in work.items():
             s = self.states[index]
@@ -209,8 +215,6 @@ class GigapixelKind:
 
     def end_phase(self, ctx: UnitContext, interrupted: bool) -> None:
         """Close the stores; the writer records the jobs a stop left unfinished."""
-        from hpcrender.records import JobState, record_job_state
-
         for s in self.states.values():
             if ctx.world.env.rank == WRITER and s.active and interrupted:
                 record_job_state(ctx.options.out, s.job.name, JobState.PENDING, rank=WRITER)
@@ -231,11 +235,6 @@ class GigapixelKind:
     # -- one unit on this rank's group ---------------------------------------------------------------------------
 
     def render(self, unit: Unit, job_plan, ctx: UnitContext) -> Outcome:
-        from hpcrender.gigapixel.plan import TileUnit
-        from hpcrender.gigapixel.render import plan_for, render_base, render_tile
-        from hpcrender.parallel.layout import GroupLayout
-        from hpcrender.pipeline import _peak_memory
-
         s = self.states[unit.job]
         job, group, world = s.job, ctx.protocol, ctx.world
         level, row, col = unit.part
@@ -250,19 +249,20 @@ class GigapixelKind:
 
         started = time.perf_counter()
         try:
-            pipe = ctx.models.get(job.model, job.dtype)
-            plan = plan_for(pipe, job)
+            model = ctx.models.get(job.model, job.dtype)
+            pipe, facts = model.pipe, model.facts
+            plan = plan_for(facts, job)
             if plan != s.plan:
                 raise ValueError("the loaded model's VAE scale or alignment differs from its configs on disk")
             should_stop = lambda: group.stop(ctx.stop.signum is not None)  # noqa: E731 - the group's answer
             if level == 0:
-                patch = render_base(pipe, job, plan, layout, comms, world.env.device, should_stop)
+                patch = render_base(pipe, job, plan, layout, comms, world.env.device, should_stop, facts=facts)
             else:
                 read = None
                 if group.leader:
                     read = lambda y0, y1, x0, x1: s.store.read_level(level - 1, y0, y1, x0, x1)  # noqa: E731
                 patch = render_tile(pipe, job, plan, TileUnit(job.name, level, row, col), read, layout, comms,
-                                    world.env.device, should_stop)
+                                    world.env.device, should_stop, facts=facts)
         except Exception as e:  # the job fails; this group goes on with the next unit
             message = f"{type(e).__name__}: {e}".splitlines()[0]
             log.error("%s: level %d tile (%d, %d) failed: %s", job.name, level, row, col, message)
@@ -282,7 +282,7 @@ class GigapixelKind:
         if group.leader:
             seconds = time.perf_counter() - started
             message = (unit.job, level, row, col, patch.box, patch.pixels, seconds, group.index,
-                       (world.env.rank, world.env.node, _peak_memory(world.env.device)))
+                       (world.env.rank, world.env.node, peak_memory(world.env.device)))
             self._submit(ctx, message, _PATCH)
         return Outcome.DONE
 
@@ -317,8 +317,6 @@ class GigapixelKind:
                 self._receive(ctx, message, status.Get_tag())
 
     def _receive(self, ctx: UnitContext, message, tag: int) -> None:
-        from hpcrender.gigapixel.plan import TilePatch, TileUnit
-
         s = self.states[message[0]]
         if tag == _COMPOSED:
             _, level, row, col, rgb, rank = message
@@ -362,8 +360,6 @@ class GigapixelKind:
     def _record(s: _JobState, ctx: UnitContext, final: bool = False) -> None:
         """What `hpcrender status` shows of the job: tiles done of total per level, and the rate and ETA of this
         run."""
-        from hpcrender.records import record_progress
-
         tiles = [[int(d.sum()), int(d.size)] for d in s.store._done]
         left = sum(total - done for done, total in tiles)
         spent = time.time() - s.started
@@ -378,10 +374,6 @@ class GigapixelKind:
 
     def _open(self, s: _JobState, ctx: UnitContext) -> None:
         """Round 0 on the writer: skip a finished job, else open (or resume) its store and record it running."""
-        from hpcrender.errors import HpcrenderError
-        from hpcrender.gigapixel.job import open_store
-        from hpcrender.records import JobState, record_job_state
-
         out = ctx.options.out
         if ctx.options.resume and self._already_done(out, s.job):
             log.info("%s: already done, skipped", s.job.name)
@@ -395,16 +387,12 @@ class GigapixelKind:
             self._fail(s, ctx, str(e).splitlines()[0])
             return
         s.done_tiles = self._total(s) - sum(len(s.store.missing_patches(k)) for k in range(len(s.plan.levels)))
-        from hpcrender.progress import Progress
 
         s.progress = Progress()  # a job's own counter: its tiles arrive interleaved with other jobs' work
         s.progress.start(s.job.name, self._total(s) - s.done_tiles, unit="tile")
 
     @staticmethod
     def _already_done(out: Path, job: Job) -> bool:
-        from hpcrender.export import image_name
-        from hpcrender.store import LevelStore
-
         path = out / job.name / "tiles.h5"
         if not (path.exists() and (out / job.name / image_name(job.height, job.width)).exists()):
             return False
@@ -419,8 +407,6 @@ class GigapixelKind:
 
     def _fail(self, s: _JobState, ctx: UnitContext, message: str) -> None:
         """The job fails on the writer: said first (the records below may not be writable on a full disk)."""
-        from hpcrender.records import JobState, record_job_state
-
         log.error("%s: failed: %s", s.job.name, message)
         (s.progress or ctx.progress).finish(f"{s.job.name}: FAILED: {message}")
         s.active = False
@@ -443,8 +429,6 @@ class GigapixelKind:
     def _finish_level(self, s: _JobState, r: int, ctx: UnitContext) -> None:
         """On the writer after round r: compose level r when all its patches are in, and finish the job after its
         last level (seam scores, exports, meta.json)."""
-        from hpcrender.gigapixel.compose import compose_level, level_seams
-
         if s.failed is not None:
             self._fail(s, ctx, s.failed)
             return
@@ -459,16 +443,7 @@ class GigapixelKind:
             self._finish_job(s, ctx)
 
     def _finish_job(self, s: _JobState, ctx: UnitContext) -> None:
-        from hpcrender.export import PREVIEW_MAX_SIDE, export_job
-        from hpcrender.gigapixel.job import gigapixel_meta, job_meta
-        from hpcrender.gigapixel.plan import preview_level
-        from hpcrender.gigapixel.job import GigaJobOutcome
-        from hpcrender.gigapixel.render import GigaResult
-        from hpcrender.parallel.layout import Comms, GroupLayout
-        from hpcrender.records import JobState, record_job_state, write_meta
-
         out, job, env = ctx.options.out, s.job, ctx.world.env
-        from hpcrender.gigapixel.compose import level_seams
 
         for k in range(1, len(s.plan.levels)):
             if k not in s.seams:  # composed by an earlier run
@@ -480,11 +455,10 @@ class GigapixelKind:
                             seams=dict(s.seams))
         outcome = GigaJobOutcome(result, exported)
         layout = GroupLayout(size=1, rank=0, mode=job.parallel.mode, split_cfg=job.parallel.split_cfg)
-        from hpcrender.pipeline import _peak_memory
 
         # The writer's own peak covers its composition, seam scores and export too (and is there when an earlier
         # run rendered every tile).
-        s.peaks[env.rank] = (env.node, max(_peak_memory(env.device), s.peaks.get(env.rank, (env.node, 0))[1]))
+        s.peaks[env.rank] = (env.node, max(peak_memory(env.device), s.peaks.get(env.rank, (env.node, 0))[1]))
         peaks = [{"rank": rank, "node": node, "peak_memory_bytes": peak} for rank, (node, peak) in sorted(s.peaks.items())]
         meta = job_meta(job, outcome, layout, Comms(None, None, tuple(range(env.world_size))), peaks, s.started,
                         env.world_size, env.device)

@@ -8,7 +8,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from hpcrender.config import Job, Mode
-from hpcrender.errors import EXIT_OK, BadInput
+from hpcrender.errors import BadInput, EXIT_OK
+from hpcrender.measure.metrics import psnr, relative_l2, ssim
+from hpcrender.models.cache import ModelCache
+from hpcrender.models.shapes import model_shape
+from hpcrender.parallel.groups import make_comms
+from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.render.image import render_image
+from hpcrender.run.plan import plan_job
 
 
 def run_verify(world, jobs: Sequence[Job], modes: Sequence[Mode] = ()) -> int:
@@ -17,9 +24,6 @@ def run_verify(world, jobs: Sequence[Job], modes: Sequence[Mode] = ()) -> int:
     several jobs: the world and torch.distributed start once."""
     if Mode.NONE in modes:
         raise BadInput("verify compares a parallel mode with single-device: use --mode sync|displaced|naive")
-    from hpcrender.models.cache import ModelCache
-    from hpcrender.parallel.groups import make_comms
-
     world.init_torch_distributed()
     size = world.env.world_size
     comms = make_comms(world, (tuple(range(size)),), size, any(job.parallel.split_cfg for job in jobs))
@@ -32,24 +36,20 @@ def run_verify(world, jobs: Sequence[Job], modes: Sequence[Mode] = ()) -> int:
 
 
 def _verify_job(world, models, comms, job: Job, modes: Sequence[Mode]) -> None:
-    from hpcrender.metrics import psnr, relative_l2, ssim
-    from hpcrender.models.shapes import model_shape
-    from hpcrender.pipeline import Comms, GroupLayout, render_image
-    from hpcrender.run.plan import plan_job
-
     env = world.env
-    pipe = models.get(job.model, job.dtype)
+    model = models.get(job.model, job.dtype)
+    pipe, facts = model.pipe, model.facts
     reference = None
     if env.rank == 0:
         single = GroupLayout(size=1, rank=0, mode=Mode.NONE)
-        reference = render_image(pipe, job, single, Comms(None, None, (0,)), env.device)
+        reference = render_image(pipe, job, single, Comms(None, None, (0,)), env.device, facts=facts)
     world.barrier()
     size = env.world_size
     for mode in modes:
         run = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, mode=mode))
         layout = GroupLayout(size=size, rank=env.rank, mode=mode, split_cfg=job.parallel.split_cfg)
         bands = plan_job(0, run, size, model_shape(run.model)).bands
-        result = render_image(pipe, run, layout, comms, env.device, bands=bands)
+        result = render_image(pipe, run, layout, comms, env.device, bands=bands, facts=facts)
         if env.rank == 0:
             print(_report(run, size, result, reference, relative_l2, psnr, ssim), flush=True)
 

@@ -16,8 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from hpcrender import files
+import hpcrender
 from hpcrender.errors import BadInput
+from hpcrender.output import files
 
 STATE_DIR = ".state"
 GROUPS_DIR = "groups"
@@ -178,8 +179,6 @@ def meta_header(job) -> dict:
     import diffusers
     import torch
     import transformers
-
-    import hpcrender
 
     return {
         "job": job.to_dict(),

@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hpcrender.files import write_atomic
+from hpcrender.output.files import write_atomic
 
 FILE_NAME = "checkpoint.h5"
 FORMAT_VERSION = 1

@@ -19,8 +19,8 @@ import tifffile
 from PIL import Image
 
 from hpcrender.errors import BadInput
-from hpcrender.files import atomic_path
-from hpcrender.store import TileStore
+from hpcrender.output.files import atomic_path
+from hpcrender.output.store import TileStore
 
 MAX_PNG_PIXELS = 64 * 2**20   # contract: image.png up to 64 Mpx, image.tif above
 PREVIEW_MAX_SIDE = 2048

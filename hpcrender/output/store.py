@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from hpcrender.errors import BadInput, HpcrenderError
-from hpcrender.tiles import TileGrid
+from hpcrender.output.tiles import TileGrid
 
 FORMAT_VERSION = 1
 # Measured per 512 x 512 tile on one core: gzip 1 takes 4 ms (smooth) to 24 ms (noisy) and makes

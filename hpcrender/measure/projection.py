@@ -13,6 +13,9 @@ import statistics
 from collections.abc import Sequence
 
 from hpcrender.config import Job, Mode
+from hpcrender.errors import HpcrenderError
+from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.render.image import render_image
 
 # Per-direction bandwidth of the links a projection is made for, bytes per second.
 LINKS = (("NVLink (A100, 300 GB/s)", 300e9), ("InfiniBand 200 Gb/s", 25e9))
@@ -87,10 +90,6 @@ def measure_band(pipe, job: Job, ranks: int, device: str, bands: Sequence, plann
     """
     import torch
     import torch.distributed as dist
-
-    from hpcrender.errors import HpcrenderError
-    from hpcrender.parallel.layout import Comms, GroupLayout
-    from hpcrender.pipeline import render_image
 
     if job.parallel.mode is not Mode.DISPLACED:
         raise ValueError(f"a projection renders the displaced mode, got {job.parallel.mode.value}")

@@ -1,0 +1,59 @@
+"""One image on one rank group: text-to-image and img2img, two compositions of the stages."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from hpcrender.config import Job
+from hpcrender.models.facts import ModelFacts, facts_of
+from hpcrender.parallel.bands import image_bands
+from hpcrender.parallel.layout import Comms, GroupLayout, check_layout
+from hpcrender.render.checkpoint import Checkpoint
+from hpcrender.render.options import check_size
+from hpcrender.render.stages import (
+    ImageResult, Render, checkpoint_latent, conditioning, denoise, finish, image_latent, noise_latent, timesteps,
+)
+
+
+def text_to_image(run: Render, resume: Checkpoint | None = None, decode: bool = True) -> ImageResult:
+    cond = conditioning(run)
+    scheduler = timesteps(run)
+    latent, start = checkpoint_latent(run, scheduler, resume) if resume else noise_latent(run, scheduler)
+    latent = denoise(run, cond, scheduler, latent, start)
+    return finish(run, scheduler, latent, decode)
+
+
+def img2img(run: Render, resume: Checkpoint | None = None, decode: bool = True) -> ImageResult:
+    cond = conditioning(run)
+    scheduler = timesteps(run, first=run.job.first_step)
+    latent, start = checkpoint_latent(run, scheduler, resume) if resume else image_latent(run, scheduler)
+    latent = denoise(run, cond, scheduler, latent, start)
+    return finish(run, scheduler, latent, decode)
+
+
+def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
+                 on_step: Callable[[int, int], None] | None = None, decode: bool = True,
+                 should_stop: Callable[[], bool] | None = None, resume: Checkpoint | None = None,
+                 on_collective: Callable[[], None] | None = None, bands: tuple = (),
+                 facts: ModelFacts | None = None) -> ImageResult:
+    """Render `job` with this rank's share of the work; the group's first rank gets the image (and the latent).
+
+    facts: the loaded model's (models.facts), asked of the pipeline here when not given.
+    bands: the run plan's latent bands for a band-parallel layout; found from the loaded model when not given.
+    decode=False stops after the denoising loop (benchmarks of the UNet alone). should_stop is asked after every
+    step but the last, on every rank of the group alike (it must give the group's common answer): when it says
+    yes, the loop ends there and the group's first rank gets a checkpoint instead of an image. resume continues
+    from such a checkpoint. on_collective is called before the group's first torch.distributed collective (never
+    on a group of one): a failure after it may leave the group's communicator out of step.
+    """
+    facts = facts_of(pipe) if facts is None else facts
+    check_layout(layout.size, layout.split_cfg, facts.uses_guidance(job.guidance_scale))
+    check_size(facts, job)
+    run = Render(pipe, facts, job, layout, comms, device, on_step=on_step, should_stop=should_stop,
+                 on_collective=on_collective)
+    if run.parallel:
+        if not bands:
+            bands = image_bands(job.height, facts.vae_scale, facts.alignment, layout.patch_ranks)
+        run.bands = run.result.bands = tuple(bands)
+    compose = img2img if job.init_image is not None else text_to_image
+    return compose(run, resume, decode)

@@ -1,0 +1,42 @@
+"""What does not apply to a job's model, refused: before anything is loaded (from the model's configs, for the run
+plan's checks) and once it is loaded (from its facts). No torch here: `validate` and `plan` use it."""
+
+from __future__ import annotations
+
+from hpcrender.config import Job, SchedulerName
+from hpcrender.errors import BadInput
+from hpcrender.models import scheduler_config_of, unet_config_of
+from hpcrender.models.facts import ModelFacts
+from hpcrender.parallel.bands import is_flux_config, is_transformer_config, transformer_alignment
+from hpcrender.render.samplers import is_flow_matching, make_scheduler
+
+
+def check_model_options(job: Job) -> None:
+    """Refuse, before anything is loaded, what does not apply to the job's model: a sampler (ddim or dpmpp for a
+    flow-matching model), split_cfg for Flux (no classifier-free guidance), a transformer's image that is not whole
+    patches (the VAEs of all three families scale by 8)."""
+    try:
+        config = scheduler_config_of(job.model)
+        denoiser = unet_config_of(job.model)
+    except Exception:  # noqa: BLE001 - a model that does not load is the job's failure, reported when it is loaded
+        return
+    if config is not None and is_flow_matching(config) and job.scheduler is not SchedulerName.EULER:
+        make_scheduler(job.scheduler, config)
+    if denoiser is None or not is_transformer_config(denoiser):
+        return
+    if job.parallel.split_cfg and is_flux_config(denoiser):
+        raise BadInput("split_cfg needs classifier-free guidance, which Flux does not use (its guidance scale "
+                       "is an input of the model)")
+    _check_patches(job, 8 * transformer_alignment(denoiser))
+
+
+def _check_patches(job: Job, step: int) -> None:
+    if job.width % step or job.height % step:
+        raise BadInput(f"{job.width}x{job.height}: this model needs a width and height that are multiples of {step} "
+                       "px (whole patches)")
+
+
+def check_size(facts: ModelFacts, job: Job) -> None:
+    """A transformer's image must be whole patches (Flux: whole 2x2 packs), as its diffusers pipeline demands."""
+    if facts.transformer:
+        _check_patches(job, facts.pixel_alignment)
