@@ -163,8 +163,9 @@ def _open_store_line(path: str, writer: str) -> str:
     """What a store marked open for writing means for its readers, and the fix when its writer is gone."""
     fix = f"h5clear -s {shlex.quote(path)}"
     if writer == WRITER_LIVE:
-        return (f"{path}: being written (h5py reads it with swmr=True; h5dump and h5ls once the writer closes "
-                "it)")
+        # The lock probe cannot tell the writer's lock from that of a reader that took HDF5's (swmr=True, locking on).
+        return (f"{path}: being written, or held by a reader with HDF5's file lock (h5py reads it with swmr=True; "
+                "h5dump and h5ls once it is closed)")
     if writer == WRITER_GONE:
         rerun = " (a rerun of the job that resumes this store clears it too)" if Path(path).name == "tiles.h5" \
             else ""

@@ -774,9 +774,10 @@ WRITER_LIVE, WRITER_GONE, WRITER_UNKNOWN = "live", "gone", "unknown"
 
 def writer_state(path: str | os.PathLike) -> str | None:
     """Whether the store's superblock says "open for writing", which makes HDF5's plain readers (h5dump, h5ls,
-    h5py without swmr=True) refuse it, and whose mark that is: WRITER_LIVE while a writer holds the store's lock,
-    WRITER_GONE when none does (the writer was killed: `h5clear -s` or a resuming render clears it), WRITER_UNKNOWN
-    where the file system has no locks; None when the mark is not set (or the file is no HDF5 file)."""
+    h5py without swmr=True) refuse it, and whose mark that is: WRITER_LIVE while a process holds the store's lock
+    (its writer, or a reader that took HDF5's), WRITER_GONE when none does (the writer was killed: `h5clear -s` or a
+    resuming render clears it), WRITER_UNKNOWN where the file system has no locks; None when the mark is not set (or
+    the file is no HDF5 file)."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
