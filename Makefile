@@ -11,7 +11,7 @@ RANKS  ?= 2
 # pytest workers: each test file runs whole on one worker (its module fixtures once).
 TEST_WORKERS ?= 2
 
-.PHONY: venv demo test slurm-deps viewer-deps clean
+.PHONY: venv demo test slurm-deps viewer-deps reader-deps clean
 
 venv: $(VENV)/.installed
 
@@ -42,7 +42,19 @@ viewer-deps:
 	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "chromium missing and not root: the DeepZoom viewer test will be skipped"; fi
 
-test: venv slurm-deps viewer-deps
+# Other readers of the outputs (root only): Debian's HDF5 1.10 tools, which the store tests read every dataset with,
+# and OpenSlide's and libvips' command-line tools for the TIFF tests.
+reader-deps:
+	@if command -v h5dump >/dev/null 2>&1 && command -v openslide-show-properties >/dev/null 2>&1 \
+	  && command -v vips >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing hdf5-tools, openslide-tools and libvips-tools"; \
+	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hdf5-tools \
+	    openslide-tools libvips-tools >/dev/null; \
+	else echo "hdf5-tools, openslide-tools or libvips-tools missing and not root: the HDF5 reader and TIFF" \
+	  "reader tests will be skipped"; fi
+
+test: venv slurm-deps viewer-deps reader-deps
 	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:

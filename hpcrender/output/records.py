@@ -10,6 +10,7 @@ import dataclasses
 import enum
 import json
 import os
+import shlex
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -19,11 +20,13 @@ from typing import Any
 import hpcrender
 from hpcrender.errors import BadInput
 from hpcrender.output import files
+from hpcrender.output.store import WRITER_GONE, WRITER_LIVE, writer_state
 
 STATE_DIR = ".state"
 GROUPS_DIR = "groups"
 STATUS_FILE = "status.json"
 META_FILE = "meta.json"
+STORES = "tiles.h5*"  # a job's store (run/kinds.store_path, gigapixel/job.STORE_NAME) and the ones set aside
 
 
 class JobState(str, enum.Enum):
@@ -107,14 +110,20 @@ def merge_status(out_dir: str | os.PathLike, job_names: Sequence[str]) -> dict:
 def read_status(out_dir: str | os.PathLike) -> dict:
     """The status of OUT for `hpcrender status`: status.json's jobs refreshed from the state files.
 
-    Reads only; status.json is left as the last render wrote it.
+    Reads only; status.json is left as the last render wrote it. A job whose store is marked open for writing
+    gets `open_stores` ([{path, writer}], store.writer_state): HDF5's plain readers refuse such a store.
     """
     out = Path(out_dir)
     if not out.is_dir():
         raise BadInput(f"{out}: no such output directory")
     previous = _read_json(out / STATUS_FILE) or {}
     names = list(previous.get("jobs", {})) if isinstance(previous.get("jobs"), dict) else []
-    return _merge(out, names)
+    status = _merge(out, names)
+    for name, job in status["jobs"].items():
+        marked = _marked_stores(out / name)
+        if marked:
+            job["open_stores"] = marked
+    return status
 
 
 def format_status(status: dict) -> str:
@@ -146,7 +155,25 @@ def format_status(status: dict) -> str:
     summary = ", ".join(f"{counts[s.value]} {s.value}" for s in JobState if counts[s.value])
     total = len(jobs)
     lines.append(f"{total} job{'' if total == 1 else 's'}" + (f": {summary}" if summary else ""))
+    for job in jobs.values():
+        lines.extend(_open_store_line(store["path"], store["writer"]) for store in job.get("open_stores", ()))
     return "\n".join(lines)
+
+
+def _open_store_line(path: str, writer: str) -> str:
+    """What a store marked open for writing means for its readers, and the fix when its writer is gone."""
+    fix = f"h5clear -s {shlex.quote(path)}"
+    if writer == WRITER_LIVE:
+        # The lock probe cannot tell the writer's lock from that of a reader that took HDF5's (swmr=True, locking on).
+        return (f"{path}: being written, or held by a reader with HDF5's file lock (h5py reads it with swmr=True; "
+                "h5dump and h5ls once it is closed)")
+    if writer == WRITER_GONE:
+        rerun = " (a rerun of the job that resumes this store clears it too)" if Path(path).name == "tiles.h5" \
+            else ""
+        return (f"{path}: left marked open for writing by a writer that is gone (killed): h5dump, h5ls and h5py "
+                f"without swmr=True refuse it until `{fix}`{rerun}")
+    return (f"{path}: marked open for writing; no file locks here to tell whether its writer still runs: "
+            f"when no render writes it, `{fix}`")
 
 
 def clear_groups(out_dir: str | os.PathLike) -> None:
@@ -219,6 +246,16 @@ def _merge(out: Path, job_names: Sequence[str]) -> dict:
                 groups.append(record)
     groups.sort(key=lambda g: (g.get("phase", 0), g.get("group", 0)))
     return {"updated": _iso(_now()), "counts": _counts(jobs), "jobs": jobs, "groups": groups}
+
+
+def _marked_stores(job_dir: Path) -> list[dict]:
+    """The job's stores whose superblock says "open for writing", each with whose mark it is."""
+    marked = []
+    for path in sorted(job_dir.glob(STORES)):
+        writer = writer_state(path) if path.is_file() else None
+        if writer is not None:
+            marked.append({"path": str(path), "writer": writer})
+    return marked
 
 
 def _entry(record: dict | None) -> dict:

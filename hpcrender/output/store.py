@@ -4,7 +4,8 @@ level store of a gigapixel render (LevelStore, below): every level's image and t
 Layout (format_version 1): dataset `image` uint8 (H, W, 3) chunked one chunk per tile, gzip level 1;
 dataset `done` uint8 (rows, cols), 1 where a tile is finished; dataset `meta` holding a JSON object
 (set_attrs); attributes `params_hash`, `format_version`, `tile`. The writer runs in SWMR mode and
-flushes after every tile, so the file stays readable when the writer is killed.
+flushes after every tile, so the file stays readable when the writer is killed. Files are in HDF5 1.10's format
+(_LIBVER), which the HDF5 1.10-1.14 tools and libraries on clusters read.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +47,13 @@ _LOCKING: dict[str, Any] = (
 _READ_LOCKING: dict[str, Any] = {"locking": False} if _LOCKING else {}
 _LOCK_UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# The oldest format SWMR takes (superblock 3; "v108" refuses SWMR) and nothing newer: with "latest", HDF5 2.0 writes
+# its gzip-chunked datasets with a version 5 layout message, which HDF5 1.10.8's h5dump and h5ls cannot decode
+# ("bad version number for layout message"). Stores written that way still open, for reading and for resuming.
+_LIBVER = ("v110", "v110")
+# Refused flocks are tried again (_flock), 40 ms in all.
+_LOCK_TRIES = 5
+_LOCK_RETRY_S = 0.01
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +205,7 @@ class TileStore(_StoreFile):
 
     @classmethod
     def _create(cls, path: Path, grid: TileGrid, params_hash: str) -> TileStore:
-        file = h5py.File(path, "w", libver="latest", **_LOCKING)
+        file = h5py.File(path, "w", libver=_LIBVER, **_LOCKING)
         try:
             chunk = (min(grid.tile, grid.height), min(grid.tile, grid.width), 3)
             file.create_dataset(
@@ -397,7 +406,7 @@ class LevelStore(_StoreFile):
     def _create(cls, path: Path, levels: tuple[LevelShape, ...], params_hash: str) -> LevelStore:
         if not levels:
             raise ValueError("a level store needs at least one level")
-        file = h5py.File(path, "w", libver="latest", **_LOCKING)
+        file = h5py.File(path, "w", libver=_LIBVER, **_LOCKING)
         try:
             for k, shape in enumerate(levels):
                 group = file.create_group(f"levels/{k}")
@@ -620,7 +629,7 @@ def _is_level_store(file: h5py.File) -> bool:
 def _levels_mismatch(path: Path, levels: tuple[LevelShape, ...], params_hash: str) -> str | None:
     """Why the existing file cannot be resumed for these levels and parameters, or None when it can."""
     try:
-        with h5py.File(path, "r", libver="latest", swmr=True, **_READ_LOCKING) as file:
+        with h5py.File(path, "r", libver=_LIBVER, swmr=True, **_READ_LOCKING) as file:
             if not _is_level_store(file):
                 return "of another kind (not a gigapixel level store)"
             problem = _levels_problem(file)
@@ -661,7 +670,7 @@ def _layout_problem(file: h5py.File) -> str | None:
 def _mismatch(path: Path, grid: TileGrid, params_hash: str) -> str | None:
     """Why the existing file cannot be resumed for this job, or None when it can."""
     try:
-        with h5py.File(path, "r", libver="latest", swmr=True, **_READ_LOCKING) as file:
+        with h5py.File(path, "r", libver=_LIBVER, swmr=True, **_READ_LOCKING) as file:
             problem = _layout_problem(file)
             if problem is not None:
                 return problem
@@ -681,7 +690,7 @@ def _open_for_reading(path: Path) -> h5py.File:
     if not path.is_file():
         raise BadInput(f"{path}: no tile store there")
     try:
-        return h5py.File(path, "r", libver="latest", swmr=True, **_READ_LOCKING)
+        return h5py.File(path, "r", libver=_LIBVER, swmr=True, **_READ_LOCKING)
     except OSError as exc:
         raise BadInput(f"{path}: not a readable HDF5 file ({exc})") from exc
 
@@ -692,7 +701,7 @@ def _reopen_for_writing(path: Path) -> dict:
     # A writer that was killed leaves the superblock marked "open for writing"; HDF5 refuses to reopen such a file
     # until the mark is cleared (what `h5clear -s` does).
     _clear_status_flags(path)
-    file = h5py.File(path, "r+", libver="latest", **_LOCKING)
+    file = h5py.File(path, "r+", libver=_LIBVER, **_LOCKING)
     try:
         file.swmr_mode = True
         lock_fd = _hold_lock(path)
@@ -722,7 +731,7 @@ def _hold_lock(path: Path) -> int | None:
     """
     fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        _flock(fd, fcntl.LOCK_SH)
     except OSError as exc:
         os.close(fd)
         if exc.errno in _LOCK_UNSUPPORTED:
@@ -731,38 +740,86 @@ def _hold_lock(path: Path) -> int | None:
     return fd
 
 
-def _refuse_if_busy(path: Path) -> None:
+def _refuse_if_busy(path: Path) -> bool:
+    """StoreBusy when a live writer holds the store; whether the probe could tell (False: no file locks here)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock(fd, fcntl.LOCK_EX)
     except OSError as exc:
         if exc.errno not in _LOCK_UNSUPPORTED:
             raise StoreBusy(
                 f"{path}: is open in another process (a render still running into the same "
                 "output directory?)"
             ) from exc
+        return False
     finally:
         os.close(fd)  # also releases the probe lock
+    return True
+
+
+def _flock(fd: int, mode: int) -> None:
+    """flock(mode | LOCK_NB), tried again for a moment when refused: another probe's exclusive lock (a second
+    writer's, `hpcrender status`'s) lasts microseconds; a live writer's shared one lasts."""
+    for _ in range(_LOCK_TRIES - 1):
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(_LOCK_RETRY_S)
+    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+
+
+WRITER_LIVE, WRITER_GONE, WRITER_UNKNOWN = "live", "gone", "unknown"
+
+
+def writer_state(path: str | os.PathLike) -> str | None:
+    """Whether the store's superblock says "open for writing", which makes HDF5's plain readers (h5dump, h5ls,
+    h5py without swmr=True) refuse it, and whose mark that is: WRITER_LIVE while a process holds the store's lock
+    (its writer, or a reader that took HDF5's), WRITER_GONE when none does (the writer was killed: `h5clear -s` or a
+    resuming render clears it), WRITER_UNKNOWN where the file system has no locks; None when the mark is not set (or
+    the file is no HDF5 file)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            found = _superblock(fh)
+        if found is None:
+            return None
+        version, flags = found[1][8], found[1][11]
+        if version not in (2, 3) or flags == 0:
+            return None
+        probed = _refuse_if_busy(path)
+    except StoreBusy:
+        return WRITER_LIVE
+    except OSError:
+        return None
+    return WRITER_GONE if probed else WRITER_UNKNOWN
+
+
+def _superblock(fh) -> tuple[int, bytes] | None:
+    """(offset, first 12 bytes) of the HDF5 superblock in an open binary file; None when it has none."""
+    size = os.fstat(fh.fileno()).st_size
+    base = 0
+    while base + 12 <= size:
+        fh.seek(base)
+        head = fh.read(12)
+        if head[:8] == _SIGNATURE:
+            return base, head
+        base = 512 if base == 0 else base * 2  # the superblock sits at 0, 512, 1024, ...
+    return None
 
 
 def _clear_status_flags(path: Path) -> bool:
     """Clear the 'open for writing' flags that a killed writer leaves in the superblock.
 
-    Superblock versions 2 and 3 (libver latest): signature, version, offset size, length size,
-    status flags, four addresses, then a Jenkins lookup3 checksum of all of that. Returns whether
-    the file was changed.
+    Superblock versions 2 and 3 (3 is what libver v110 and later write): signature, version, offset size, length
+    size, status flags, four addresses, then a Jenkins lookup3 checksum of all of that. Returns whether the file
+    was changed.
     """
     with open(path, "r+b") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        base = 0
-        while base + 12 <= size:
-            fh.seek(base)
-            head = fh.read(12)
-            if head[:8] == _SIGNATURE:
-                break
-            base = 512 if base == 0 else base * 2  # the superblock sits at 0, 512, 1024, ...
-        else:
+        found = _superblock(fh)
+        if found is None:
             return False
+        base, head = found
         version, offset_size, flags = head[8], head[9], head[11]
         if version not in (2, 3) or flags == 0:
             return False
