@@ -112,7 +112,7 @@ def _write_tiff_pyramid(store: TileStore, path: Path, tile: int, compression: st
     if compression is not None and compression.lower() in {"zlib", "deflate", "adobe_deflate"}:
         options["compressionargs"] = {"level": TIFF_ZLIB_LEVEL}
     with atomic_path(path) as part, _scratch(path) as scratch:
-        # ome=False explicitly: tifffile would write OME-XML into a plain export named *.ome.tif
+        # ome given either way: tifffile's default decides by the file name, and `part` is a temporary one
         with tifffile.TiffWriter(part, bigtiff=True, ome=ome) as tif:
             for level, read, below in _levels(store, shapes, scratch):
                 h, w = shapes[level]

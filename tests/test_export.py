@@ -313,10 +313,15 @@ def test_plain_tiff_named_ome_stays_plain(tmp_path, store):
         assert not tif.is_ome and len(tif.pages) == 4
 
 
-def test_stitch_writes_image_ome_tif_for_format_ome_tiff(tmp_path, image):
+def test_stitch_writes_image_tif_and_image_ome_tif(tmp_path, image):
     job = tmp_path / "job"
     job.mkdir()
     _make_store(job / "tiles.h5", image).close()
+    out = hpcrender("stitch", job, timeout=120)  # --format tiff by default
+    assert out.returncode == 0, out.stderr
+    with tifffile.TiffFile(job / "image.tif") as tif:
+        assert not tif.is_ome and tif.pages[0].description == ""  # the generic layout
+        assert len(tif.pages) == 1  # 230 px fits one 512-px tile: no reduced levels
     out = hpcrender("stitch", job, "--format", "ome-tiff", timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(job / "image.ome.tif")
