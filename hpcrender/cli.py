@@ -198,24 +198,27 @@ def verify(manifest, names, modes, debug):
 
 @cli.command()
 @click.argument("jobdir", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["tiff", "png", "dzi"]), default="tiff", show_default=True)
-@click.option("--out", type=click.Path(), help="Output path [default: JOBDIR/image.<ext> or JOBDIR/image.dzi].")
+@click.option("--format", "fmt", type=click.Choice(["tiff", "ome-tiff", "png", "dzi"]), default="tiff",
+              show_default=True)
+@click.option("--out", type=click.Path(),
+              help="Output path [default: JOBDIR/image.tif, image.ome.tif, image.png or image.dzi].")
 def stitch(jobdir, fmt, out):
-    """Export a job's HDF5 store (finished or not) as pyramidal BigTIFF, PNG or DeepZoom."""
-    from hpcrender.output.export import export_dzi, export_png, export_tiff
+    """Export a job's HDF5 store (finished or not) as pyramidal BigTIFF, OME-TIFF, PNG or DeepZoom."""
+    from hpcrender.output.export import export_dzi, export_ome_tiff, export_png, export_tiff
     from hpcrender.output.store import TileStore
 
     path = Path(jobdir) / "tiles.h5"
     try:
         if not path.exists():
             raise BadInput(f"{path}: no tile store here")
-        target = Path(out) if out else Path(jobdir) / {"tiff": "image.tif", "png": "image.png",
-                                                       "dzi": "image.dzi"}[fmt]
+        target = Path(out) if out else Path(jobdir) / {"tiff": "image.tif", "ome-tiff": "image.ome.tif",
+                                                       "png": "image.png", "dzi": "image.dzi"}[fmt]
         with TileStore.read(path) as store:
             if not store.complete():
                 click.echo(f"hpcrender: warning: {len(store.missing())} tile(s) not finished; exported as black",
                            err=True)
-            {"tiff": export_tiff, "png": export_png, "dzi": export_dzi}[fmt](store, target)
+            {"tiff": export_tiff, "ome-tiff": export_ome_tiff, "png": export_png,
+             "dzi": export_dzi}[fmt](store, target)
         click.echo(str(target))
     except HpcrenderError as e:
         sys.exit(_fail(e, False))

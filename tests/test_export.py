@@ -1,7 +1,8 @@
-"""Exports of a tile store: PNG, preview, pyramidal BigTIFF, DeepZoom, and the job's contract outputs."""
+"""Exports of a tile store: PNG, preview, pyramidal BigTIFF and OME-TIFF, DeepZoom, and the job's contract outputs."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -9,11 +10,14 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 import tifffile
+from clirun import hpcrender
 from PIL import Image
 
 from hpcrender.output import export
 from hpcrender.errors import BadInput
-from hpcrender.output.export import _box_reduce, export_dzi, export_job, export_png, export_preview, export_tiff
+from hpcrender.output.export import (
+    _box_reduce, export_dzi, export_job, export_ome_tiff, export_png, export_preview, export_tiff,
+)
 from hpcrender.output.store import TileStore
 
 H, W = 150, 230
@@ -96,6 +100,7 @@ def test_exports_read_the_store_one_strip_of_tiles_at_a_time(tmp_path, store, mo
     for run, most in [
         (lambda: export_png(store, tmp_path / "a.png"), tile),
         (lambda: export_tiff(store, tmp_path / "a.tif", tile=32), 32),
+        (lambda: export_ome_tiff(store, tmp_path / "a.ome.tif", tile=32), 32),
         (lambda: export_preview(store, tmp_path / "p.png", max_side=40), tile + 1),  # 5 x 13 rows
         (lambda: export_dzi(store, tmp_path / "a"), export.DZI_TILE + 2 * export.DZI_OVERLAP),
     ]:
@@ -140,6 +145,11 @@ def test_tiff_is_a_tiled_bigtiff_pyramid_of_half_size_levels(tmp_path, store, im
         half = _reduce_reference(image, 2)
         np.testing.assert_array_equal(levels[1].asarray(), half)
         np.testing.assert_array_equal(levels[3].asarray(), _reduce_reference(_reduce_reference(half, 2), 2))
+        # the generic tiled-TIFF layout OpenSlide reads: every level a top-level page, the reduced ones marked so,
+        # no SubIFDs and no ImageDescription (tifffile's JSON shape description)
+        assert len(tif.pages) == 4 and not tif.is_ome
+        assert [p.subfiletype for p in tif.pages] == [0, 1, 1, 1]
+        assert all(p.is_tiled and p.subifds is None and p.description == "" for p in tif.pages)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.tif", "tiles.h5"]  # scratch removed
 
 
@@ -166,6 +176,153 @@ def test_tiff_without_compression_and_rejects_bad_tile(tmp_path, store, image):
         np.testing.assert_array_equal(tif.asarray(), image)
     with pytest.raises(ValueError):
         export_tiff(store, tmp_path / "bad.tif", tile=40)
+
+
+def _reference_levels(image: np.ndarray, count: int) -> list[np.ndarray]:
+    """The pyramid as the exporters document it: each level the previous one box-reduced 2x (_box_reduce)."""
+    levels = [image]
+    while len(levels) < count:
+        levels.append(_reduce_reference(levels[-1], 2))
+    return levels
+
+
+def _tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (Debian package {package})")
+    return path
+
+
+def _tool_fields(*cmd) -> dict[str, str]:
+    """`key: value` lines of openslide-show-properties / vipsheader -a, values unquoted."""
+    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    fields = {}
+    for line in out.stdout.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep:
+            fields[key.strip()] = value.strip().strip("'")
+    return fields
+
+
+def test_openslide_reads_the_tiff_levels(tmp_path, store):
+    path = export_tiff(store, tmp_path / "image.tif", tile=32)
+    props = _tool_fields(_tool("openslide-show-properties", "openslide-tools"), path)
+    assert props["openslide.vendor"] == "generic-tiff"
+    assert int(props["openslide.level-count"]) == 4
+    sizes = [(int(props[f"openslide.level[{i}].height"]), int(props[f"openslide.level[{i}].width"])) for i in range(4)]
+    assert sizes == [(150, 230), (75, 115), (38, 58), (19, 29)]
+    assert props["openslide.level[0].tile-width"] == "32"
+
+
+def test_openslide_decodes_every_level_to_the_exported_pixels(tmp_path, image):
+    """Sides that halve exactly: openslide-write-png reads a row at a time from level-0 coordinates, so a
+    level whose downsample is not whole (38 of 150 rows) comes back resampled by the tool itself."""
+    image = image[:128, :192]
+    with _make_store(tmp_path / "t.h5", image) as store:
+        path = export_tiff(store, tmp_path / "image.tif", tile=32)
+    write_png = _tool("openslide-write-png", "openslide-tools")
+    for level, expected in enumerate(_reference_levels(image, 4)):
+        h, w = expected.shape[:2]
+        png = tmp_path / f"level{level}.png"
+        out = subprocess.run([write_png, str(path), "0", "0", str(level), str(w), str(h), str(png)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        with Image.open(png) as decoded:
+            rgba = np.asarray(decoded.convert("RGBA"))
+        np.testing.assert_array_equal(rgba[..., :3], expected)
+        assert (rgba[..., 3] == 255).all()  # inside the level: opaque
+
+
+def test_openslide_reads_three_levels_of_a_default_tiled_export(tmp_path):
+    """The defaults (512-px tiles): a 2048-px image has 3 levels, 2048, 1024 and 512."""
+    image = np.random.default_rng(4).integers(0, 256, (1100, 2048, 3), dtype=np.uint8)
+    with _make_store(tmp_path / "t.h5", image, tile=512) as store:
+        path = export_tiff(store, tmp_path / "image.tif")
+    props = _tool_fields(_tool("openslide-show-properties", "openslide-tools"), path)
+    assert int(props["openslide.level-count"]) >= 3
+    assert (props["openslide.level[2].width"], props["openslide.level[2].height"]) == ("512", "275")
+
+
+def test_vips_opens_both_tiffs_and_their_levels(tmp_path, store):
+    vipsheader = _tool("vipsheader", "libvips-tools")
+    tiff = export_tiff(store, tmp_path / "image.tif", tile=32)
+    ome = export_ome_tiff(store, tmp_path / "image.ome.tif", tile=32)
+    fields = _tool_fields(vipsheader, "-a", tiff)
+    assert (fields["width"], fields["height"], fields["bands"], fields["n-pages"]) == ("230", "150", "3", "4")
+    fields = _tool_fields(vipsheader, "-a", ome)
+    assert (fields["width"], fields["height"], fields["bands"], fields["n-subifds"]) == ("230", "150", "3", "3")
+    assert _tool_fields(vipsheader, "-a", f"{tiff}[page=3]")["width"] == "29"
+    assert _tool_fields(vipsheader, "-a", f"{ome}[subifd=2]")["width"] == "29"  # subifd 0 is the first reduced
+
+
+@pytest.mark.parametrize("exporter", [export_tiff, export_ome_tiff])
+def test_every_tile_of_every_level_is_the_box_reduced_store(tmp_path, store, image, exporter):
+    """Tile by tile, as a viewer reads them (decoded one at a time, padded with zeros at the edges)."""
+    path = exporter(store, tmp_path / "x.tif", tile=32)
+    reference = _reference_levels(image, 4)
+    with tifffile.TiffFile(path) as tif:
+        levels = tif.series[0].levels
+        assert len(levels) == 4
+        for level, expected in zip(levels, reference):
+            page = level.pages[0]
+            assert page.is_tiled and page.planarconfig == tifffile.PLANARCONFIG.CONTIG
+            h, w = expected.shape[:2]
+            columns = -(-w // 32)
+            assert len(page.dataoffsets) == -(-h // 32) * columns
+            for index, (offset, count) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+                tif.filehandle.seek(offset)
+                tile, _, _ = page.decode(tif.filehandle.read(count), index)
+                y0, x0 = index // columns * 32, index % columns * 32
+                padded = np.zeros((32, 32, 3), np.uint8)
+                part = expected[y0 : y0 + 32, x0 : x0 + 32]
+                padded[: part.shape[0], : part.shape[1]] = part
+                np.testing.assert_array_equal(tile.reshape(32, 32, 3), padded)
+
+
+def test_ome_tiff_is_ome_xml_with_the_pyramid_in_subifds(tmp_path, store, image):
+    path = export_ome_tiff(store, tmp_path / "image.ome.tif", tile=32)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_bigtiff and tif.is_ome
+        assert len(tif.pages) == 1  # one top-level page; the reduced levels hang off it
+        page = tif.pages[0]
+        assert len(page.subifds) == 3 and page.is_tiled and page.photometric == tifffile.PHOTOMETRIC.RGB
+        root = ET.fromstring(page.description)
+        ns = {"ome": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
+        pixels = root.find("ome:Image/ome:Pixels", ns)
+        assert {k: pixels.get(k) for k in ("SizeX", "SizeY", "SizeC", "SizeZ", "SizeT", "Type", "Interleaved")} == {
+            "SizeX": "230", "SizeY": "150", "SizeC": "3", "SizeZ": "1", "SizeT": "1", "Type": "uint8",
+            "Interleaved": "true"}
+        assert pixels.find("ome:Channel", ns).get("SamplesPerPixel") == "3"
+        levels = tif.series[0].levels
+        assert [lv.shape for lv in levels] == [(150, 230, 3), (75, 115, 3), (38, 58, 3), (19, 29, 3)]
+        assert [lv.pages[0].subfiletype for lv in levels] == [0, 1, 1, 1]
+        np.testing.assert_array_equal(levels[0].asarray(), image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.ome.tif", "tiles.h5"]  # scratch removed
+
+
+def test_plain_tiff_named_ome_stays_plain(tmp_path, store):
+    """tifffile writes OME-XML into any file named *.ome.tif unless told not to; --out may name one so."""
+    with tifffile.TiffFile(export_tiff(store, tmp_path / "x.ome.tif", tile=32)) as tif:
+        assert not tif.is_ome and len(tif.pages) == 4
+
+
+def test_stitch_writes_image_tif_and_image_ome_tif(tmp_path, image):
+    job = tmp_path / "job"
+    job.mkdir()
+    _make_store(job / "tiles.h5", image).close()
+    out = hpcrender("stitch", job, timeout=120)  # --format tiff by default
+    assert out.returncode == 0, out.stderr
+    with tifffile.TiffFile(job / "image.tif") as tif:
+        assert not tif.is_ome and tif.pages[0].description == ""  # the generic layout
+        assert len(tif.pages) == 1  # 230 px fits one 512-px tile: no reduced levels
+    out = hpcrender("stitch", job, "--format", "ome-tiff", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(job / "image.ome.tif")
+    with tifffile.TiffFile(job / "image.ome.tif") as tif:
+        assert tif.is_ome and tif.series[0].shape == (150, 230, 3)
+    bad = hpcrender("stitch", job, "--format", "ome", timeout=120)
+    assert bad.returncode == 2 and "ome-tiff" in bad.stderr  # click lists the choices
 
 
 def test_dzi_layout_and_tile_content(tmp_path, store, image):

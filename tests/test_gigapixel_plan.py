@@ -341,7 +341,7 @@ def test_a_level_store_reads_and_exports_as_its_final_level(tmp_path):
         export_tiff(view, tmp_path / "image.tif", tile=64)
     with tifffile.TiffFile(tmp_path / "image.tif") as tif:
         page = tif.pages[0]
-        assert len(page.subifds) >= 2
+        assert len(tif.pages) >= 3  # reduced levels as further pages (OpenSlide's generic TIFF), not SubIFDs
         np.testing.assert_array_equal(page.asarray(), final)
 
 

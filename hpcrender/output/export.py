@@ -1,4 +1,4 @@
-"""Export a tile store to files people open: PNG, preview, pyramidal BigTIFF, DeepZoom.
+"""Export a tile store to files people open: PNG, preview, pyramidal BigTIFF and OME-TIFF, DeepZoom.
 
 Every exporter reads the store a strip of tiles at a time, so a gigapixel image is never in memory.
 """
@@ -80,14 +80,29 @@ def export_preview(store: TileStore, path: str | os.PathLike, max_side: int = PR
 def export_tiff(
     store: TileStore, path: str | os.PathLike, *, tile: int = 512, compression: str | None = "zlib"
 ) -> Path:
-    """A tiled, pyramidal BigTIFF: full resolution first, then half-size levels as SubIFDs down to
-    the first level that fits in one tile (the layout QuPath, napari and OME readers expect).
+    """A tiled, pyramidal BigTIFF in the generic tiled-TIFF layout: full resolution as the first page, then
+    half-size levels as further pages marked reduced (SubFileType 1) down to the first level that fits in one
+    tile, and no ImageDescription.
 
-    While a level is written its half-size level is built into a scratch file beside `path` (LevelFile).
+    OpenSlide's generic-tiff driver (3.4.1) takes only top-level pages as levels, not SubIFDs; libvips sees them
+    as pages (n-pages) and tifffile as series[0].levels. While a level is written its half-size level is built
+    into a scratch file beside `path` (LevelFile).
     """
+    return _write_tiff_pyramid(store, Path(path), tile, compression, ome=False)
+
+
+def export_ome_tiff(
+    store: TileStore, path: str | os.PathLike, *, tile: int = 512, compression: str | None = "zlib"
+) -> Path:
+    """An OME-TIFF for Bio-Formats, QuPath and napari: OME-XML in the first page's ImageDescription, the same
+    half-size levels as export_tiff in that page's SubIFDs (OME-TIFF's pyramid layout), RGB interleaved, tiled."""
+    return _write_tiff_pyramid(store, Path(path), tile, compression, ome=True)
+
+
+def _write_tiff_pyramid(store: TileStore, path: Path, tile: int, compression: str | None, ome: bool) -> Path:
+    """Both TIFF layouts: the levels differ only in where their pages go (top level or SubIFDs of the first)."""
     if tile < 16 or tile % 16:
         raise ValueError(f"TIFF tile side must be a positive multiple of 16, got {tile}")
-    path = Path(path)
     shapes = _pyramid_shapes(store.grid.height, store.grid.width, lambda h, w: max(h, w) > tile)
     options: dict = dict(
         tile=(tile, tile), photometric="rgb", compression=compression, dtype=np.uint8, buffersize=_TIFF_BUFFER_BYTES
@@ -97,14 +112,16 @@ def export_tiff(
     if compression is not None and compression.lower() in {"zlib", "deflate", "adobe_deflate"}:
         options["compressionargs"] = {"level": TIFF_ZLIB_LEVEL}
     with atomic_path(path) as part, _scratch(path) as scratch:
-        with tifffile.TiffWriter(part, bigtiff=True) as tif:
+        # ome given either way: tifffile's default decides by the file name, and `part` is a temporary one
+        with tifffile.TiffWriter(part, bigtiff=True, ome=ome) as tif:
             for level, read, below in _levels(store, shapes, scratch):
                 h, w = shapes[level]
                 tiles = _tiff_tiles(_strips(read, h, tile, below=below), w, tile)
-                if level == 0:
-                    tif.write(tiles, shape=(h, w, 3), subifds=len(shapes) - 1, **options)
+                if level == 0 and ome:
+                    tif.write(tiles, shape=(h, w, 3), subifds=len(shapes) - 1, metadata={"axes": "YXS"}, **options)
                 else:
-                    tif.write(tiles, shape=(h, w, 3), subfiletype=1, **options)
+                    # no metadata: tifffile's JSON ImageDescription would only repeat the shape
+                    tif.write(tiles, shape=(h, w, 3), subfiletype=int(level > 0), metadata=None, **options)
     return path
 
 
