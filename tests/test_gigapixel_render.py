@@ -22,6 +22,7 @@ from hpcrender.gigapixel.job import open_store
 from hpcrender.gigapixel.plan import level_units
 from hpcrender.gigapixel.render import plan_for, render_base, render_gigapixel, render_tile
 from hpcrender.models import load_pipeline
+from hpcrender.models.facts import facts_of
 from hpcrender.parallel.layout import Comms, GroupLayout
 
 from clirun import HPCRENDER, clean_env, hpcrender, write_manifest
@@ -55,7 +56,7 @@ def _levels(store, plan):
 def reference(pipe, tmp_path_factory):
     """The job rendered by the sequential driver, tiles in raster order: every level's image and the result."""
     job_dir = tmp_path_factory.mktemp("reference")
-    plan = plan_for(pipe, JOB)
+    plan = plan_for(facts_of(pipe), JOB)
     with open_store(job_dir, JOB, plan) as store:
         result = render_gigapixel(pipe, JOB, store, *ALONE, "cpu")
         levels = _levels(store, plan)
@@ -112,7 +113,7 @@ def test_blended_colour_fixed_tiles_score_no_seams_and_naive_tiles_do(pipe, refe
     refined = result.seams[len(plan.levels) - 1].score
     assert refined == pytest.approx(1.0, abs=0.05)
     naive_job = dataclasses.replace(JOB, gigapixel=dataclasses.replace(JOB.gigapixel, overlap=0))
-    naive_plan = plan_for(pipe, naive_job)
+    naive_plan = plan_for(facts_of(pipe), naive_job)
     with open_store(tmp_path, naive_job, naive_plan) as store:
         naive = render_gigapixel(pipe, naive_job, store, *ALONE, "cpu", colour_fix=False)
     score = naive.seams[len(naive_plan.levels) - 1].score
@@ -216,7 +217,7 @@ def test_tiles_render_band_parallel_on_a_group_of_two_ranks(pipe, tmp_path):
     other; the image is the one-rank image up to the bands' rounding."""
     small = dataclasses.replace(JOB, name="small", width=128, height=128,
                                 gigapixel=dataclasses.replace(JOB.gigapixel, base=64))
-    plan = plan_for(pipe, small)
+    plan = plan_for(facts_of(pipe), small)
     with open_store(tmp_path / "one", small, plan) as store:
         render_gigapixel(pipe, small, store, *ALONE, "cpu")
         alone = np.asarray(store.read_level(len(plan.levels) - 1, 0, 128, 0, 128)).astype(np.int16)

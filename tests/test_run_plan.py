@@ -56,12 +56,12 @@ def test_queue_order_is_largest_first_then_manifest_order(costs):
 
 def test_bands_come_from_the_model_own_vae_scale_not_a_fixed_8():
     tiny = model_shape(TINY)
-    assert tiny.vae_scale == 8
-    coarse = dataclasses.replace(tiny, vae_scale=16)
+    assert tiny.facts.vae_scale == 8
+    coarse = dataclasses.replace(tiny, facts=dataclasses.replace(tiny.facts, vae_scale=16))
     one = plan_job(0, job("j", height=512), 2, tiny)
     other = plan_job(0, job("j", height=512), 2, coarse)
-    assert one.bands == latent_bands(64, tiny.alignment, 2) == image_bands(512, 8, tiny.alignment, 2)
-    assert other.bands == latent_bands(32, tiny.alignment, 2, pixels_per_row=16)
+    assert one.bands == latent_bands(64, tiny.facts.alignment, 2) == image_bands(512, 8, tiny.facts.alignment, 2)
+    assert other.bands == latent_bands(32, tiny.facts.alignment, 2, pixels_per_row=16)
     assert other.bands[-1].stop == 32
 
 

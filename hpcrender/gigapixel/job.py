@@ -12,6 +12,7 @@ from hpcrender.errors import HpcrenderError
 from hpcrender.gigapixel.compose import Seams, seam_period
 from hpcrender.gigapixel.plan import GigaPlan, preview_level
 from hpcrender.gigapixel.render import plan_for, render_gigapixel
+from hpcrender.models.facts import facts_of
 from hpcrender.output.export import PREVIEW_MAX_SIDE, export_job
 from hpcrender.output.records import meta_header
 from hpcrender.output.store import LevelShape, LevelStore
@@ -48,7 +49,8 @@ def render_job(pipe, job: Job, job_dir: Path, layout, comms, device, *, resume: 
                on_tile=None, colour_fix: bool = True) -> GigaJobOutcome:
     """Render (or resume) a gigapixel job on this rank group; the group's first rank holds the store, writes every
     unit and exports image.png or image.tif and preview.png (from a small level) when the job is complete."""
-    plan = plan_for(pipe, job)
+    facts = facts_of(pipe)
+    plan = plan_for(facts, job)
     leader = layout.rank == 0
     store, problem = None, None
     if leader:
@@ -64,7 +66,7 @@ def render_job(pipe, job: Job, job_dir: Path, layout, comms, device, *, resume: 
         raise HpcrenderError(refused)
     try:
         result = render_gigapixel(pipe, job, store, layout, comms, device, should_stop, on_tile,
-                                  colour_fix=colour_fix)
+                                  colour_fix=colour_fix, facts=facts)
         exported = []
         if leader and not result.stopped:
             preview = store.level(preview_level(plan, PREVIEW_MAX_SIDE))
