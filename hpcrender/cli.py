@@ -19,13 +19,12 @@ from hpcrender.config import Mode
 from hpcrender.errors import EXIT_BAD_INPUT, BadInput, HpcrenderError, ManifestError
 from hpcrender.manifest import apply_overrides, load_manifest
 from hpcrender.models.shapes import model_shape
-from hpcrender.output.records import format_status, read_status
 from hpcrender.run.environment import World, guarded, max_memory_bytes, memory_limit, rank_memory_limit
 from hpcrender.run.kinds import RenderOptions
 from hpcrender.run.schedule import slurm_array_index
 
-# What needs torch, diffusers or h5py (the run plan, the runner, measuring, the stores and exports) is imported inside
-# the commands that use it, so that `validate` and `status` stay light (tests/test_imports.py).
+# What needs torch, diffusers or h5py (the run plan, the runner, measuring, the stores, records and exports) is
+# imported inside the commands that use it: `validate` loads none of them, `status` h5py alone (tests/test_imports.py).
 
 MODES = [m.value for m in Mode]
 
@@ -228,6 +227,8 @@ def stitch(jobdir, fmt, out):
 @click.argument("outdir", type=click.Path())
 def status(outdir):
     """Show every job's state in OUTDIR (pending, running, done, failed)."""
+    from hpcrender.output.records import format_status, read_status
+
     try:
         click.echo(format_status(read_status(Path(outdir))))
     except HpcrenderError as e:

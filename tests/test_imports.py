@@ -1,5 +1,6 @@
 """The package's dependency graph: no import circles (counting imports inside functions), own-module imports at the
-top of each file except where a light command needs them late, and `validate` and `status` without torch."""
+top of each file except where a light command needs them late, and `validate` and `status` without torch (and
+`validate` without h5py)."""
 
 from __future__ import annotations
 
@@ -119,14 +120,15 @@ try:
     cli.main(args=command, prog_name="hpcrender", standalone_mode=False)
 except SystemExit:
     pass
-print(sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules))
+print(sorted(m for m in ("torch", "diffusers", "transformers", "h5py") if m in sys.modules))
 """
 
 
-@pytest.mark.parametrize("command", ["validate", "status"])
-def test_light_commands_do_not_import_torch_or_diffusers(tmp_path, command):
+# status reads the stores' superblocks (a store a killed writer left marked open), so it loads h5py.
+@pytest.mark.parametrize("command, loaded", [("validate", "[]"), ("status", "['h5py']")])
+def test_light_commands_do_not_import_torch_or_diffusers(tmp_path, command, loaded):
     args = [str(PACKAGE.parent / "jobs" / "demo.toml")] if command == "validate" else [str(tmp_path)]
     done = subprocess.run([sys.executable, "-c", LIGHT, command, *args], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == "[]", done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == loaded, done.stdout + done.stderr
