@@ -112,9 +112,9 @@ def test_own_modules_are_imported_at_the_top_except_where_a_light_command_needs_
 LIGHT = """
 import sys
 from hpcrender.cli import cli
-from hpcrender.output.records import merge_status
 command = sys.argv[1:]
 if command[0] == "status":
+    from hpcrender.output.records import merge_status
     merge_status(__import__("pathlib").Path(command[1]), ["harbor"])
 try:
     cli.main(args=command, prog_name="hpcrender", standalone_mode=False)
