@@ -94,6 +94,7 @@ class Job:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     gigapixel: GigapixelConfig | None = None
     init_image: InitImage | None = None
+    checkpoint_every: float | None = None  # seconds between periodic checkpoints of the denoising loop; None: off
 
     @property
     def first_step(self) -> int:
@@ -109,6 +110,7 @@ class Job:
         d = self.to_dict()
         # How the work is split does not change which image is asked for; the mode does.
         d["parallel"].pop("ranks_per_image", None)
+        d.pop("checkpoint_every", None)  # how often the loop is saved does not change the image
         if d["init_image"] is not None:  # the image's content counts, not where it lies
             d["init_image"].pop("path")
         blob = json.dumps(d, sort_keys=True).encode()

@@ -135,6 +135,33 @@ def _strength(value: object) -> float:
     return x
 
 
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
+_SECONDS_PER = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as "30s", "10m", "1h" or "1h30m" (hours, minutes, seconds in that order, each at
+    most once); ValueError with the reason otherwise. A bare number is refused: seconds or minutes would be a guess."""
+    compact = text.strip()
+    parts = _DURATION_RE.findall(compact)
+    units = [unit for _, unit in parts]
+    if not parts or "".join(n + u for n, u in parts) != compact or units != sorted(set(units), key="hms".index):
+        raise ValueError(f'must be a duration such as "30s", "10m", "1h" or "1h30m", got {text!r}')
+    seconds = sum(float(n) * _SECONDS_PER[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"must be longer than 0 s, got {text!r}")
+    return seconds
+
+
+def _duration(value: object) -> float:
+    if not isinstance(value, str):
+        raise _Invalid(f'must be a duration string such as "30s", "10m" or "1h", got {_show(value)}')
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        raise _Invalid(str(error)) from None
+
+
 def _choice(enum_cls) -> Callable[[object], object]:
     known = [member.value for member in enum_cls]
 
@@ -224,6 +251,7 @@ _SETTINGS: dict[str, _Check] = {
     "scheduler": _choice(SchedulerName),
     "dtype": _choice(DType),
     "strength": _strength,
+    "checkpoint_every": _duration,
 }
 _MODEL_KEY = "model"
 _INIT_IMAGE_KEY = "init_image"
@@ -549,6 +577,11 @@ class _Reader:
         )
         if gigapixel is not None:
             self._check_gigapixel(settings, gigapixel, gigapixel_path, label)
+            every = settings.pop("checkpoint_every", None)  # from [defaults]: for the ordinary images only
+            if every is not None and every.path[0] == "jobs":
+                self.problem(every.path, f"{label}.checkpoint_every", "does not apply to a gigapixel job: its store "
+                             "keeps every finished tile, and a rerun resumes from there")
+                broken = True
         broken |= not self._check_img2img(settings, layer.path, label)
         if broken:
             return None

@@ -10,7 +10,8 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from hpcrender.render.checkpoint import (
-    Checkpoint, read_checkpoint, remove_checkpoint, restore_scheduler, scheduler_state, write_checkpoint,
+    Checkpoint, CheckpointWriter, read_checkpoint, remove_checkpoint, restore_scheduler, scheduler_state,
+    write_checkpoint,
 )
 
 SAMPLERS = {
@@ -145,3 +146,25 @@ def test_an_unreadable_checkpoint_is_no_checkpoint(tmp_path):
 def test_a_checkpoint_lies_between_the_first_and_the_last_step(step):
     with pytest.raises(ValueError, match="strictly between"):
         checkpoint(step)
+
+
+def test_periodic_checkpoints_are_written_beside_the_loop_one_at_a_time_latest_last(tmp_path):
+    path = tmp_path / "job" / "checkpoint.h5"
+    path.parent.mkdir()
+    writer = CheckpointWriter(path, "hash")
+    for step in (3, 7):
+        latent = np.full((1, 4, 8, 8), float(step), np.float32)
+        writer.submit(Checkpoint(step=step, steps=10, latent=latent, scalars={"_step_index": step}, history=()))
+    writer.wait()
+    assert not writer.busy and (writer.written, writer.step, writer.error) == (2, 7, None)
+    back = read_checkpoint(path, "hash")
+    assert back.step == 7 and np.all(back.latent == 7.0) and back.scalars == {"_step_index": 7}
+
+
+def test_a_periodic_checkpoint_that_cannot_be_written_is_reported_not_raised(tmp_path):
+    (tmp_path / "not-a-folder").write_text("")
+    writer = CheckpointWriter(tmp_path / "not-a-folder" / "checkpoint.h5", "hash")
+    writer.submit(Checkpoint(step=1, steps=4, latent=np.zeros((1, 4, 8, 8), np.float32), scalars={}, history=()))
+    writer.wait()
+    assert writer.written == 0 and writer.step is None
+    assert "cannot write the checkpoint" in writer.error

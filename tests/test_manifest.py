@@ -21,7 +21,7 @@ from hpcrender.config import (
     HaloMode,
 )
 from hpcrender.errors import BadInput, ManifestError
-from hpcrender.manifest import apply_overrides, derive_seed, load_manifest
+from hpcrender.manifest import apply_overrides, derive_seed, load_manifest, parse_duration
 from hpcrender.models.reference import BUILTIN_NAMES
 
 DATA = Path(__file__).parent / "data" / "manifests"
@@ -674,3 +674,70 @@ def test_fewer_steps_on_the_command_line_that_leave_no_img2img_step_are_bad_inpu
     with pytest.raises(BadInput) as caught:
         apply_overrides(manifest, steps=3)
     assert str(caught.value).startswith("--steps: jobs[harbor].strength 0.25 with 3 steps runs no denoising step")
+
+
+# --- checkpoint_every ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [
+    ("30s", 30.0), ("10m", 600.0), ("1h", 3600.0), ("1h30m", 5400.0), ("2m30s", 150.0), ("1h0m1s", 3601.0),
+    ("2.5s", 2.5), (" 45s ", 45.0), ("0.5h", 1800.0),
+])
+def test_durations_are_hours_minutes_and_seconds(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "90", "10", "s", "m10", "10 m", "10min", "1m1h", "1s1s", "1h1h", "-5s", "0s",
+                                  "0h0m", "1d", "1e3s", ".5s"])
+def test_anything_else_is_not_a_duration(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_checkpoint_every_is_seconds_on_the_job_and_does_not_change_the_image_it_asks_for(tmp_path):
+    m = load_manifest(write(tmp_path, """
+        [defaults]
+        checkpoint_every = "10m"
+        [[jobs]]
+        name = "a"
+        prompt = "x"
+        [[jobs]]
+        name = "b"
+        prompt = "x"
+        checkpoint_every = "30s"
+        [[jobs]]
+        name = "c"
+        prompt = "x"
+        width = 2048
+        height = 2048
+        [jobs.gigapixel]
+        base = 512
+        """))
+    a, b, c = m.jobs
+    assert (a.checkpoint_every, b.checkpoint_every, c.checkpoint_every) == (600.0, 30.0, None)
+    assert a.params_hash() == dataclasses.replace(a, checkpoint_every=None).params_hash()
+    assert a.params_hash() == dataclasses.replace(a, checkpoint_every=30.0).params_hash()
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ('"90"', 'jobs[a].checkpoint_every: must be a duration such as "30s"'),
+    ("90", "jobs[a].checkpoint_every: must be a duration string"),
+    ('"0s"', "jobs[a].checkpoint_every: must be longer than 0 s"),
+])
+def test_a_bad_checkpoint_every_is_one_line_at_its_key(tmp_path, value, fragment):
+    path = write(tmp_path, f'[[jobs]]\nname = "a"\nprompt = "x"\ncheckpoint_every = {value}\n')
+    problem = only_problem(path)
+    assert problem.startswith(f"{path}:4: jobs[a].checkpoint_every: ") and fragment in problem
+
+
+def test_a_gigapixel_job_refuses_its_own_checkpoint_every(tmp_path):
+    path = write(tmp_path, """
+        [[jobs]]
+        name = "g"
+        prompt = "x"
+        width = 2048
+        height = 2048
+        checkpoint_every = "5s"
+        [jobs.gigapixel]
+        base = 512
+        """)
+    assert "jobs[g].checkpoint_every: does not apply to a gigapixel job" in only_problem(path)

@@ -358,6 +358,43 @@ def test_a_signal_mid_image_checkpoints_exits_3_and_the_rerun_resumes_bit_for_bi
     assert not (out / "long" / "checkpoint.h5").exists()
 
 
+def test_a_sigkilled_run_resumes_from_its_latest_periodic_checkpoint_bit_for_bit(tmp_path):
+    """checkpoint_every = "2s" on a 90-step sync job over 2 ranks: SIGKILL every rank once a periodic checkpoint is
+    on disk; status names the step the next run starts after; the same command resumes from it and says so, and the
+    image equals an uninterrupted run's byte for byte."""
+    steps, ranks = 90, 2
+    manifest = write_manifest(tmp_path / "long.toml", LONG.format(model="builtin:tiny-sdxl", mode="sync", steps=steps)
+                              + 'checkpoint_every = "2s"\n')
+    whole = hpcrender("render", manifest, "--out", tmp_path / "whole", ranks=ranks)
+    assert whole.returncode == 0, whole.stderr
+    timings = meta_of(tmp_path / "whole", "long")["timings"]
+    assert timings["checkpoints"] >= 1 and not (tmp_path / "whole" / "long" / "checkpoint.h5").exists()
+
+    out = tmp_path / "killed"
+    cmd = [str(MPIEXEC), "-n", str(ranks), str(HPCRENDER), "render", str(manifest), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state, logs = out / ".state" / "long.json", [out / "logs" / f"rank-{r:04d}.log" for r in range(ranks)]
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and '"checkpoint_step"' in state.read_text():
+            for log in logs:
+                os.kill(int(re.search(r"pid (\d+)", log.read_text()).group(1)), signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.communicate(timeout=60)
+    assert not (out / "long" / "image.png").exists(), "the run finished before it could be killed"
+    job = read_status(out)["jobs"]["long"]
+    assert job["state"] == "running" and 0 < job["checkpoint_step"] < steps, job
+    assert f"checkpoint after step {job['checkpoint_step']})" in hpcrender("status", out).stdout
+
+    resumed = hpcrender("render", manifest, "--out", out, ranks=ranks)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed after step {job['checkpoint_step']}/{steps}" in resumed.stdout + resumed.stderr
+    assert meta_of(out, "long")["timings"]["resumed_after_step"] == job["checkpoint_step"]
+    assert (out / "long" / "image.png").read_bytes() == (tmp_path / "whole" / "long" / "image.png").read_bytes()
+    assert not (out / "long" / "checkpoint.h5").exists()
+
+
 def test_a_resumed_displaced_render_warms_up_again(tmp_path):
     manifest = write_manifest(tmp_path / "long.toml", LONG.format(model="builtin:tiny-sd", mode="displaced", steps=16)
                               + "[jobs.parallel]\nwarmup_steps = 2\n")

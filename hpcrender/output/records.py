@@ -144,7 +144,9 @@ def format_status(status: dict) -> str:
                 and state == JobState.RUNNING.value else ""
             state += f" (tiles {levels}{pace})"
         elif state == JobState.RUNNING.value and job.get("step") is not None:
-            state += f" (step {job['step']}/{job.get('steps', '?')})"
+            # After a kill the state stays "running": the periodic checkpoint tells where the next run starts.
+            again = f"; checkpoint after step {job['checkpoint_step']}" if job.get("checkpoint_step") else ""
+            state += f" (step {job['step']}/{job.get('steps', '?')}{again})"
         rows.append((name, state, seconds_text, error[0] if error else ""))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [

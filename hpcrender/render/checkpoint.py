@@ -8,12 +8,15 @@ rounds differently); `displaced` re-runs
 its warm-up steps after a resume (the stale activations of the stopped run are gone), like a fresh start does.
 
 The file is written beside its final name and renamed onto it, so a kill while writing leaves the previous
-checkpoint (or none), never a torn one.
+checkpoint (or none), never a torn one. Periodic checkpoints (a job's `checkpoint_every`) are the same file, written
+by CheckpointWriter while the loop goes on, so that a SIGKILL or a lost node costs at most the steps since the last.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,3 +153,46 @@ def read_checkpoint(path: str | os.PathLike, params_hash: str) -> Checkpoint | N
 
 def remove_checkpoint(path: str | os.PathLike) -> None:
     Path(path).unlink(missing_ok=True)
+
+
+class CheckpointWriter:
+    """Periodic checkpoints of one job, written in a thread of their own so that the denoising goes on meanwhile.
+
+    One write at a time (`busy` says whether one is in flight: no new checkpoint is taken then); the file on disk is
+    always the latest complete one. An error (a full disk) is kept in `error` and the render goes on: the image
+    matters more than its insurance."""
+
+    def __init__(self, path: str | os.PathLike, params_hash: str):
+        self.path = Path(path)
+        self.params_hash = params_hash
+        self.written = 0          # checkpoints written by this run
+        self.seconds = 0.0        # time spent writing them (in the thread)
+        self.step: int | None = None  # the step of the latest complete one
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, checkpoint: Checkpoint) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(checkpoint,), name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Until the write in flight is on disk (before the job's checkpoint is replaced or removed)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _write(self, checkpoint: Checkpoint) -> None:
+        t0 = time.perf_counter()
+        try:
+            write_checkpoint(self.path, checkpoint, self.params_hash)
+        except OSError as error:
+            self.error = f"{self.path}: cannot write the checkpoint: {error.strerror or error}"
+            return
+        self.seconds += time.perf_counter() - t0
+        self.written += 1
+        self.step = checkpoint.step

@@ -11,7 +11,8 @@ from hpcrender.parallel.layout import Comms, GroupLayout, check_layout
 from hpcrender.render.checkpoint import Checkpoint
 from hpcrender.render.options import check_size
 from hpcrender.render.stages import (
-    ImageResult, Render, checkpoint_latent, conditioning, denoise, finish, image_latent, noise_latent, timesteps,
+    Between, ImageResult, Render, checkpoint_latent, conditioning, denoise, finish, image_latent, noise_latent,
+    timesteps,
 )
 
 
@@ -35,7 +36,8 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
                  on_step: Callable[[int, int], None] | None = None, decode: bool = True,
                  should_stop: Callable[[], bool] | None = None, resume: Checkpoint | None = None,
                  on_collective: Callable[[], None] | None = None, bands: tuple = (),
-                 facts: ModelFacts | None = None) -> ImageResult:
+                 facts: ModelFacts | None = None, between: Callable[[], Between] | None = None,
+                 on_checkpoint: Callable[[Checkpoint | None], None] | None = None) -> ImageResult:
     """Render `job` with this rank's share of the work; the group's first rank gets the image (and the latent).
 
     facts: the loaded model's (models.facts), asked of the pipeline here when not given.
@@ -43,14 +45,16 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
     decode=False stops after the denoising loop (benchmarks of the UNet alone). should_stop is asked after every
     step but the last, on every rank of the group alike (it must give the group's common answer): when it says
     yes, the loop ends there and the group's first rank gets a checkpoint instead of an image. resume continues
-    from such a checkpoint. on_collective is called before the group's first torch.distributed collective (never
+    from such a checkpoint. between, when given, is asked instead of should_stop (the group's common answer too) and
+    may also ask for a periodic checkpoint, which on_checkpoint receives (the whole state on the group's first rank,
+    None on the others) before the loop goes on. on_collective is called before the group's first torch.distributed collective (never
     on a group of one): a failure after it may leave the group's communicator out of step.
     """
     facts = facts_of(pipe) if facts is None else facts
     check_layout(layout.size, layout.split_cfg, facts.uses_guidance(job.guidance_scale))
     check_size(facts, job)
     run = Render(pipe, facts, job, layout, comms, device, on_step=on_step, should_stop=should_stop,
-                 on_collective=on_collective)
+                 between=between, on_checkpoint=on_checkpoint, on_collective=on_collective)
     if run.parallel:
         if not bands:
             bands = image_bands(job.height, facts.vae_scale, facts.alignment, layout.patch_ranks)

@@ -11,6 +11,7 @@ ModelFacts, asked once when it was loaded.
 
 from __future__ import annotations
 
+import enum
 import resource
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,14 @@ from hpcrender.render.latents import (
 from hpcrender.render.prompt import encode_prompt
 from hpcrender.render.samplers import make_scheduler, set_timesteps
 
+class Between(enum.Enum):
+    """What the group does between two denoising steps (its common answer)."""
+
+    GO_ON = "go on"
+    CHECKPOINT = "checkpoint"  # gather the whole latent and the sampler's state, hand it to on_checkpoint, go on
+    STOP = "stop"              # a checkpoint instead of an image: the loop ends here
+
+
 TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 
 
@@ -51,6 +60,7 @@ class ImageResult:
     first_step: int = 0               # the schedule's first step this render ran (img2img: from its strength)
     stopped_at: int | None = None     # steps done when should_stop ended the loop (no image then)
     checkpoint: Checkpoint | None = None  # with stopped_at, on the group's first rank
+    checkpoint_seconds: float = 0.0   # in the loop for periodic checkpoints (the write itself runs beside it)
 
 
 def _sync(device) -> None:
@@ -105,6 +115,8 @@ class Render:
     device: object
     on_step: Callable[[int, int], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    between: Callable[[], Between] | None = None  # asked instead of should_stop when given
+    on_checkpoint: Callable[[Checkpoint | None], None] | None = None  # a periodic checkpoint (None off the leader)
     on_collective: Callable[[], None] | None = None
     result: ImageResult = field(default_factory=lambda: ImageResult(image=None, latent=None))
     bands: tuple = ()  # the UNet's latent row bands on this rank's patch group (empty: no bands)
@@ -209,6 +221,13 @@ def checkpoint_latent(run: Render, scheduler, resume: Checkpoint) -> tuple[torch
     return band(0, resume.latent), resume.step
 
 
+def next_action(run: Render) -> Between:
+    """The group's answer between two steps: `between` when given, else stop or go on as should_stop says."""
+    if run.between is not None:
+        return run.between()
+    return Between.STOP if run.should_stop is not None and run.should_stop() else Between.GO_ON
+
+
 def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, start: int) -> torch.Tensor:
     """Steps `start`.. of the schedule over this rank's band, the parallel plan around the UNet for their duration.
 
@@ -245,9 +264,14 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
                 result.step_seconds.append(time.perf_counter() - t0)
                 if run.on_step is not None:
                     run.on_step(i + 1, job.steps)
-                if run.should_stop is not None and i + 1 < job.steps and run.should_stop():
+                action = next_action(run) if i + 1 < job.steps else Between.GO_ON
+                if action is Between.STOP:
                     result.stopped_at = i + 1
                     break
+                if action is Between.CHECKPOINT:
+                    t1 = time.perf_counter()
+                    run.on_checkpoint(_checkpoint(run, latent, scheduler, i + 1))
+                    result.checkpoint_seconds += time.perf_counter() - t1  # what the group waits: gather and copy
     finally:
         if handle is not None:
             result.exchange = handle.stats()
@@ -317,7 +341,8 @@ def _whole(run: Render, band: torch.Tensor) -> torch.Tensor:
 def _checkpoint(run: Render, latent: torch.Tensor, scheduler, step: int) -> Checkpoint | None:
     """The whole latent and sampler history after `step`, gathered from the bands; on the group's first rank."""
     scalars, history = scheduler_state(scheduler)
-    arrays = tuple(None if h is None else _whole(run, h).cpu().numpy() for h in (latent, *history))
+    # Copies: the loop goes on with these tensors while a periodic checkpoint is being written.
+    arrays = tuple(None if h is None else np.array(_whole(run, h).cpu().numpy()) for h in (latent, *history))
     if run.layout.rank != 0:
         return None
     return Checkpoint(step=step, steps=run.job.steps, latent=arrays[0], scalars=scalars, history=arrays[1:],

@@ -16,8 +16,11 @@ from hpcrender.output.records import JobState, meta_header, record_job_state, re
 from hpcrender.output.store import TileStore
 from hpcrender.output.tiles import default_tile
 from hpcrender.parallel.layout import GroupLayout
-from hpcrender.render.checkpoint import checkpoint_path, read_checkpoint, remove_checkpoint, write_checkpoint
+from hpcrender.render.checkpoint import (
+    CheckpointWriter, checkpoint_path, read_checkpoint, remove_checkpoint, write_checkpoint,
+)
 from hpcrender.render.image import render_image
+from hpcrender.render.stages import Between
 from hpcrender.run.kinds import (
     FAIL_TOGETHER_S, PROGRESS_RECORD_S, RenderOptions, Unit, UnitContext, failure_ends_world, store_path,
 )
@@ -101,22 +104,55 @@ class ImageKind:
             nonlocal issued
             issued = True
 
+        # Periodic checkpoints: the leader's clock says when one is due, the group agrees between two steps.
+        writer = CheckpointWriter(saved, job.params_hash()) if leader and job.checkpoint_every else None
+        if writer is not None and resume is not None:
+            writer.step = resume.step  # the file on disk until the first new one: what status names meanwhile
         try:
             model = ctx.models.get(job.model, job.dtype)
             last_record = time.monotonic()
+            last_checkpoint = time.monotonic()
+            recorded_step = None  # the periodic checkpoint step the job's state file names
 
             def on_step(done: int, total: int) -> None:
-                nonlocal last_record
+                nonlocal last_record, recorded_step
                 if leader:
                     progress.update(1)
-                    if time.monotonic() - last_record >= PROGRESS_RECORD_S:  # what `hpcrender status` shows
-                        record_progress(out, job.name, done, total)
-                        last_record = time.monotonic()
+                    saved_step = writer.step if writer is not None else None
+                    if time.monotonic() - last_record >= PROGRESS_RECORD_S or saved_step != recorded_step:
+                        extra = {} if saved_step is None else {"checkpoint_step": saved_step}
+                        record_progress(out, job.name, done, total, **extra)  # what `hpcrender status` shows
+                        last_record, recorded_step = time.monotonic(), saved_step
                 log.debug("%s: step %d/%d", job.name, done, total)
 
+            def between() -> Between:
+                due = writer is not None and not writer.busy and \
+                    time.monotonic() - last_checkpoint >= job.checkpoint_every
+                stop, checkpoint = group.between_steps(ctx.stop.signum is not None, due)
+                return Between.STOP if stop else Between.CHECKPOINT if checkpoint else Between.GO_ON
+
+            def on_checkpoint(checkpoint) -> None:
+                nonlocal last_checkpoint
+                if writer is not None:
+                    if writer.error is not None:
+                        log.warning("%s: %s", job.name, writer.error)
+                        writer.error = None
+                    writer.submit(checkpoint)
+                last_checkpoint = time.monotonic()
+
+            periodic = job.checkpoint_every is not None
             result = render_image(model.pipe, job, layout, comms, env.device, on_step=on_step,
                                   should_stop=lambda: group.stop(ctx.stop.signum is not None), resume=resume,
-                                  on_collective=on_collective, bands=plan.bands, facts=model.facts)
+                                  on_collective=on_collective, bands=plan.bands, facts=model.facts,
+                                  between=between if periodic else None,
+                                  on_checkpoint=on_checkpoint if periodic else None)
+            if writer is not None:
+                writer.wait()  # the last periodic write lands before the checkpoint is replaced or removed
+                if writer.error is not None:
+                    log.warning("%s: %s", job.name, writer.error)
+            checkpoints = {"checkpoints": writer.written if writer is not None else 0,
+                           "checkpoint_hold_seconds": round(result.checkpoint_seconds, 4),
+                           "checkpoint_write_seconds": round(writer.seconds, 4) if writer is not None else 0.0}
             if result.stopped_at is not None:
                 together = False  # the checkpoint is gathered: writing it is the first rank's alone
                 if leader:
@@ -134,14 +170,17 @@ class ImageKind:
             peaks = group.gather(mine)
             together = False  # what follows is the first rank's alone; the others have gone on to the next unit
             if leader:
-                _write_outputs(out, job, result, layout, comms, peaks, options, started, world, group)
+                _write_outputs(out, job, result, layout, comms, peaks, options, started, world, group, checkpoints)
                 remove_checkpoint(saved)
-                progress.finish(f"{job.name}: done in {time.time() - started:.1f}s")
+                resumed = f", resumed after step {resume.step}/{job.steps}" if resume is not None else ""
+                progress.finish(f"{job.name}: done in {time.time() - started:.1f}s{resumed}")
                 record_job_state(out, job.name, JobState.DONE, started=started, finished=time.time(),
                                  seconds=round(time.time() - started, 3), **where)
             log.info("%s: done in %.1fs", job.name, time.time() - started)
             return Outcome.DONE
         except Exception as e:  # a job's failure is recorded; the batch goes on
+            if writer is not None:
+                writer.wait()
             message = f"{type(e).__name__}: {e}".splitlines()[0]
             log.error("%s: failed: %s", job.name, message)
             log.debug("%s", traceback.format_exc())
@@ -163,7 +202,8 @@ class ImageKind:
             return Outcome.FAILED
 
 
-def _write_outputs(out: Path, job: Job, result, layout, comms, peaks, options: RenderOptions, started, world, group):
+def _write_outputs(out: Path, job: Job, result, layout, comms, peaks, options: RenderOptions, started, world, group,
+                   checkpoints: dict):
     """Stream the image into the job's store, export it, and write meta.json (and the latent when asked)."""
     job_dir = out / job.name
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -175,10 +215,10 @@ def _write_outputs(out: Path, job: Job, result, layout, comms, peaks, options: R
         exported = export_job(store, job_dir)
     if options.save_latent:
         np.save(job_dir / "latent.npy", result.latent.astype(np.float32))
-    write_meta(job_dir, _meta(job, result, layout, comms, peaks, exported, started, world, group))
+    write_meta(job_dir, _meta(job, result, layout, comms, peaks, exported, started, world, group, checkpoints))
 
 
-def _meta(job: Job, result, layout, comms, peaks, exported, started, world, group) -> dict:
+def _meta(job: Job, result, layout, comms, peaks, exported, started, world, group, checkpoints: dict) -> dict:
     steps = result.step_seconds
     exchange = dict(result.exchange)
     if exchange:  # every rank's traffic and waits: a slow or overloaded band shows up here
@@ -197,7 +237,8 @@ def _meta(job: Job, result, layout, comms, peaks, exported, started, world, grou
                     "first_step": result.first_step,  # img2img: the schedule's steps before it are not run
                     "resumed_after_step": result.resumed_from,  # step_seconds are the steps after it
                     "step_seconds": [round(s, 4) for s in steps],
-                    "decode_seconds": round(result.decode_seconds, 4)},
+                    "decode_seconds": round(result.decode_seconds, 4),
+                    **checkpoints},  # periodic checkpoints this run wrote, and the thread's time writing them
         "exchange": exchange,
         "peak_memory": peaks,
         "outputs": [p.name for p in exported],

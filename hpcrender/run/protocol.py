@@ -44,6 +44,14 @@ class GroupProtocol:
 
         return bool(self.comm.allreduce(int(requested), op=MPI.MAX))
 
+    def between_steps(self, stop: bool, checkpoint: bool) -> tuple[bool, bool]:
+        """(stop, checkpoint) for the whole group after the same step, in one agreement: any rank's stop request
+        wins; a checkpoint (the leader's clock says one is due) is taken by every rank together."""
+        from mpi4py import MPI
+
+        code = self.comm.allreduce(2 if stop else int(checkpoint), op=MPI.MAX)
+        return code == 2, code == 1
+
     def leaders(self, value: Any) -> Any:
         """The leader's `value` on every rank: one answer for the whole group (skip, resume, what to take next)."""
         return self.comm.bcast(value if self.leader else None, root=0)
