@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from clirun import hpcrender
-from hpcrender import store as store_module
+from hpcrender.output import store as store_module
 from hpcrender.render.checkpoint import Checkpoint, write_checkpoint
 from hpcrender.output.records import JobState, format_status, read_status, record_job_state
 from hpcrender.output.store import (
