@@ -15,7 +15,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from hpcrender.config import Mode
+from hpcrender.config import DPMPP_ALIAS, Mode, SchedulerName
 from hpcrender.errors import EXIT_BAD_INPUT, BadInput, HpcrenderError, ManifestError
 from hpcrender.manifest import apply_overrides, load_manifest
 from hpcrender.models.shapes import model_shape
@@ -241,7 +241,8 @@ def status(outdir):
 @click.option("--steps", type=click.IntRange(min=2), default=6, show_default=True)
 @click.option("--modes", default=None, help="Comma-separated modes [default: none on 1 rank, sync,displaced on more].")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--scheduler", type=click.Choice(["ddim", "euler", "dpmpp"]), default="ddim", show_default=True)
+@click.option("--scheduler", type=click.Choice([n.value for n in SchedulerName] + [DPMPP_ALIAS]), default="ddim",
+              show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),

@@ -33,9 +33,53 @@ class HaloMode(str, enum.Enum):
 
 
 class SchedulerName(str, enum.Enum):
+    """The samplers by the names people use (A1111/k-diffusion), built as diffusers' scheduler overview maps them
+    (render.samplers)."""
+
     EULER = "euler"
+    EULER_A = "euler_a"
+    HEUN = "heun"
     DDIM = "ddim"
-    DPMPP = "dpmpp"
+    DPMPP_2M = "dpmpp_2m"
+    DPMPP = "dpmpp_2m"  # the name before there were several DPM-Solver++ variants; "dpmpp" in a manifest too
+    DPMPP_2M_KARRAS = "dpmpp_2m_karras"
+    DPMPP_2M_SDE = "dpmpp_2m_sde"
+    DPMPP_2M_SDE_KARRAS = "dpmpp_2m_sde_karras"
+    UNIPC = "unipc"
+    LCM = "lcm"
+
+    @classmethod
+    def _missing_(cls, value):
+        return cls.DPMPP_2M if value == DPMPP_ALIAS else None
+
+    @property
+    def calls_per_step(self) -> int:
+        """Denoiser calls per step: Heun's second-order correction evaluates the model again at the step's end
+        (diffusers' HeunDiscreteScheduler, like its flow-matching twin, interleaves both in one list of timesteps;
+        the last step is a plain Euler step of one call)."""
+        return 2 if self is SchedulerName.HEUN else 1
+
+    def denoiser_calls(self, steps: int) -> int:
+        """Denoiser calls of `steps` steps run to the end of the schedule."""
+        return self.calls_per_step * steps - (self.calls_per_step - 1) if steps else 0
+
+    @property
+    def stochastic(self) -> bool:
+        """Draws fresh noise in every step (from the job's generator, as diffusers' pipelines pass it)."""
+        return self in (SchedulerName.EULER_A, SchedulerName.DPMPP_2M_SDE, SchedulerName.DPMPP_2M_SDE_KARRAS,
+                        SchedulerName.LCM)
+
+
+DPMPP_ALIAS = "dpmpp"
+
+
+class TimestepSpacing(str, enum.Enum):
+    """Where a schedule of few steps puts its timesteps (Lin et al. 2023, table 2): `trailing` starts at the last
+    training timestep, which Turbo and Lightning models are distilled for; unset, the model's own config decides."""
+
+    LEADING = "leading"
+    TRAILING = "trailing"
+    LINSPACE = "linspace"
 
 
 class DType(str, enum.Enum):
@@ -52,6 +96,11 @@ class ParallelConfig:
     halo: HaloMode = HaloMode.STALE
     split_cfg: bool = False
     ranks_per_image: int = 0  # 0: all ranks render each image together
+
+
+def runs_synchronous_throughout(parallel: ParallelConfig, steps_run: int) -> bool:
+    """A displaced render whose warm-up covers every step it runs: no step uses stale activations."""
+    return parallel.mode is Mode.DISPLACED and max(parallel.warmup_steps, 1) >= steps_run
 
 
 @dataclass(frozen=True)
@@ -89,6 +138,7 @@ class Job:
     steps: int = 20
     guidance_scale: float = 5.0
     scheduler: SchedulerName = SchedulerName.EULER
+    timestep_spacing: TimestepSpacing | None = None  # None: the model's own scheduler config's
     dtype: DType = DType.FLOAT32
     negative_prompt: str = ""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -113,6 +163,11 @@ class Job:
         d.pop("checkpoint_every", None)  # how often the loop is saved does not change the image
         if d["init_image"] is not None:  # the image's content counts, not where it lies
             d["init_image"].pop("path")
+        # Jobs written before these keys existed keep their hash, so their stores and checkpoints stay theirs.
+        if d["timestep_spacing"] is None:
+            d.pop("timestep_spacing")
+        if d["scheduler"] == SchedulerName.DPMPP_2M.value:
+            d["scheduler"] = DPMPP_ALIAS
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

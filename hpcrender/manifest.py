@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 from hpcrender.config import (
-    DType, GigapixelConfig, GroupNormMode, HaloMode, InitImage, Job, Manifest, Mode, ParallelConfig, SchedulerName, first_step,
+    DType, GigapixelConfig, GroupNormMode, HaloMode, InitImage, Job, Manifest, Mode, ParallelConfig, SchedulerName,
+    TimestepSpacing, first_step,
 )
 from hpcrender.errors import BadInput, ManifestError, ModelNotFound
 from hpcrender.models.reference import SourceKind, resolve
+from hpcrender.render.samplers import lcm_spacing_problem
 
 
 DEFAULT_SIDE = 1024
@@ -249,6 +251,7 @@ _SETTINGS: dict[str, _Check] = {
     "steps": _int_range(1, MAX_STEPS),
     "guidance_scale": _non_negative_float,
     "scheduler": _choice(SchedulerName),
+    "timestep_spacing": _choice(TimestepSpacing),
     "dtype": _choice(DType),
     "strength": _strength,
     "checkpoint_every": _duration,
@@ -583,6 +586,7 @@ class _Reader:
                              "keeps every finished tile, and a rerun resumes from there")
                 broken = True
         broken |= not self._check_img2img(settings, layer.path, label)
+        broken |= not self._check_sampler(settings, gigapixel is not None, label)
         if broken:
             return None
 
@@ -627,6 +631,24 @@ class _Reader:
             self.problem(strength.path, f"{label}.strength", problem)
             return False
         return True
+
+    def _check_sampler(self, settings: dict, gigapixel: bool, label: str) -> bool:
+        """What the sampler alone rules out, whatever the model: a timestep spacing for lcm (its timesteps are its
+        own) and, in a gigapixel job, a sampler that draws noise in every step (its tiles' noise is keyed on their
+        position; a step's would not be)."""
+        name, spacing = settings.get("scheduler"), settings.get("timestep_spacing")
+        if name is None or name.value is _BROKEN:
+            return True
+        ok = True
+        if name.value is SchedulerName.LCM and spacing is not None and spacing.value is not _BROKEN:
+            self.problem(spacing.path, f"{label}.timestep_spacing", lcm_spacing_problem(spacing.value))
+            ok = False
+        if gigapixel and name.value.stochastic:
+            deterministic = ", ".join(n.value for n in SchedulerName if not n.stochastic)
+            self.problem(name.path, f"{label}.scheduler", f"{name.value.value!r} draws noise in every step, which a "
+                         f"gigapixel job's tiles would not share where they overlap: use one of {deterministic}")
+            ok = False
+        return ok
 
     def _check_gigapixel(self, settings: dict, gigapixel: dict, table_path: tuple, label: str) -> None:
         defaults = GigapixelConfig()

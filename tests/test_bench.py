@@ -12,6 +12,7 @@ from clirun import hpcrender
 from hpcrender.config import Mode
 from hpcrender.measure.bench import (
     DIFFUSERS, add_ratios, exchange_hidden, node_threads, parallel_modes, relative_error, scaling_series, steady_waits,
+    summarize,
 )
 
 
@@ -37,6 +38,13 @@ def test_steady_waits_and_the_share_of_the_exchange_hidden_against_sync():
     assert exchange_hidden(1.5, 1.0) == -0.5  # waited longer than sync: reported, not clipped
     assert exchange_hidden(None, 1.0) is None and exchange_hidden(0.1, None) is None
     assert exchange_hidden(0.1, 0.0) is None
+
+
+def test_step_statistics_leave_out_the_first_step_and_heuns_short_last_one():
+    assert summarize([9.0, 2.0, 4.0, 1.0])["mean_s"] == pytest.approx(7 / 3)
+    heun = summarize([9.0, 2.0, 4.0, 1.0], short_last=True)  # Heun's last step is one call of two
+    assert (heun["mean_s"], heun["min_s"], heun["steps"], heun["first_s"]) == (3.0, 2.0, 4, 9.0)
+    assert summarize([9.0, 1.0], short_last=True)["mean_s"] == 1.0  # too few steps to leave one out
 
 
 def test_relative_error_is_signed_and_needs_a_plan():

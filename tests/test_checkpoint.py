@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler,
+)
 
 from hpcrender.render.checkpoint import (
-    Checkpoint, CheckpointWriter, read_checkpoint, remove_checkpoint, restore_scheduler, scheduler_state,
-    write_checkpoint,
+    Checkpoint, CheckpointWriter, SamplerTensor, keep_carried, read_checkpoint, remove_checkpoint, restore_carried,
+    restore_scheduler, scheduler_state, write_checkpoint,
 )
 
 SAMPLERS = {
@@ -19,6 +23,14 @@ SAMPLERS = {
     "ddim": lambda: DDIMScheduler(),
     "dpmpp": lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++"),
     "dpmpp-3": lambda: DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=3),
+    # what the newer names add: a second call per step (stopped between the two as well), UniPC's corrector state,
+    # and per-step noise from the generator
+    "heun": lambda: HeunDiscreteScheduler(),
+    "flow-heun": lambda: FlowMatchHeunDiscreteScheduler(shift=3.0),
+    "unipc": lambda: UniPCMultistepScheduler(),
+    "euler_a": lambda: EulerAncestralDiscreteScheduler(),
+    "dpmpp_2m_sde": lambda: DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"),
+    "lcm": lambda: LCMScheduler(),
 }
 STEPS = 9
 
@@ -28,9 +40,14 @@ def fake_model(x: torch.Tensor, t) -> torch.Tensor:
     return 0.3 * torch.tanh(x) + 0.1 * math.sin(float(t) / 50.0)
 
 
-def run(scheduler, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+def run(scheduler, x: torch.Tensor, first: int, last: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Timesteps first..last (entries of the list: Heun's two a step) with the fake model; the generator is passed
+    where the step takes one, as diffusers' pipelines pass it."""
+    takes = generator is not None and "generator" in inspect.signature(scheduler.step).parameters
     for t in scheduler.timesteps[first:last]:
-        x = scheduler.step(fake_model(scheduler.scale_model_input(x, t), t), t, x, return_dict=False)[0]
+        model_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        x = scheduler.step(fake_model(model_in, t), t, x, return_dict=False,
+                           **({"generator": generator} if takes else {}))[0]
     return x
 
 
@@ -44,23 +61,80 @@ def start_latent() -> torch.Tensor:
     return torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(0))
 
 
+def is_latent(tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 4
+
+
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 @pytest.mark.parametrize("stop", range(1, STEPS))
 def test_a_sampler_restored_from_a_checkpoint_file_continues_bit_for_bit(name, stop, tmp_path):
-    whole = run(fresh(name), start_latent(), 0, STEPS)
+    entries = len(fresh(name).timesteps)
+    whole = run(fresh(name), start_latent(), 0, entries, torch.Generator().manual_seed(3))
 
-    first = fresh(name)
-    x = run(first, start_latent(), 0, stop)
+    first, generator = fresh(name), torch.Generator().manual_seed(3)
+    x = run(first, start_latent(), 0, stop, generator)
     scalars, history = scheduler_state(first)
     saved = Checkpoint(step=stop, steps=STEPS, latent=x.numpy(), scalars=scalars,
-                       history=tuple(None if h is None else h.numpy() for h in history))
+                       history=tuple(None if h is None else h.numpy() for h in history),
+                       state=keep_carried(first, is_latent), generator=generator.get_state().numpy())
     write_checkpoint(tmp_path / "checkpoint.h5", saved, "hash")
     back = read_checkpoint(tmp_path / "checkpoint.h5", "hash")
 
-    second = fresh(name)
+    second, generator = fresh(name), torch.Generator()
     restore_scheduler(second, back.scalars, tuple(None if h is None else torch.from_numpy(h) for h in back.history))
-    resumed = run(second, torch.from_numpy(back.latent), stop, STEPS)
+    restore_carried(second, back.state)
+    generator.set_state(torch.from_numpy(back.generator))
+    resumed = run(second, torch.from_numpy(back.latent), stop, entries, generator)
     assert torch.equal(resumed, whole)
+
+
+def test_heun_between_its_two_calls_and_unipc_carry_tensors_a_checkpoint_keeps(tmp_path):
+    """What the step index and the history alone would lose: Heun's first-order half of a step (its derivative, dt
+    and sample) and UniPC's last sample and timesteps; without them the resume is off."""
+    for name, stop, carried in (("heun", 3, ("prev_derivative", "dt", "sample")),
+                                ("unipc", 4, ("last_sample", "timestep_list"))):
+        entries = len(fresh(name).timesteps)
+        whole = run(fresh(name), start_latent(), 0, entries)
+        first = fresh(name)
+        x = run(first, start_latent(), 0, stop)
+        state = keep_carried(first, is_latent)
+        assert all(state[key] is not None for key in carried), state
+        assert state[carried[0]].latent  # a latent-shaped tensor: whole in the file, a band in a band group's loop
+        scalars, history = scheduler_state(first)
+        second = fresh(name)
+        restore_scheduler(second, scalars, history)
+        assert not torch.equal(run(second, x, stop, entries), whole)
+        second = fresh(name)
+        restore_scheduler(second, scalars, history)
+        write_checkpoint(tmp_path / f"{name}.h5", Checkpoint(step=stop % STEPS or 1, steps=STEPS, latent=x.numpy(),
+                                                             scalars=scalars, history=(), state=state), "hash")
+        restore_carried(second, read_checkpoint(tmp_path / f"{name}.h5", "hash").state)
+        assert torch.equal(run(second, x, stop, entries), whole)
+
+
+def test_carried_tensors_keep_their_dtype_and_layout_and_a_foreign_one_is_refused(tmp_path):
+    half = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(2)).half()
+    nhwc = half.contiguous(memory_format=torch.channels_last)
+    scheduler = fresh("unipc")
+    scheduler.last_sample = nhwc
+    scheduler.timestep_list = [None, scheduler.timesteps[0]]
+    state = keep_carried(scheduler, is_latent)
+    assert state["last_sample"].array.dtype == np.float32
+    assert (state["last_sample"].dtype, state["last_sample"].channels_last) == ("float16", True)
+    write_checkpoint(tmp_path / "c.h5", Checkpoint(step=1, steps=2, latent=np.zeros((1, 4, 6, 5), np.float32),
+                                                   scalars={}, history=(), state=state), "h")
+    back = read_checkpoint(tmp_path / "c.h5", "h")
+    assert back.generator is None and back.state["timestep_list"][0] is None
+    again = fresh("unipc")
+    restore_carried(again, back.state)
+    assert again.last_sample.dtype == torch.float16 and torch.equal(again.last_sample, nhwc)
+    assert again.last_sample.stride() == nhwc.stride()
+    assert again.timestep_list[1] == scheduler.timesteps[0] and again.timestep_list[1].dtype == torch.int64
+    with pytest.raises(ValueError, match="entries of timestep_list"):
+        restore_carried(fresh("dpmpp"), back.state)
+    with pytest.raises(ValueError, match="which no sampler here keeps"):
+        restore_carried(again, {"noise_sampler": None})
+    assert isinstance(back.state["last_sample"], SamplerTensor)
 
 
 def test_the_multistep_history_is_what_makes_the_resume_exact():

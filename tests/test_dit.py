@@ -114,15 +114,46 @@ def test_mode_none_equals_diffusers_pipeline_bit_for_bit(pipes, name):
     assert ours.image.std() > 1.0
 
 
-def test_flow_matching_models_take_euler_only(pipes):
+def test_flow_matching_models_take_euler_and_heun_and_flux_euler_only(pipes):
     config = pipes["tiny-sd3"].scheduler.config
     assert type(make_scheduler(SchedulerName.EULER, config)).__name__ == "FlowMatchEulerDiscreteScheduler"
-    for name in (SchedulerName.DDIM, SchedulerName.DPMPP):
-        with pytest.raises(BadInput, match="does not apply to a flow-matching model") as exc:
-            make_scheduler(name, scheduler_config_of("builtin:tiny-flux"))
-        assert "\n" not in str(exc.value)
+    assert type(make_scheduler(SchedulerName.HEUN, config)).__name__ == "FlowMatchHeunDiscreteScheduler"
+    for name in SchedulerName:
+        if name not in (SchedulerName.EULER, SchedulerName.HEUN):
+            with pytest.raises(BadInput, match="does not apply to a flow-matching model") as exc:
+                make_scheduler(name, scheduler_config_of("builtin:tiny-flux"))
+            assert "\n" not in str(exc.value)
+    with pytest.raises(BadInput, match="'heun' does not apply to Flux"):
+        make_scheduler(SchedulerName.HEUN, scheduler_config_of("builtin:tiny-flux"))
     pixart = pipes["tiny-pixart"].scheduler.config
     assert type(make_scheduler(SchedulerName.DDIM, pixart)).__name__ == "DDIMScheduler"
+    assert type(make_scheduler(SchedulerName.LCM, pixart)).__name__ == "LCMScheduler"
+
+
+@pytest.mark.parametrize("name, scheduler", [("tiny-sd3", SchedulerName.HEUN), ("tiny-pixart", SchedulerName.HEUN),
+                                             ("tiny-pixart", SchedulerName.EULER_A),
+                                             ("tiny-pixart", SchedulerName.DPMPP_2M_SDE_KARRAS),
+                                             ("tiny-pixart", SchedulerName.UNIPC), ("tiny-pixart", SchedulerName.LCM)])
+def test_the_other_samplers_equal_diffusers_pipeline_with_the_same_generator(pipes, name, scheduler):
+    """Drawing the start noise (and PixArt's stochastic samplers their steps' noise) from the pipeline's generator;
+    SD3 takes Heun's flow-matching twin."""
+    pipe = pipes[name]
+    job = Job(name="a", prompt="a harbor at dawn", width=64, height=48, seed=7, model=f"builtin:{name}", steps=3,
+              guidance_scale=4.0, negative_prompt="fog", scheduler=scheduler, parallel=ParallelConfig(mode=Mode.NONE))
+    ours = render_image(pipe, job, *ALONE, "cpu")
+    kwargs = dict(num_inference_steps=job.steps, height=job.height, width=job.width, guidance_scale=job.guidance_scale,
+                  negative_prompt=job.negative_prompt, output_type="latent",
+                  max_sequence_length=t5_tokens(pipe, family(pipe)),
+                  generator=torch.Generator("cpu").manual_seed(job.seed))
+    if name == "tiny-pixart":
+        kwargs.update(use_resolution_binning=False, clean_caption=False)
+    own = pipe.scheduler
+    pipe.scheduler = make_scheduler(job.scheduler, own.config)
+    try:
+        theirs = pipe(job.prompt, **kwargs).images
+    finally:
+        pipe.scheduler = own
+    assert torch.equal(torch.from_numpy(ours.latent), theirs[0])
 
 
 # --- bands: alignment and bytes (pure) ---------------------------------------------------------------------------
@@ -237,6 +268,24 @@ height = 64
 seed = 1
 [jobs.parallel]
 split_cfg = true
+
+[[jobs]]
+name = "heun-flux"
+model = "builtin:tiny-flux"
+scheduler = "heun"
+prompt = "a lighthouse"
+width = 64
+height = 64
+seed = 1
+
+[[jobs]]
+name = "spaced-sd3"
+model = "builtin:tiny-sd3"
+timestep_spacing = "trailing"
+prompt = "a lighthouse"
+width = 64
+height = 64
+seed = 1
 """
 
 
@@ -247,18 +296,22 @@ def test_too_few_token_rows_and_what_does_not_apply_to_the_model_are_refused_wit
     r = hpcrender("render", manifest, "--out", out, ranks=2)
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("hpcrender: error:")]
-    assert len(lines) == 4, r.stderr  # one line per job, from every rank alike but printed once
+    assert len(lines) == 6, r.stderr  # one line per job, from every rank alike but printed once
     assert "jobs[strip]" in lines[0] and "fewer than its 2 ranks" in lines[0]
     assert "jobs[ddim-flux]" in lines[1] and "does not apply to a flow-matching model" in lines[1]
     assert "jobs[odd-sd3]" in lines[2] and "multiples of 16 px" in lines[2]
     assert "jobs[cfg-flux]" in lines[3] and "split_cfg needs classifier-free guidance" in lines[3]
-    assert not any((out / name).exists() for name in ("strip", "ddim-flux", "odd-sd3", "cfg-flux"))
+    assert "jobs[heun-flux]: scheduler 'heun' does not apply to Flux" in lines[4]
+    assert "jobs[spaced-sd3]: timestep_spacing 'trailing' does not apply to a flow-matching model" in lines[5]
+    assert not any((out / name).exists() for name in ("strip", "ddim-flux", "odd-sd3", "cfg-flux", "heun-flux",
+                                                      "spaced-sd3"))
 
 
-@pytest.mark.parametrize("name, scheduler", [("tiny-pixart", SchedulerName.DPMPP), ("tiny-flux", SchedulerName.EULER)])
+@pytest.mark.parametrize("name, scheduler", [("tiny-pixart", SchedulerName.DPMPP), ("tiny-flux", SchedulerName.EULER),
+                                             ("tiny-sd3", SchedulerName.HEUN)])
 def test_a_stopped_render_resumes_bit_for_bit(pipes, name, scheduler):
-    """The checkpoint after step 2 of 4 (DPM-Solver++ keeps a history; Flux's sampler its shifted sigmas) resumed
-    gives the uninterrupted latent."""
+    """The checkpoint after step 2 of 4 (DPM-Solver++ keeps a history; Flux's sampler its shifted sigmas; Heun two
+    calls a step) resumed gives the uninterrupted latent."""
     pipe = pipes[name]
     job = Job(name="a", prompt="a lighthouse", width=64, height=48, seed=3, model=f"builtin:{name}", steps=4,
               scheduler=scheduler, parallel=ParallelConfig(mode=Mode.NONE))

@@ -1,6 +1,7 @@
 """img2img and the pipeline's stages on one process: the schedule cut as diffusers cuts it, the init image as
-diffusers reads it, text-to-image and img2img equal to diffusers' own pipelines bit for bit, a stopped img2img render
-resumed exactly, and through the commands: bad img2img manifests refused, a checkpoint resumed or ignored."""
+diffusers reads it, text-to-image and img2img equal to diffusers' own pipelines bit for bit with every sampler, a
+stopped render resumed exactly with every sampler, and through the commands: bad img2img and sampler manifests
+refused, a checkpoint resumed or ignored."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from hpcrender.config import InitImage, Job, Mode, ParallelConfig, SchedulerName, first_step
+from hpcrender.config import InitImage, Job, Mode, ParallelConfig, SchedulerName, TimestepSpacing, first_step
 from hpcrender.models import load_pipeline
 from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.render.checkpoint import read_checkpoint, write_checkpoint
 from hpcrender.render.image import render_image
-from hpcrender.render.latents import initial_noise, load_init_image
+from hpcrender.render.latents import WholeStepNoise, initial_noise, load_init_image
 from hpcrender.render.samplers import make_scheduler
 
 from clirun import hpcrender, meta_of, status_of, write_manifest
@@ -102,6 +104,81 @@ def test_text_to_image_in_mode_none_equals_diffusers_pipeline_bit_for_bit(pipes)
         assert np.array_equal(ours.image, (image[0] * 255).round().astype(np.uint8)), model
 
 
+def diffusers_text_to_image(pipe, render: Job) -> torch.Tensor:
+    """diffusers' own text-to-image call with the job's sampler and a CPU generator seeded by its seed, no latents:
+    the start noise and then a stochastic sampler's noise of every step come from that generator."""
+    own = pipe.scheduler
+    pipe.scheduler = make_scheduler(render.scheduler, own.config, render.timestep_spacing)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        return pipe(render.prompt, negative_prompt=render.negative_prompt, num_inference_steps=render.steps,
+                    height=render.height, width=render.width, guidance_scale=render.guidance_scale,
+                    generator=torch.Generator("cpu").manual_seed(render.seed), output_type="latent").images
+    finally:
+        pipe.scheduler = own
+
+
+SAMPLER_CASES = (
+    [("tiny-sd", name, None, 4, 5.0) for name in SchedulerName]
+    + [("tiny-sdxl", name, None, 4, 5.0) for name in (SchedulerName.HEUN, SchedulerName.EULER_A,
+                                                      SchedulerName.DPMPP_2M_SDE_KARRAS, SchedulerName.UNIPC,
+                                                      SchedulerName.LCM)]
+    # few-step recipes: SD-Turbo (1 step, trailing, no guidance), SDXL-Lightning (euler, trailing), LCM (no spacing)
+    + [("tiny-sd", SchedulerName.EULER, TimestepSpacing.TRAILING, 1, 0.0),
+       ("tiny-sdxl", SchedulerName.EULER, TimestepSpacing.TRAILING, 4, 1.0),
+       ("tiny-sd", SchedulerName.EULER_A, TimestepSpacing.TRAILING, 2, 0.0),
+       ("tiny-sd", SchedulerName.HEUN, TimestepSpacing.LINSPACE, 3, 5.0),
+       ("tiny-sdxl", SchedulerName.DPMPP_2M_KARRAS, TimestepSpacing.LEADING, 3, 5.0),
+       ("tiny-sd", SchedulerName.LCM, None, 2, 1.0)])
+
+
+@pytest.mark.parametrize("model, scheduler, spacing, steps, guidance", SAMPLER_CASES,
+                         ids=[f"{m}-{n.value}-{s.value if s else 'own'}-{k}" for m, n, s, k, _ in SAMPLER_CASES])
+def test_every_sampler_in_mode_none_equals_diffusers_pipeline_with_the_same_generator(pipes, model, scheduler, spacing,
+                                                                                     steps, guidance):
+    pipe = pipes[model]
+    render = job(model, scheduler=scheduler, timestep_spacing=spacing, steps=steps, guidance_scale=guidance,
+                 negative_prompt="fog")
+    ours = render_image(pipe, render, *ALONE, "cpu")
+    assert len(ours.step_seconds) == steps
+    assert torch.equal(torch.from_numpy(ours.latent), diffusers_text_to_image(pipe, render)[0])
+
+
+def test_stochastic_samplers_draw_from_the_job_generator_and_trailing_starts_at_the_last_timestep(pipes):
+    pipe = pipes["tiny-sd"]
+    for name in SchedulerName:
+        if name.stochastic:
+            a = render_image(pipe, job("tiny-sd", scheduler=name, steps=3), *ALONE, "cpu").latent
+            b = render_image(pipe, job("tiny-sd", scheduler=name, steps=3, seed=8), *ALONE, "cpu").latent
+            assert np.abs(a - b).mean() > 1e-3, name
+    config = pipe.scheduler.config
+    for name in (SchedulerName.EULER, SchedulerName.DDIM, SchedulerName.DPMPP_2M, SchedulerName.UNIPC):
+        trailing = make_scheduler(name, config, TimestepSpacing.TRAILING)
+        trailing.set_timesteps(1)
+        leading = make_scheduler(name, config)
+        leading.set_timesteps(1)
+        assert int(trailing.timesteps[0]) == 999, name
+        if name in (SchedulerName.EULER, SchedulerName.DDIM):  # the config's leading: one step at t = 1, no noise
+            assert int(leading.timesteps[0]) == 1, name
+    heun = make_scheduler(SchedulerName.HEUN, config)
+    heun.set_timesteps(4)
+    assert len(heun.timesteps) == SchedulerName.HEUN.denoiser_calls(4) == 7
+
+
+def test_step_noise_is_drawn_whole_and_cut_to_the_band():
+    generator = torch.Generator().manual_seed(5)
+    whole = torch.randn((1, 4, 10, 6), generator=torch.Generator().manual_seed(5))
+    with WholeStepNoise(generator, (1, 4, 10, 6), slice(3, 7)):
+        band = torch.randn((1, 4, 4, 6), generator=generator)
+        other = torch.randn((1, 4, 4, 6), generator=torch.Generator().manual_seed(5))  # not the job's: untouched
+        with pytest.raises(RuntimeError, match="not its latent band's"):
+            torch.randn((1, 4, 10, 6), generator=generator)
+    assert torch.equal(band, whole[:, :, 3:7]) and band.is_contiguous()
+    assert torch.equal(other, torch.randn((1, 4, 4, 6), generator=torch.Generator().manual_seed(5)))
+    with WholeStepNoise(torch.Generator().manual_seed(5), (1, 4, 10, 6), slice(None)) as alone:
+        assert torch.equal(torch.randn(1, 4, 10, 6, generator=alone.generator), whole)
+
+
 def diffusers_img2img(pipe, scheduler):
     """diffusers' img2img pipeline of the same components and sampler. SDXL: no aesthetic score in the time ids
     (requires_aesthetics_score=False, as the base model; the refiner's True would add it) and empty negative
@@ -123,7 +200,12 @@ def diffusers_img2img(pipe, scheduler):
 
 @pytest.mark.parametrize("model, scheduler, strength", [("tiny-sd", SchedulerName.EULER, 0.6),
                                                         ("tiny-sd", SchedulerName.DDIM, 1.0),
-                                                        ("tiny-sdxl", SchedulerName.DPMPP, 0.5)])
+                                                        ("tiny-sdxl", SchedulerName.DPMPP, 0.5),
+                                                        ("tiny-sd", SchedulerName.HEUN, 0.6),
+                                                        ("tiny-sd", SchedulerName.EULER_A, 0.75),
+                                                        ("tiny-sdxl", SchedulerName.DPMPP_2M_SDE, 0.6),
+                                                        ("tiny-sdxl", SchedulerName.UNIPC, 0.5),
+                                                        ("tiny-sd", SchedulerName.LCM, 0.6)])
 def test_img2img_equals_diffusers_img2img_pipeline_bit_for_bit(pipes, start_png, model, scheduler, strength):
     """Both start from the same image, resized by us (diffusers would only round its size to 8 px), and draw the
     latent sample and the noise from one CPU generator seeded by the job's seed, in that order; denoising_start is
@@ -178,6 +260,26 @@ def test_a_stopped_img2img_render_resumes_from_its_checkpoint_file_bit_for_bit(p
     resumed = render_image(pipe, render, *ALONE, "cpu", resume=back)
     assert resumed.resumed_from == 5 and len(resumed.step_seconds) == 3
     assert np.array_equal(resumed.latent, whole.latent) and np.array_equal(resumed.image, whole.image)
+
+
+@pytest.mark.parametrize("scheduler", list(SchedulerName))
+def test_every_sampler_resumes_from_its_checkpoint_file_bit_for_bit(pipes, start_png, scheduler, tmp_path):
+    """Text-to-image stopped after step 2 of 5 and img2img after step 4 of 6 (from step 2): the file keeps the
+    sampler's history, carried tensors and the job generator's state, so the noise of the steps to come is the
+    uninterrupted run's."""
+    pipe = pipes["tiny-sd"]
+    for render, stop in ((job("tiny-sd", steps=5, scheduler=scheduler), 2),
+                         (job("tiny-sd", InitImage(str(start_png), "-", 0.7), steps=6, scheduler=scheduler), 2)):
+        whole = render_image(pipe, render, *ALONE, "cpu")
+        done: list[int] = []
+        stopped = render_image(pipe, render, *ALONE, "cpu", on_step=lambda i, n: done.append(i),
+                               should_stop=lambda: len(done) == stop)
+        assert stopped.image is None and stopped.checkpoint.step == render.first_step + stop
+        assert stopped.checkpoint.generator is not None
+        write_checkpoint(tmp_path / "checkpoint.h5", stopped.checkpoint, "hash")
+        resumed = render_image(pipe, render, *ALONE, "cpu", resume=read_checkpoint(tmp_path / "checkpoint.h5", "hash"))
+        assert len(resumed.step_seconds) == render.steps - render.first_step - stop
+        assert np.array_equal(resumed.latent, whole.latent), (scheduler, render.init_image is not None)
 
 
 def test_a_checkpoint_before_the_strengths_first_step_is_refused(pipes, start_png):
@@ -244,6 +346,96 @@ def test_bad_img2img_jobs_exit_2_with_one_line_each_and_nothing_rendered(tmp_pat
         assert len(lines) == len(expected), done.stderr
         for line, fragment in zip(lines, expected):
             assert f"bad.toml{fragment}" in line, done.stderr
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+BAD_SAMPLERS = """
+[defaults]
+model = "builtin:tiny-sd"
+steps = 4
+width = 64
+height = 64
+[defaults.parallel]
+mode = "none"
+[[jobs]]
+name = "fine"
+prompt = "x"
+scheduler = "dpmpp"
+[[jobs]]
+name = "unknown"
+prompt = "x"
+scheduler = "dpm++"
+[[jobs]]
+name = "spacing"
+prompt = "x"
+timestep_spacing = "first"
+[[jobs]]
+name = "lcm-spaced"
+prompt = "x"
+scheduler = "lcm"
+timestep_spacing = "trailing"
+"""
+
+# What only the model's configs rule out: checked before anything loads, one line per job.
+BAD_FOR_THE_MODEL = """
+[defaults]
+steps = 4
+width = 64
+height = 64
+prompt = "x"
+[defaults.parallel]
+mode = "none"
+[[jobs]]
+name = "fine"
+model = "builtin:tiny-sd3"
+scheduler = "heun"
+[[jobs]]
+name = "unipc-sd3"
+model = "builtin:tiny-sd3"
+scheduler = "unipc"
+[[jobs]]
+name = "heun-flux"
+model = "builtin:tiny-flux"
+scheduler = "heun"
+[[jobs]]
+name = "spaced-sd3"
+model = "builtin:tiny-sd3"
+timestep_spacing = "trailing"
+[[jobs]]
+name = "lcm-long"
+model = "builtin:tiny-sd"
+scheduler = "lcm"
+steps = 60
+"""
+
+
+def test_bad_sampler_keys_exit_2_with_one_line_each_naming_the_key_and_nothing_rendered(tmp_path):
+    manifest = write_manifest(tmp_path / "bad.toml", BAD_SAMPLERS)
+    model = write_manifest(tmp_path / "model.toml", BAD_FOR_THE_MODEL)
+    for command in (("validate", manifest), ("render", manifest, "--out", tmp_path / "out")):
+        done = hpcrender(*command)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        expected = [":16: jobs[unknown].scheduler: must be one of euler, euler_a, heun, ddim, dpmpp_2m, ",
+                    ":20: jobs[spacing].timestep_spacing: must be one of leading, trailing, linspace, got 'first'",
+                    ":25: jobs[lcm-spaced].timestep_spacing: 'trailing' does not apply to lcm"]
+        assert len(lines) == len(expected), done.stderr
+        for line, fragment in zip(lines, expected):
+            assert f"bad.toml{fragment}" in line, done.stderr
+    # (render reads the same run plan before loading: test_dit renders such a manifest on 2 ranks)
+    for command in (("validate", model, "--ranks", 1),):
+        done = hpcrender(*command)
+        assert done.returncode == 2, done.stderr
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        expected = ["jobs[unipc-sd3]: scheduler 'unipc' does not apply to a flow-matching model (SD3, Flux): use "
+                    "'euler' or 'heun'",
+                    "jobs[heun-flux]: scheduler 'heun' does not apply to Flux",
+                    "jobs[spaced-sd3]: timestep_spacing 'trailing' does not apply to a flow-matching model",
+                    "jobs[lcm-long]: scheduler 'lcm' takes at most 50 steps (its original_inference_steps), got 60"]
+        assert len(lines) == len(expected), done.stderr
+        for line, fragment in zip(lines, expected):
+            assert f"model.toml: {fragment}" in line, done.stderr
         assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 

@@ -19,6 +19,7 @@ from hpcrender.config import (
     ParallelConfig,
     SchedulerName,
     HaloMode,
+    TimestepSpacing,
 )
 from hpcrender.errors import BadInput, ManifestError
 from hpcrender.manifest import apply_overrides, derive_seed, load_manifest, parse_duration
@@ -264,7 +265,21 @@ CASES = [
     ("split-cfg-not-bool", JOB + "[jobs.parallel]\nsplit_cfg = 1\n", 5,
      "jobs[harbor].parallel.split_cfg: must be true or false, got 1"),
     ("scheduler-unknown", JOB + 'scheduler = "eulr"\n', 4,
-     "jobs[harbor].scheduler: must be one of euler, ddim, dpmpp, got 'eulr' (did you mean 'euler'?)"),
+     "jobs[harbor].scheduler: must be one of euler, euler_a, heun, ddim, dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, "
+     "dpmpp_2m_sde_karras, unipc, lcm, got 'eulr' (did you mean 'euler'?)"),
+    ("scheduler-not-string", JOB + "scheduler = 2\n", 4, "jobs[harbor].scheduler: must be one of euler, euler_a,"),
+    ("timestep-spacing-unknown", JOB + 'timestep_spacing = "trail"\n', 4,
+     "jobs[harbor].timestep_spacing: must be one of leading, trailing, linspace, got 'trail' (did you mean "
+     "'trailing'?)"),
+    ("timestep-spacing-not-string", '[defaults]\ntimestep_spacing = true\n' + JOB, 2,
+     "defaults.timestep_spacing: must be one of leading, trailing, linspace, got true"),
+    ("timestep-spacing-with-lcm", JOB + 'scheduler = "lcm"\ntimestep_spacing = "trailing"\n', 5,
+     "jobs[harbor].timestep_spacing: 'trailing' does not apply to lcm: its timesteps are LCM's own"),
+    ("timestep-spacing-in-parallel", JOB + '[jobs.parallel]\ntimestep_spacing = "trailing"\n', 5,
+     "jobs[harbor].parallel.timestep_spacing: unknown key ('timestep_spacing' belongs in [[jobs]])"),
+    ("stochastic-sampler-in-gigapixel", JOB + 'scheduler = "euler_a"\n[jobs.gigapixel]\nbase = 512\n', 4,
+     "jobs[harbor].scheduler: 'euler_a' draws noise in every step, which a gigapixel job's tiles would not share "
+     "where they overlap: use one of euler, heun, ddim, dpmpp_2m, dpmpp_2m_karras, unipc"),
     ("dtype-unknown", JOB + 'dtype = "fp16"\n', 4, "jobs[harbor].dtype: must be one of float32, float16, bfloat16"),
     ("mode-unknown", JOB + '[jobs.parallel]\nmode = "displace"\n', 5,
      "jobs[harbor].parallel.mode: must be one of none, naive, sync, displaced, got 'displace' "
@@ -614,6 +629,30 @@ def test_png_tiff_and_jpeg_are_accepted(tmp_path, fmt):
     Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "start.img", format=fmt)
     job = load_manifest(write(tmp_path, JOB + 'init_image = "start.img"\nstrength = 1\n')).jobs[0]
     assert job.init_image.strength == 1.0 and job.first_step == 0
+
+
+def test_samplers_and_spacings_parse_and_dpmpp_is_dpmpp_2m(tmp_path):
+    for name in SchedulerName:
+        assert load_manifest(write(tmp_path, JOB + f'scheduler = "{name.value}"\n')).jobs[0].scheduler is name
+    old = load_manifest(write(tmp_path, JOB + 'scheduler = "dpmpp"\n')).jobs[0]
+    assert old.scheduler is SchedulerName.DPMPP_2M is SchedulerName.DPMPP and old.to_dict()["scheduler"] == "dpmpp_2m"
+    job = load_manifest(write(tmp_path, '[defaults]\ntimestep_spacing = "trailing"\n' + JOB)).jobs[0]
+    assert job.timestep_spacing is TimestepSpacing.TRAILING and job.to_dict()["timestep_spacing"] == "trailing"
+    assert load_manifest(write(tmp_path, JOB)).jobs[0].timestep_spacing is None
+
+
+def test_jobs_written_before_the_new_samplers_keep_their_params_hash():
+    """Pinned from the hashes of before dpmpp_2m and timestep_spacing: their stores and checkpoints stay theirs."""
+    def job(scheduler, **kw):
+        return Job(name="harbor", prompt="a harbor at dawn", width=64, height=48, seed=7, model="builtin:tiny-sd",
+                   steps=5, scheduler=scheduler, **kw)
+
+    assert job(SchedulerName.DPMPP_2M).params_hash() == "fe4b7b8b1c0851e3"  # written as "dpmpp"
+    assert job(SchedulerName.EULER).params_hash() == "20c57b8b0aeda2a8"
+    assert job(SchedulerName.DDIM).params_hash() == "b39b34374a9078f9"
+    hashes = {job(name).params_hash() for name in SchedulerName}
+    hashes |= {job(SchedulerName.EULER, timestep_spacing=s).params_hash() for s in TimestepSpacing}
+    assert len(hashes) == len(SchedulerName) + len(TimestepSpacing)  # each changes the pixels, so the hash
 
 
 def test_a_changed_image_is_a_changed_job_and_a_moved_one_is_not(tmp_path):

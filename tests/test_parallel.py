@@ -168,6 +168,37 @@ def test_each_forward_is_the_next_step_and_begin_step_still_chooses_one():
     assert handle.step == 1  # the removed plan counts no more
 
 
+def test_heuns_two_forwards_are_one_step_and_displaced_keeps_a_set_of_stale_buffers_per_call():
+    """Heun's sampler calls the UNet twice a step (diffusers lists both timesteps): forwards 2i and 2i + 1 are step
+    i's calls 0 and 1, so warm-up counts steps; in displaced mode each call exchanges through its own buffers (its
+    stale activations are the same call's of the step before), in sync mode one set serves both."""
+    unet = sd_unet()
+    cond = conditioning(unet, 2)
+    x = noise(2, 16, 12)
+    for mode, sets in ((Mode.DISPLACED, 2), (Mode.SYNC, 1)):
+        handle = parallelize(unet, PatchPlan(mode, GroupNormMode.CORRECTED, 1, (Band(0, 16),), 0,
+                                             calls_per_step=2), None)
+        seen = []
+        with torch.no_grad():
+            for _ in range(5):
+                unet(x, 500.0, **cond, return_dict=False)
+                seen.append((handle.step, handle.ctx.call, handle.ctx.exchanges.index(handle.ctx.exchange)))
+            handle.begin_step(7, call=1)
+            unet(x, 500.0, **cond, return_dict=False)
+            seen.append((handle.step, handle.ctx.call))
+        assert len(handle.ctx.exchanges) == sets and handle.plan.buffer_sets == sets
+        assert seen[:5] == [(0, 0, 0), (0, 1, sets - 1), (1, 0, 0), (1, 1, sets - 1), (2, 0, 0)]
+        assert seen[5] == (7, 1)
+        with pytest.raises(BadInput, match="call 2 of a step of 2"):
+            handle.begin_step(0, call=2)
+        handle.remove()
+    handle = parallelize(unet, PatchPlan(Mode.DISPLACED, GroupNormMode.CORRECTED, 1, (Band(0, 16),), 0,
+                                         calls_per_step=2), None)
+    tags = [exchange.tag_base for exchange in handle.ctx.exchanges]
+    handle.remove()
+    assert tags[0] == 0 and tags[1] > 1000  # the two calls' buckets never share a p2p tag
+
+
 def test_a_parallelized_model_is_not_parallelized_twice():
     unet = sd_unet()
     plan = PatchPlan(Mode.SYNC, GroupNormMode.SYNC, 1, (Band(0, 16),), 0)

@@ -86,7 +86,7 @@ def test_batch_renders_every_job_with_contract_outputs(batch):
     meta = meta_of(root / "one", "wide-xl")
     assert meta["layout"]["world_size"] == 1
     assert len(meta["timings"]["step_seconds"]) == 3
-    assert meta["versions"]["torch"] and meta["job"]["scheduler"] == "dpmpp"
+    assert meta["versions"]["torch"] and meta["job"]["scheduler"] == "dpmpp_2m"  # written "dpmpp", its old name
     assert (root / "one" / "logs" / "rank-0000.log").is_file()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcrender.config import Job, Manifest, Mode, ParallelConfig
+from hpcrender.config import GigapixelConfig, Job, Manifest, Mode, ParallelConfig, SchedulerName
 from hpcrender.errors import DoesNotFit, ModelNotFound
 from hpcrender.models.shapes import model_shape
 from hpcrender.parallel.bands import image_bands, latent_bands
@@ -172,3 +172,33 @@ def test_a_gigapixel_job_plans_its_levels_tiles_evaluations_store_and_time():
     assert tile_rate_seconds(p.gigapixel, 2.0, 4) == 2.0 * (1 + 1 + 2)
     measured = describe_plan(manifest(giga), plan_of(manifest(giga), 2), tile_seconds=2.0)
     assert "at 2 s per tile (measured): 18.0 s on one group, 10.0 s on all 2 group(s)" in measured
+
+
+def test_heun_costs_two_unet_calls_a_step_and_displaced_heun_two_sets_of_buffers():
+    euler = plan_of(manifest(job("e", Mode.DISPLACED)), 2).jobs[0]
+    heun = plan_of(manifest(job("h", Mode.DISPLACED, scheduler=SchedulerName.HEUN)), 2).jobs[0]
+    sync = plan_of(manifest(job("s", Mode.SYNC, scheduler=SchedulerName.HEUN)), 2).jobs[0]
+    assert [c.macs for c in heun.costs] == [c.macs for c in euler.costs]  # per call
+    assert heun.seconds(1e9) == pytest.approx(euler.seconds(1e9) * 7 / 4)  # 4 steps: 2 x 4 - 1 calls
+    assert heun.costs[0].memory.buffers.total == 2 * euler.costs[0].memory.buffers.total > 0
+    assert sync.costs[0].memory.buffers.total == euler.costs[0].memory.buffers.total
+    text = describe_plan(manifest(heun.job), plan_of(manifest(heun.job), 2))
+    assert f"sends per step: {2 * heun.costs[0].bytes_sent / 2**20:.1f} MiB" in text and "(7 UNet calls)" in text
+    giga = job("g", Mode.NONE, 384, 256, scheduler=SchedulerName.HEUN,
+               gigapixel=GigapixelConfig(base=128, tile=128, overlap=32, strength=0.5))
+    tiles = plan_of(manifest(giga), 1).jobs[0].gigapixel
+    assert (tiles.base_calls, tiles.tile_calls) == (7, 3)  # 4 steps; the tiles' last 2
+    assert tiles.unet_evaluations == 7 + 8 * 3
+
+
+def test_a_displaced_job_whose_warm_up_covers_every_step_is_planned_as_synchronous_throughout():
+    few = dataclasses.replace(job("few", Mode.DISPLACED), parallel=ParallelConfig(mode=Mode.DISPLACED,
+                                                                                  warmup_steps=4))
+    more = dataclasses.replace(job("more", Mode.DISPLACED), parallel=ParallelConfig(mode=Mode.DISPLACED,
+                                                                                    warmup_steps=3))
+    plan = plan_of(manifest(few, more), 2)
+    assert plan.jobs[0].synchronous_throughout and not plan.jobs[1].synchronous_throughout
+    alone = plan_of(manifest(dataclasses.replace(few, parallel=ParallelConfig(mode=Mode.NONE, warmup_steps=4))), 2)
+    assert not alone.jobs[0].synchronous_throughout
+    text = describe_plan(manifest(few), plan_of(manifest(few), 2))
+    assert "displaced, but the warm-up covers all 4 step(s): synchronous throughout" in text

@@ -1,6 +1,7 @@
 """Patch parallelism through the commands: `hpcrender verify` against single-device on 2, 3 and 4 ranks (sync,
-displaced, naive, split_cfg; text-to-image and img2img), a displaced render's meta.json, and the layouts that must be
-refused with exit 2."""
+displaced, naive, split_cfg; text-to-image and img2img; every sampler, Heun's two calls a step and the stochastic
+samplers' noise drawn whole), a displaced render's meta.json (and one whose warm-up covers every step), and the layouts
+that must be refused with exit 2."""
 
 from __future__ import annotations
 
@@ -83,6 +84,111 @@ steps = 8
 init_image = "sketches/start.png"
 strength = 0.75
 
+# Every other sampler on 2 ranks (tiny-sdxl 128 x 160: 5 coarse rows -> bands of 12 and 8 latent rows) and on 3
+# (tiny-sd 128 x 200: bands of 8, 8 and 9), in the same launches; SD3's flow-matching Heun on 2 (token rows 3 and 2).
+[[jobs]]
+name = "xl-heun"
+model = "builtin:tiny-sdxl"
+scheduler = "heun"
+width = 128
+height = 160
+
+[[jobs]]
+name = "xl-euler_a"
+model = "builtin:tiny-sdxl"
+scheduler = "euler_a"
+width = 128
+height = 160
+
+[[jobs]]
+name = "xl-dpmpp_2m_sde"
+model = "builtin:tiny-sdxl"
+scheduler = "dpmpp_2m_sde"
+width = 128
+height = 160
+
+[[jobs]]
+name = "xl-dpmpp_2m_karras"
+model = "builtin:tiny-sdxl"
+scheduler = "dpmpp_2m_karras"
+width = 128
+height = 160
+
+[[jobs]]
+name = "xl-unipc"
+model = "builtin:tiny-sdxl"
+scheduler = "unipc"
+width = 128
+height = 160
+
+[[jobs]]
+name = "xl-lcm"
+model = "builtin:tiny-sdxl"
+scheduler = "lcm"
+width = 128
+height = 160
+
+[[jobs]]
+name = "sd-heun"
+model = "builtin:tiny-sd"
+scheduler = "heun"
+width = 128
+height = 200
+
+[[jobs]]
+name = "sd-euler_a"
+model = "builtin:tiny-sd"
+scheduler = "euler_a"
+width = 128
+height = 200
+
+[[jobs]]
+name = "sd-dpmpp_2m_sde_karras"
+model = "builtin:tiny-sd"
+scheduler = "dpmpp_2m_sde_karras"
+width = 128
+height = 200
+
+[[jobs]]
+name = "sd-ddim"
+model = "builtin:tiny-sd"
+scheduler = "ddim"
+width = 128
+height = 200
+
+[[jobs]]
+name = "sd-unipc"
+model = "builtin:tiny-sd"
+scheduler = "unipc"
+width = 128
+height = 200
+
+[[jobs]]
+name = "sd-lcm"
+model = "builtin:tiny-sd"
+scheduler = "lcm"
+width = 128
+height = 200
+
+[[jobs]]
+name = "sd3-heun"
+model = "builtin:tiny-sd3"
+scheduler = "heun"
+width = 64
+height = 80
+
+# A displaced job whose warm-up covers both its steps: synchronous throughout, and it says so.
+[[jobs]]
+name = "xl-few"
+model = "builtin:tiny-sdxl"
+width = 128
+height = 160
+steps = 2
+guidance_scale = 1.0
+timestep_spacing = "trailing"
+[jobs.parallel]
+warmup_steps = 2
+
 # img2img: the same layouts, each job starting from an image (the VAE encodes it band-parallel over the group).
 [[jobs]]
 name = "xl-split-i2i"
@@ -116,7 +222,7 @@ def manifest(tmp_path_factory):
 def verify(manifest, jobs: tuple[str, ...], ranks: int, *modes: str) -> dict[str, dict[str, dict]]:
     """`hpcrender verify` of `jobs` in one launch on `ranks` ranks: {job: {mode: its comparison block}}."""
     args = [a for m in modes for a in ("--mode", m)] + [a for job in jobs for a in ("--only", job)]
-    done = hpcrender("verify", manifest, *args, ranks=ranks)
+    done = hpcrender("verify", manifest, *args, ranks=ranks, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     found: dict[str, dict[str, dict]] = {}
     for m in BLOCK.finditer(done.stdout):
@@ -131,17 +237,20 @@ def verify(manifest, jobs: tuple[str, ...], ranks: int, *modes: str) -> dict[str
 
 
 ALL_MODES = ("sync", "displaced", "naive")
+SAMPLERS_ON_2 = ("xl-heun", "xl-euler_a", "xl-dpmpp_2m_sde", "xl-dpmpp_2m_karras", "xl-unipc", "xl-lcm", "sd3-heun")
+SAMPLERS_ON_3 = ("sd-heun", "sd-euler_a", "sd-dpmpp_2m_sde_karras", "sd-ddim", "sd-unipc", "sd-lcm")
 
 
 @pytest.fixture(scope="module")
 def on_two_ranks(manifest):
-    """Every 2-rank check in one launch: SDXL shape, split_cfg (one branch each), text-to-image and img2img."""
-    return verify(manifest, ("xl", "xl-split", "xl-i2i", "xl-split-i2i"), 2, *ALL_MODES)
+    """Every 2-rank check in one launch: SDXL shape, split_cfg (one branch each), text-to-image and img2img, the
+    other samplers."""
+    return verify(manifest, ("xl", "xl-split", "xl-i2i", "xl-split-i2i", *SAMPLERS_ON_2), 2, *ALL_MODES)
 
 
 @pytest.fixture(scope="module")
 def on_three_ranks(manifest):
-    return verify(manifest, ("sd", "sd-i2i"), 3, *ALL_MODES)
+    return verify(manifest, ("sd", "sd-i2i", *SAMPLERS_ON_3), 3, *ALL_MODES)
 
 
 @pytest.fixture
@@ -177,10 +286,30 @@ def test_split_cfg_on_four_ranks_is_patch_parallel_in_each_half(manifest):
     assert got["displaced"]["latent"] < 0.5
 
 
+@pytest.mark.parametrize("job, ranks", [(job, 2) for job in SAMPLERS_ON_2] + [(job, 3) for job in SAMPLERS_ON_3])
+def test_every_sampler_in_sync_equals_single_device_and_displaced_beats_naive(launch, job, ranks):
+    """Heun calls the denoiser twice a step (displaced: each call's own stale activations), euler_a, the SDE
+    variants and LCM draw noise every step (whole, from the job's generator, cut to the band)."""
+    got = launch(ranks)[job]
+    sync, displaced, naive = got["sync"], got["displaced"], got["naive"]
+    print(job, ranks, "ranks:", {mode: (r["latent"], r["psnr"]) for mode, r in got.items()})
+    assert len(set(int(b.split("-")[1]) - int(b.split("-")[0]) for b in sync["bands"].split(","))) > 1, "uneven"
+    assert sync["latent"] <= 1e-4 and sync["level"] <= 1
+    assert displaced["psnr"] >= naive["psnr"] + 3, got
+    assert displaced["latent"] < naive["latent"]
+
+
 def test_displaced_render_records_bands_bytes_waits_and_step_times(manifest, tmp_path):
-    done = hpcrender("render", manifest, "--only", "xl", "--out", tmp_path, ranks=2)
+    done = hpcrender("render", manifest, "--only", "xl", "--only", "xl-few", "--out", tmp_path, ranks=2)
     assert done.returncode == 0, done.stderr[-3000:]
+    # warm-up over every step: the progress line and meta.json say it ran synchronous throughout
+    note = "displaced, but its warm-up of 2 step(s) covers all 2 step(s) run: synchronous throughout"
+    assert f"xl-few ({note}): done in" in done.stderr, done.stderr[-3000:]
+    few = meta_of(tmp_path, "xl-few")
+    assert (few["layout"]["mode"], few["layout"]["ran_as"], few["layout"]["note"]) == ("displaced", "sync", note)
+    assert (few["exchange"]["sync_steps"], few["exchange"]["async_steps"]) == (2, 0)
     meta = meta_of(tmp_path, "xl")
+    assert "ran_as" not in meta["layout"]
     assert meta["layout"]["bands"] == [[0, 20], [20, 36]]
     exchange = meta["exchange"]
     assert (exchange["mode"], exchange["ranks"], exchange["warmup_steps"]) == ("displaced", 2, 1)

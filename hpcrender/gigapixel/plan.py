@@ -77,10 +77,19 @@ class GigaPlan:
     overlap: int
     vae_scale: int
     alignment: int          # pixels: every level side and every extended box side is a multiple of it
-    base_steps: int         # UNet evaluations of the base render (per guidance branch)
-    tile_steps: int         # UNet evaluations of one tile (the last `strength` of the schedule)
+    base_steps: int         # denoising steps of the base render
+    tile_steps: int         # denoising steps of one tile (the last `strength` of the schedule)
     first_step: int         # the schedule's first step a tile runs
     levels: tuple[LevelPlan, ...]
+    calls_per_step: int = 1  # UNet evaluations per step (per guidance branch): Heun's 2, its last step 1
+
+    @property
+    def base_calls(self) -> int:
+        return _calls(self.base_steps, self.calls_per_step)
+
+    @property
+    def tile_calls(self) -> int:
+        return _calls(self.tile_steps, self.calls_per_step)
 
     @property
     def total_tiles(self) -> int:
@@ -89,7 +98,12 @@ class GigaPlan:
 
     @property
     def unet_evaluations(self) -> int:
-        return self.base_steps + self.total_tiles * self.tile_steps
+        return self.base_calls + self.total_tiles * self.tile_calls
+
+
+def _calls(steps: int, calls_per_step: int) -> int:
+    """UNet evaluations of `steps` steps run to the schedule's end (config.SchedulerName.denoiser_calls)."""
+    return calls_per_step * steps - (calls_per_step - 1) if steps else 0
 
 
 @dataclass(frozen=True)
@@ -133,7 +147,7 @@ def gigapixel_plan(job: Job, vae_scale: int, alignment: int) -> GigaPlan:
         levels.append(_tile_level(index, height, width, giga.tile, giga.overlap, align))
     return GigaPlan(job_name=job.name, height=job.height, width=job.width, overlap=giga.overlap,
                     vae_scale=vae_scale, alignment=align, base_steps=job.steps, tile_steps=job.steps - first,
-                    first_step=first, levels=tuple(levels))
+                    first_step=first, levels=tuple(levels), calls_per_step=job.scheduler.calls_per_step)
 
 
 def level_sizes(height: int, width: int, base: int, align: int) -> tuple[tuple[int, int], ...]:

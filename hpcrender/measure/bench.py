@@ -55,9 +55,10 @@ def bench_job(req: BenchRequest, mode: Mode) -> Job:
                parallel=ParallelConfig(mode=mode, warmup_steps=req.warmup_steps, ranks_per_image=0))
 
 
-def summarize(step_seconds: list[float]) -> dict:
-    """Per-step statistics after the first step (the first one pays for allocation and registration)."""
-    steady = step_seconds[1:] or step_seconds
+def summarize(step_seconds: list[float], short_last: bool = False) -> dict:
+    """Per-step statistics after the first step (the first one pays for allocation and registration); short_last:
+    without the last step too (Heun's is one denoiser call, the others two)."""
+    steady = (step_seconds[1:-1] if short_last and len(step_seconds) > 2 else step_seconds[1:]) or step_seconds
     return {"steps": len(step_seconds), "first_s": step_seconds[0], "mean_s": statistics.fmean(steady),
             "median_s": statistics.median(steady), "min_s": min(steady), "max_s": max(steady)}
 
@@ -206,7 +207,7 @@ def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
     if fam is Family.FLUX:
         kwargs["latents"] = pack_2x2(latents)
     original, threads_before = pipe.scheduler, torch.get_num_threads()
-    pipe.scheduler = make_scheduler(job.scheduler, original.config)
+    pipe.scheduler = make_scheduler(job.scheduler, original.config, job.timestep_spacing, fam)
     pipe.set_progress_bar_config(disable=True)
     marks: list[float] = []
 
@@ -229,6 +230,9 @@ def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
     finally:
         pipe.scheduler = original
         torch.set_num_threads(threads_before)
+    calls = job.scheduler.calls_per_step
+    if calls > 1 and fam is not Family.PIXART:  # the step-end callback follows every denoiser call: a step's last
+        marks = marks[calls - 1::calls] + ([marks[-1]] if len(marks) % calls else [])
     return [b - a for a, b in zip([start] + marks, marks)]
 
 
@@ -237,13 +241,14 @@ def planned(job: Job, size: int) -> dict | None:
     multiply-accumulates, and the memory the loop adds (exchange buffers + activations)."""
     planned_job = plan_job(0, job, size, model_shape(job.model))
     costs = planned_job.costs
+    calls = job.scheduler.calls_per_step  # the plan's costs are per denoiser call
     if costs is None:
         if planned_job.sent is not None:  # a diffusion transformer: bytes only
-            return {"bytes_per_step": list(planned_job.sent), "macs_per_step": None,
+            return {"bytes_per_step": [b * calls for b in planned_job.sent], "macs_per_step": None,
                     "loop_memory_bytes": [None] * size, "activation_bytes": None, "buffer_bytes": None}
         return None
-    return {"bytes_per_step": [c.bytes_sent for c in costs],
-            "macs_per_step": [c.macs for c in costs], "loop_memory_bytes": [c.memory.step for c in costs],
+    return {"bytes_per_step": [c.bytes_sent * calls for c in costs],
+            "macs_per_step": [c.macs * calls for c in costs], "loop_memory_bytes": [c.memory.step for c in costs],
             "activation_bytes": [c.memory.activations for c in costs],
             "buffer_bytes": [c.memory.buffers.total for c in costs]}
 
@@ -266,7 +271,8 @@ def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: b
                               facts=model.facts)
     finally:
         loop_memory = probe.result() if probe is not None else None
-    return {"rank": env.rank, **summarize(result.step_seconds), "step_seconds": result.step_seconds,
+    return {"rank": env.rank, **summarize(result.step_seconds, job.scheduler.calls_per_step > 1),
+            "step_seconds": result.step_seconds,
             "peak_memory_bytes": peak_memory(env.device), "loop_memory_bytes": loop_memory,
             "exchange": result.exchange}
 
@@ -284,7 +290,8 @@ def _exchange_fields(row: dict, mode: Mode, req: BenchRequest, plan: dict | None
     """Measured bytes and waits of a steady step beside the plan's bytes, compute and memory."""
     per_rank = row["per_rank"]
     exchanges = [r["exchange"] or {} for r in per_rank]
-    sent = [e["bytes_sent"][-1] if e.get("bytes_sent") else 0 for e in exchanges]
+    last = -2 if SchedulerName(req.scheduler).calls_per_step > 1 else -1  # the last whole step (Heun's last: 1 call)
+    sent = [e["bytes_sent"][last] if len(e.get("bytes_sent", ())) >= -last else 0 for e in exchanges]
     # displaced: its asynchronous steps; sync: every step after the first (which also registers token counts)
     first = max(req.warmup_steps, 1) if mode is Mode.DISPLACED else 1
     waits = [steady_waits(e.get("wait_seconds", []), first) for e in exchanges]
@@ -325,7 +332,8 @@ def run_bench(world, req: BenchRequest) -> int:
     one_job = bench_job(req, Mode.NONE)
     if env.rank == 0:
         seconds = diffusers_steps(models.get(one_job.model, one_job.dtype).pipe, one_job, env.device, threads)
-        rows.append(_row(DIFFUSERS, req, 1, threads, env.device, [{"rank": 0, **summarize(seconds),
+        short = one_job.scheduler.calls_per_step > 1
+        rows.append(_row(DIFFUSERS, req, 1, threads, env.device, [{"rank": 0, **summarize(seconds, short),
                                                                    "step_seconds": seconds}]))
     idle_barrier(world.comm, poll_s=0.01)
     # 2. hpcrender on one rank (rank 0, its own threads), the rest waiting.

@@ -325,11 +325,13 @@ class MemoryEstimate:
 
 
 def memory_estimate(layers: Sequence[LayerSpec], parameters: int, bands: Sequence[Band], batch: int,
-                    element_size: int, activations: int = 0) -> MemoryEstimate:
+                    element_size: int, activations: int = 0, buffer_sets: int = 1) -> MemoryEstimate:
     """The estimate for a model of `parameters` weights and exchanging `layers` on `bands` (one band: no exchange),
-    whose band's forward holds `activations` bytes at its peak."""
-    return MemoryEstimate(parameters * element_size, exchange_buffers(layers, bands, batch, element_size),
-                          activations)
+    whose band's forward holds `activations` bytes at its peak, with `buffer_sets` sets of exchange buffers (displaced
+    Heun keeps one per call of a step)."""
+    one = exchange_buffers(layers, bands, batch, element_size)
+    buffers = BufferBytes(one.halos * buffer_sets, one.keys_values * buffer_sets, one.statistics * buffer_sets)
+    return MemoryEstimate(parameters * element_size, buffers, activations)
 
 
 # --- compute per step: multiply-accumulates of a band -------------------------------------------------------------

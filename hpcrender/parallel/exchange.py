@@ -82,11 +82,12 @@ class Exchange:
     out in flat buffers, grouped by kind in call order up to `bucket_bytes` each.
     """
 
-    def __init__(self, group, rank: int, size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    def __init__(self, group, rank: int, size: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES, tag_base: int = 0):
         self.group = group
         self.rank = rank
         self.size = size
         self.bucket_bytes = bucket_bytes
+        self.tag_base = tag_base  # where this exchange's bucket tags start: another set's buckets may be in flight
         self.prev = dist.get_global_rank(group, rank - 1) if group is not None and rank > 0 else None
         self.next = dist.get_global_rank(group, rank + 1) if group is not None and rank < size - 1 else None
         self.slots: dict[object, Slot] = {}
@@ -284,7 +285,7 @@ class Exchange:
             return
         flat = bucket.flat
         if bucket.kind is SlotKind.HALO:
-            bucket.pending = list(self._halo_ops(flat, SYNC_TAG + 1 + bucket.index))
+            bucket.pending = list(self._halo_ops(flat, SYNC_TAG + 1 + self.tag_base + bucket.index))
         elif bucket.kind is SlotKind.GATHER:
             self._count(flat["send"].numel() * flat["send"].element_size())
             bucket.pending = [_all_gather_flat(flat["recv"].view(-1), flat["send"], self.group, async_op=True)]

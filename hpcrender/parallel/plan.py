@@ -33,8 +33,9 @@ from hpcrender.parallel.groupnorm import BandGroupNorm
 @dataclass(frozen=True)
 class PatchPlan:
     """How one rank of a band group runs a model: the exchange mode, GroupNorm mode, warm-up steps, the bands (rows
-    of the model's input feature map, in rank order) and this rank's index among them, and whether displaced steps
-    exchange halo rows fresh or use the previous step's."""
+    of the model's input feature map, in rank order) and this rank's index among them, whether displaced steps
+    exchange halo rows fresh or use the previous step's, and how many forwards make one denoising step (Heun's
+    two: each keeps its own stale activations, from the same call of the step before)."""
 
     mode: Mode
     groupnorm: GroupNormMode
@@ -43,6 +44,7 @@ class PatchPlan:
     rank: int
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # largest flat buffer of one asynchronous collective
     halo: HaloMode = HaloMode.STALE
+    calls_per_step: int = 1
 
     def __post_init__(self):
         if self.mode is Mode.NONE:
@@ -60,6 +62,8 @@ class PatchPlan:
             raise BadInput(f"rank {self.rank} is outside the plan's {len(self.bands)} bands")
         if self.bucket_bytes < 1:
             raise BadInput(f"bucket size must be positive, got {self.bucket_bytes}")
+        if self.calls_per_step < 1:
+            raise BadInput(f"a denoising step makes at least one forward, got {self.calls_per_step}")
 
     def sync_step(self, step: int) -> bool:
         """Whether `step` exchanges fresh activations and waits for them: every step in sync mode; in displaced
@@ -69,6 +73,16 @@ class PatchPlan:
     def groupnorm_exchanged(self, step: int) -> bool:
         """Whether GroupNorm sends statistics at `step`."""
         return self.mode is not Mode.NAIVE and (self.sync_step(step) or self.groupnorm is not GroupNormMode.SEPARATE)
+
+    @property
+    def buffer_sets(self) -> int:
+        """Sets of exchange buffers a rank keeps: one per call of a step in displaced mode (a call's stale
+        activations are the same call's of the step before), else one (every exchange is fresh)."""
+        return self.calls_per_step if self.mode is Mode.DISPLACED else 1
+
+
+# p2p tags a set of exchange buffers may use (its buckets'); the next set's start above them.
+TAGS_PER_SET = 1 << 16
 
 
 class BandContext:
@@ -82,8 +96,12 @@ class BandContext:
         self.bands = plan.bands
         self.rank = plan.rank
         self.size = len(plan.bands)
-        self.exchange = Exchange(group, plan.rank, self.size, plan.bucket_bytes)
+        # One set of buffers per call of a step (PatchPlan.buffer_sets); `exchange` is the current call's.
+        self.exchanges = [Exchange(group, plan.rank, self.size, plan.bucket_bytes, tag_base=k * TAGS_PER_SET)
+                          for k in range(plan.buffer_sets)]
+        self.exchange = self.exchanges[0]
         self.step = 0
+        self.call = 0
         self.sync_step = True
         self._rows: dict[int, tuple[int, ...]] = {}
 
@@ -102,10 +120,11 @@ class BandContext:
 class Parallelized:
     """A model running patch-parallel; `remove()` gives back the original model.
 
-    Each forward of the model is a denoising step: a forward pre-hook starts the step after the previous forward's
-    (the first after begin_image() is step 0), so that any loop over timesteps - ours, a diffusers pipeline's -
-    drives the model as it is. begin_step(i) before a forward makes that forward step i instead (to repeat a step,
-    say); the count goes on from there.
+    Each forward of the model is a denoising step, or one of its plan.calls_per_step calls (Heun: forwards 2i and
+    2i + 1 are step i's, as diffusers' Heun samplers list their timesteps): a forward pre-hook starts the call after
+    the previous forward's (the first after begin_image() is step 0's call 0), so that any loop over timesteps -
+    ours, a diffusers pipeline's - drives the model as it is. begin_step(i) before a forward makes that forward step
+    i's first call instead (to repeat a step, say); the count goes on from there.
     """
 
     def __init__(self, model: nn.Module, plan: PatchPlan, ctx: BandContext,
@@ -118,7 +137,7 @@ class Parallelized:
         self._sync_steps: set[int] = set()
         self._async_steps: set[int] = set()
         self._removed = False
-        self._next_step = 0     # the step the next forward starts, unless begin_step said otherwise
+        self._next = (0, 0)     # (step, call) the next forward starts, unless begin_step said otherwise
         self._explicit = False  # begin_step was called for the next forward
         self._hook = model.register_forward_pre_hook(self._before_forward)
 
@@ -126,8 +145,9 @@ class Parallelized:
         if self._explicit:
             self._explicit = False
         else:
-            self._start_step(self._next_step)
-        self._next_step = self.ctx.step + 1
+            self._start_call(*self._next)
+        step, call = self.ctx.step, self.ctx.call + 1
+        self._next = (step, call) if call < self.plan.calls_per_step else (step + 1, 0)
 
     @property
     def step(self) -> int:
@@ -136,11 +156,13 @@ class Parallelized:
 
     def begin_image(self) -> None:
         """Start an image: step counter, stale buffers and cached text keys/values are reset."""
-        self._next_step = 0
+        self._next = (0, 0)
         self._explicit = False
         ctx = self.ctx
-        ctx.exchange.begin_image()
-        ctx.step = 0
+        for exchange in ctx.exchanges:
+            exchange.begin_image()
+        ctx.exchange = ctx.exchanges[0]
+        ctx.step = ctx.call = 0
         ctx.sync_step = True
         ctx.exchange.begin_step(0)
         for _, processor, _ in self._processors:
@@ -148,16 +170,20 @@ class Parallelized:
         self._sync_steps.clear()
         self._async_steps.clear()
 
-    def begin_step(self, step: int) -> None:
-        """Make the model's next forward denoising step `step` (0-based); without it, the forward pre-hook counts."""
-        self._start_step(step)
+    def begin_step(self, step: int, call: int = 0) -> None:
+        """Make the model's next forward call `call` of denoising step `step` (0-based); without it, the forward
+        pre-hook counts."""
+        if not 0 <= call < self.plan.calls_per_step:
+            raise BadInput(f"call {call} of a step of {self.plan.calls_per_step} call(s)")
+        self._start_call(step, call)
         self._explicit = True
 
-    def _start_step(self, step: int) -> None:
-        """Before the forward of step `step`: fresh blocking exchange in sync steps, stale activations and
-        asynchronous exchange otherwise."""
+    def _start_call(self, step: int, call: int) -> None:
+        """Before the forward of call `call` of step `step`: fresh blocking exchange in sync steps, the call's own
+        stale activations and asynchronous exchange otherwise."""
         ctx = self.ctx
-        ctx.step = step
+        ctx.step, ctx.call = step, call
+        ctx.exchange = ctx.exchanges[call % len(ctx.exchanges)]
         # The registration pass (an image's first exchanging step) is synchronous whatever the step number.
         ctx.sync_step = self.plan.sync_step(step) or not ctx.exchange.slots
         ctx.exchange.begin_step(step)
@@ -167,23 +193,29 @@ class Parallelized:
             (self._sync_steps if ctx.sync_step else self._async_steps).add(step)
 
     def stats(self) -> dict:
-        """Per step of the current image: bytes this rank sent and seconds it waited on communication."""
-        exchange = self.ctx.exchange
-        return {
+        """Per step of the current image (all its calls): bytes this rank sent and seconds it waited on
+        communication."""
+        sent = _per_step(exchange.bytes_sent for exchange in self.ctx.exchanges)
+        waits = _per_step(exchange.wait_seconds for exchange in self.ctx.exchanges)
+        stats = {
             "mode": self.plan.mode.value, "groupnorm": self.plan.groupnorm.value, "halo": self.plan.halo.value,
             "ranks": self.ctx.size,
             "rank": self.plan.rank, "warmup_steps": self.plan.warmup_steps,
-            "bytes_sent": list(exchange.bytes_sent), "wait_seconds": [round(s, 6) for s in exchange.wait_seconds],
-            "bytes_total": sum(exchange.bytes_sent), "wait_seconds_total": round(sum(exchange.wait_seconds), 6),
+            "bytes_sent": sent, "wait_seconds": [round(s, 6) for s in waits],
+            "bytes_total": sum(sent), "wait_seconds_total": round(sum(waits), 6),
             "sync_steps": len(self._sync_steps), "async_steps": len(self._async_steps),
         }
+        if self.plan.calls_per_step > 1:
+            stats["calls_per_step"] = self.plan.calls_per_step
+        return stats
 
     def remove(self) -> None:
         """Finish what is in flight and restore the original modules and attention processors."""
         if self._removed:
             return
         self._hook.remove()
-        self.ctx.exchange.release()
+        for exchange in self.ctx.exchanges:
+            exchange.release()
         for parent, name, original in reversed(self._swaps):
             parent._modules[name] = original
         for attn, processor, order in self._processors:
@@ -194,6 +226,18 @@ class Parallelized:
                 attn._modules.update(items)
             processor.reset()
         self._removed = True
+
+
+def _per_step(series) -> list:
+    """Per-step sums over the exchanges' per-step lists (of different lengths: Heun's last step has one call)."""
+    total: list = []
+    for values in series:
+        for i, value in enumerate(values):
+            if i < len(total):
+                total[i] += value
+            else:
+                total.append(value)
+    return total
 
 
 # The model's input convolution (UNet and VAE alike): it reads the sampler's latent, so its halo is always fresh.

@@ -1,4 +1,5 @@
-"""A denoising loop stopped between steps: the whole latent, the step reached and the sampler's state.
+"""A denoising loop stopped between steps: the whole latent, the step reached, the sampler's state and the state of
+the job's generator (a stochastic sampler's noise of the steps to come).
 
 A long image stopped by a signal (Slurm's time-limit warning, a preemption) keeps the steps it finished: the
 group's first rank writes `OUT/JOB/checkpoint.h5` and the next run carries on from that step. Restored exactly,
@@ -17,7 +18,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -27,10 +29,27 @@ from hpcrender.output.files import write_atomic
 
 FILE_NAME = "checkpoint.h5"
 FORMAT_VERSION = 1
-# The state of diffusers' euler, ddim and dpmpp (multistep) samplers that changes from step to step; everything
-# else follows from set_timesteps. A multistep sampler's history is a list of the last model outputs.
-SCHEDULER_SCALARS = ("_step_index", "_begin_index", "lower_order_nums")
+# The state of diffusers' samplers (render.samplers) that changes from step to step; everything else follows from
+# set_timesteps. A multistep sampler's history is a list of the last model outputs.
+SCHEDULER_SCALARS = ("_step_index", "_begin_index", "lower_order_nums", "this_order")
+SET_BY_A_STEP = ("this_order",)  # UniPC's: absent from a sampler that has not stepped yet
 SCHEDULER_HISTORY = "model_outputs"
+# Tensors (or None) a sampler carries into its next call: UniPC's last sample, which its corrector reads, and Heun's
+# first-order half of a step (None again after the step's second call, where checkpoints are taken).
+SCHEDULER_TENSORS = ("last_sample", "prev_derivative", "sample", "dt")
+# Lists of them: UniPC's timesteps of its history.
+SCHEDULER_TENSOR_LISTS = ("timestep_list",)
+
+
+@dataclass(frozen=True)
+class SamplerTensor:
+    """One carried tensor of a sampler, as a checkpoint keeps it: latent-shaped ones whole (gathered from the bands,
+    cut to a band again on resume), in float32 or their integer type, with the dtype and memory layout to put back."""
+
+    array: np.ndarray
+    dtype: str            # torch's name of it: "float32", "float16", "int64", ...
+    latent: bool          # latent-shaped (1, C, h, w): whole in the file, a band in the loop
+    channels_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,7 +59,9 @@ class Checkpoint:
     history holds one entry per slot of the sampler's list of past model outputs (None for an empty slot), or is
     empty for samplers without one. Latent-shaped arrays are whole images, not bands: a resume may use another
     number of ranks. channels_last tells, for the latent and then each history slot, whether the live tensor was
-    channels-last (empty: all contiguous).
+    channels-last (empty: all contiguous). state holds the sampler's other carried tensors by attribute name
+    (SCHEDULER_TENSORS: a SamplerTensor or None; SCHEDULER_TENSOR_LISTS: a tuple of them); generator the job
+    generator's state (torch.Generator.get_state(), uint8), None when the file has none.
     """
 
     step: int
@@ -49,6 +70,8 @@ class Checkpoint:
     scalars: dict
     history: tuple
     channels_last: tuple = ()
+    state: dict = field(default_factory=dict)
+    generator: np.ndarray | None = None
 
     def __post_init__(self):
         if not 0 < self.step < self.steps:
@@ -87,7 +110,7 @@ def scheduler_state(scheduler) -> tuple[dict, tuple]:
 def restore_scheduler(scheduler, scalars: dict, history: tuple) -> None:
     """Put a state from scheduler_state back into a sampler on which set_timesteps was called."""
     for name, value in scalars.items():
-        if not hasattr(scheduler, name):
+        if not hasattr(scheduler, name) and name not in SET_BY_A_STEP:
             raise ValueError(f"{type(scheduler).__name__} has no {name}: the checkpoint is of another sampler")
         setattr(scheduler, name, value)
     if history:
@@ -96,6 +119,55 @@ def restore_scheduler(scheduler, scalars: dict, history: tuple) -> None:
             raise ValueError(f"{type(scheduler).__name__} keeps {0 if current is None else len(current)} past "
                              f"outputs, the checkpoint {len(history)}")
         setattr(scheduler, SCHEDULER_HISTORY, list(history))
+
+
+def keep_carried(scheduler, is_latent: Callable, whole: Callable | None = None) -> dict:
+    """The sampler's carried tensors (SCHEDULER_TENSORS, SCHEDULER_TENSOR_LISTS) it has, as a checkpoint keeps
+    them: name -> a SamplerTensor, None, or a tuple of them. is_latent(tensor) tells a latent-shaped one, which
+    whole(tensor) gathers from the bands (None: it is whole already)."""
+    import torch
+
+    def kept(tensor) -> SamplerTensor | None:
+        if tensor is None:
+            return None
+        if not isinstance(tensor, torch.Tensor):
+            tensor = torch.tensor(tensor)
+        latent = bool(is_latent(tensor))
+        array = whole(tensor) if latent and whole is not None else tensor
+        array = array.float() if array.is_floating_point() else array
+        # A copy: a periodic checkpoint is written in a thread while the sampler goes on with its tensors.
+        return SamplerTensor(np.array(array.cpu().numpy()), str(tensor.dtype).removeprefix("torch."), latent,
+                             is_channels_last(tensor))
+
+    state = {name: kept(getattr(scheduler, name)) for name in SCHEDULER_TENSORS if hasattr(scheduler, name)}
+    state.update({name: tuple(map(kept, getattr(scheduler, name))) for name in SCHEDULER_TENSOR_LISTS
+                  if getattr(scheduler, name, None) is not None})
+    return state
+
+
+def restore_carried(scheduler, state: dict, cut: Callable | None = None, device=None) -> None:
+    """Put tensors kept by keep_carried back into a sampler on which set_timesteps was called: latent-shaped ones
+    cut(whole) to this rank's band (None: whole), the others on `device`; each in its own dtype and layout."""
+    import torch
+
+    def live(tensor: SamplerTensor | None):
+        if tensor is None:
+            return None
+        value = torch.from_numpy(tensor.array)
+        value = cut(value) if tensor.latent and cut is not None else value.to(device or value.device)
+        return with_layout(value.to(getattr(torch, tensor.dtype)), tensor.channels_last)
+
+    for name, value in state.items():
+        if name in SCHEDULER_TENSOR_LISTS:
+            current = getattr(scheduler, name, None)
+            if current is None or len(current) != len(value):
+                raise ValueError(f"{type(scheduler).__name__} keeps {0 if current is None else len(current)} "
+                                 f"entries of {name}, the checkpoint {len(value)}: it is of another sampler")
+            setattr(scheduler, name, [live(v) for v in value])
+        elif name in SCHEDULER_TENSORS:
+            setattr(scheduler, name, live(value))
+        else:
+            raise ValueError(f"a checkpoint carries {name!r}, which no sampler here keeps")
 
 
 def checkpoint_path(job_dir: str | os.PathLike) -> Path:
@@ -122,8 +194,33 @@ def write_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint, params_has
             for i, entry in enumerate(checkpoint.history):
                 if entry is not None:
                     f.create_dataset(f"history/{i}", data=np.asarray(entry, dtype=np.float32))
+            for name, value in checkpoint.state.items():
+                if isinstance(value, tuple):
+                    group = f.create_group(f"state/{name}")
+                    group.attrs["length"] = len(value)
+                    for i, item in enumerate(value):
+                        if item is not None:
+                            _write_tensor(group, str(i), item)
+                elif value is None:
+                    f.attrs[f"state_none.{name}"] = 1
+                else:
+                    _write_tensor(f.require_group("state"), name, value)
+            if checkpoint.generator is not None:
+                f.create_dataset("generator", data=np.asarray(checkpoint.generator, dtype=np.uint8))
 
     write_atomic(path, write)
+
+
+def _write_tensor(group, name: str, tensor: SamplerTensor) -> None:
+    data = group.create_dataset(name, data=tensor.array)
+    data.attrs["dtype"] = tensor.dtype
+    data.attrs["latent"] = int(tensor.latent)
+    data.attrs["channels_last"] = int(tensor.channels_last)
+
+
+def _read_tensor(data) -> SamplerTensor:
+    return SamplerTensor(array=data[...], dtype=str(data.attrs["dtype"]), latent=bool(data.attrs["latent"]),
+                         channels_last=bool(data.attrs["channels_last"]))
 
 
 def read_checkpoint(path: str | os.PathLike, params_hash: str) -> Checkpoint | None:
@@ -145,8 +242,17 @@ def read_checkpoint(path: str | os.PathLike, params_hash: str) -> Checkpoint | N
             history = tuple(f[f"history/{i}"][...] if f"history/{i}" in f else None
                             for i in range(int(f.attrs["history_length"])))
             layouts = tuple(bool(v) for v in f.attrs.get("channels_last", ()))
+            state = {key.removeprefix("state_none."): None for key in f.attrs if key.startswith("state_none.")}
+            for name, entry in f.get("state", {}).items():
+                if isinstance(entry, h5py.Group):
+                    state[name] = tuple(_read_tensor(entry[str(i)]) if str(i) in entry else None
+                                        for i in range(int(entry.attrs["length"])))
+                else:
+                    state[name] = _read_tensor(entry)
+            generator = f["generator"][...] if "generator" in f else None
             return Checkpoint(step=int(f.attrs["step"]), steps=int(f.attrs["steps"]), latent=f["latent"][...],
-                              scalars=scalars, history=history, channels_last=layouts)
+                              scalars=scalars, history=history, channels_last=layouts, state=state,
+                              generator=generator)
     except (OSError, KeyError, ValueError):
         return None
 

@@ -1,5 +1,6 @@
-"""Latents as the model's diffusers pipeline makes them: the seed's noise drawn full-size on the CPU, an img2img start
-image, the VAE's latent space, and Flux's 2x2 packing and token positions."""
+"""Latents as the model's diffusers pipeline makes them: the seed's noise drawn full-size on the CPU, a stochastic
+sampler's per-step noise drawn full-size from the same generator, an img2img start image, the VAE's latent space, and
+Flux's 2x2 packing and token positions."""
 
 from __future__ import annotations
 
@@ -7,15 +8,46 @@ import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from hpcrender.config import Job
 
 
-def initial_noise(job: Job, channels: int, vae_scale: int) -> torch.Tensor:
-    """Full-size float32 noise from the job's seed, drawn on the CPU so every rank and device agrees."""
-    gen = torch.Generator("cpu").manual_seed(job.seed)
+def job_generator(seed: int) -> torch.Generator:
+    """The job's one CPU generator: the start noise (or the img2img sample and noise) and then every step's noise of a
+    stochastic sampler come from it, in that order, as diffusers' pipelines draw them from the `generator` they get."""
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def initial_noise(job: Job, channels: int, vae_scale: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Full-size float32 noise from the job's seed (or from `generator`, left after the draw), drawn on the CPU so
+    every rank and device agrees."""
+    gen = job_generator(job.seed) if generator is None else generator
     return torch.randn((1, channels, job.height // vae_scale, job.width // vae_scale), generator=gen,
                        dtype=torch.float32)
+
+
+class WholeStepNoise(TorchFunctionMode):
+    """Around a sampler's step: its `randn(band shape, generator=the job's generator)` drawn as the whole latent's
+    noise and cut to this rank's rows, so that every rank draws the same numbers and a band-parallel image gets the
+    noise the single-device one does. diffusers' samplers draw the noise of the shape of the model output they are
+    given (euler_a, DPM-Solver++ SDE, LCM have no argument to hand them noise), which on a band is the band's."""
+
+    def __init__(self, generator: torch.Generator, whole: tuple[int, ...], rows: slice):
+        super().__init__()
+        self.generator = generator
+        self.whole = tuple(whole)
+        self.rows = rows
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.randn or kwargs.get("generator") is not self.generator:
+            return func(*args, **kwargs)
+        shape = tuple(args[0]) if len(args) == 1 and not isinstance(args[0], int) else tuple(args)
+        band = (*self.whole[:2], len(range(*self.rows.indices(self.whole[2]))), *self.whole[3:])
+        if shape != band:
+            raise RuntimeError(f"a sampler drew noise of shape {shape}, not its latent band's {band}")
+        return func(self.whole, **kwargs)[:, :, self.rows].contiguous()
 
 
 # Pixels in [-1, 1] (the VAE's range) from an init image: resized with Lanczos, as diffusers' VaeImageProcessor does.
@@ -57,21 +89,25 @@ def from_latent_space(vae_config, latent: torch.Tensor) -> torch.Tensor:
     return latent / vae_config.scaling_factor
 
 
-def noised_image_latent(moments: torch.Tensor, vae_config, scheduler, first: int, seed: int) -> torch.Tensor:
+def noised_image_latent(moments: torch.Tensor, vae_config, scheduler, first: int, seed: int,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
     """The img2img start latent, whole and float32: a sample of the image's latent distribution (`moments`, as the
-    VAE's encoder gives them) and the noise added to it at timestep `first`, both drawn on the CPU from one
-    generator seeded by the job's seed, in that order, as diffusers' img2img pipelines draw them."""
-    gen = torch.Generator("cpu").manual_seed(seed)
+    VAE's encoder gives them) and the noise added to it at step `first`, both drawn on the CPU from one generator
+    seeded by the job's seed (or `generator`, left after the draws), in that order, as diffusers' img2img pipelines
+    draw them."""
+    gen = job_generator(seed) if generator is None else generator
     latent = to_latent_space(vae_config, DiagonalGaussianDistribution(moments.float()).sample(gen))
     noise = torch.randn(latent.shape, generator=gen, dtype=torch.float32)
     return noised_to(scheduler, latent, noise, first)
 
 
 def noised_to(scheduler, latent: torch.Tensor, noise: torch.Tensor, first: int) -> torch.Tensor:
-    """`latent` with `noise` added as the sampler's step `first` expects its input."""
+    """`latent` with `noise` added as the sampler's step `first` expects its input (Heun's timesteps hold two entries
+    a step: the step's first is at first * order, where diffusers' img2img pipelines cut the list)."""
+    at = first * scheduler.order
     if hasattr(scheduler, "scale_noise"):  # flow matching: a straight line from the image to the noise
-        return scheduler.scale_noise(latent, scheduler.timesteps[first:first + 1], noise)
-    return scheduler.add_noise(latent, noise, scheduler.timesteps[first:first + 1])
+        return scheduler.scale_noise(latent, scheduler.timesteps[at:at + 1], noise)
+    return scheduler.add_noise(latent, noise, scheduler.timesteps[at:at + 1])
 
 
 def pack_2x2(latent: torch.Tensor) -> torch.Tensor:

@@ -3,25 +3,30 @@ plan's checks) and once it is loaded (from its facts). No torch here: `validate`
 
 from __future__ import annotations
 
-from hpcrender.config import Job, SchedulerName
+from hpcrender.config import Job
 from hpcrender.errors import BadInput
 from hpcrender.models import scheduler_config_of, unet_config_of
 from hpcrender.models.facts import ModelFacts
+from hpcrender.models.reference import Family
 from hpcrender.parallel.bands import is_flux_config, is_transformer_config, transformer_alignment
-from hpcrender.render.samplers import is_flow_matching, make_scheduler
+from hpcrender.render.samplers import sampler_problem
 
 
 def check_model_options(job: Job) -> None:
-    """Refuse, before anything is loaded, what does not apply to the job's model: a sampler (ddim or dpmpp for a
-    flow-matching model), split_cfg for Flux (no classifier-free guidance), a transformer's image that is not whole
+    """Refuse, before anything is loaded, what does not apply to the job's model: a sampler or a timestep spacing
+    (render.samplers.sampler_problem: all but euler and heun for a flow-matching model, heun for Flux, spacing for
+    flow matching and lcm), split_cfg for Flux (no classifier-free guidance), a transformer's image that is not whole
     patches (the VAEs of all three families scale by 8)."""
     try:
         config = scheduler_config_of(job.model)
         denoiser = unet_config_of(job.model)
     except Exception:  # noqa: BLE001 - a model that does not load is the job's failure, reported when it is loaded
         return
-    if config is not None and is_flow_matching(config) and job.scheduler is not SchedulerName.EULER:
-        make_scheduler(job.scheduler, config)
+    flux = denoiser is not None and is_transformer_config(denoiser) and is_flux_config(denoiser)
+    problem = None if config is None else sampler_problem(job.scheduler, job.timestep_spacing, config,
+                                                         Family.FLUX if flux else None, job.steps)
+    if problem:
+        raise BadInput(problem)
     if denoiser is None or not is_transformer_config(denoiser):
         return
     if job.parallel.split_cfg and is_flux_config(denoiser):

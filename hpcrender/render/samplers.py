@@ -8,10 +8,35 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpcrender.config import SchedulerName
+from hpcrender.config import SchedulerName, TimestepSpacing
 from hpcrender.errors import BadInput
 from hpcrender.models.facts import ModelFacts
 from hpcrender.models.reference import Family
+
+# Each name as diffusers' scheduler overview maps the A1111/k-diffusion samplers: the class, built from the model's
+# own scheduler config, and what it is initialised with on top of that config.
+SAMPLERS: dict[SchedulerName, tuple[str, dict]] = {
+    SchedulerName.EULER: ("EulerDiscreteScheduler", {}),
+    SchedulerName.EULER_A: ("EulerAncestralDiscreteScheduler", {}),
+    SchedulerName.HEUN: ("HeunDiscreteScheduler", {}),
+    SchedulerName.DDIM: ("DDIMScheduler", {}),
+    SchedulerName.DPMPP_2M: ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    SchedulerName.DPMPP_2M_KARRAS: ("DPMSolverMultistepScheduler",
+                                    {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    SchedulerName.DPMPP_2M_SDE: ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    SchedulerName.DPMPP_2M_SDE_KARRAS: ("DPMSolverMultistepScheduler",
+                                        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    SchedulerName.UNIPC: ("UniPCMultistepScheduler", {}),
+    SchedulerName.LCM: ("LCMScheduler", {}),
+}
+# What applies to a flow-matching model (SD3, Flux). Its stochastic samplers are left out: diffusers' SD3 and Flux
+# pipelines pass no generator to the sampler's step, so their noise would come from torch's global generator.
+FLOW_SAMPLERS: dict[SchedulerName, tuple[str, dict]] = {
+    SchedulerName.EULER: ("FlowMatchEulerDiscreteScheduler", {}),
+    SchedulerName.HEUN: ("FlowMatchHeunDiscreteScheduler", {}),
+}
+# LCM's timesteps are its own (evenly spaced over `original_inference_steps` of its distillation schedule).
+LCM_ORIGINAL_STEPS = 50
 
 
 def is_flow_matching(config) -> bool:
@@ -19,23 +44,49 @@ def is_flow_matching(config) -> bool:
     return "shift" in config or str(config.get("_class_name", "")).startswith("FlowMatch")
 
 
-def make_scheduler(name: SchedulerName, config):
-    """The manifest's sampler over the model's own noise schedule. Flow-matching models take euler only (their
-    FlowMatchEulerDiscreteScheduler); BadInput for the others."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
+def sampler_problem(name: SchedulerName, spacing: TimestepSpacing | None, config, family: Family | None = None,
+                    steps: int | None = None) -> str | None:
+    """Why `name` (with `spacing`) cannot run over the model's scheduler `config`, in one line naming the key; None
+    when it can. `family` and `steps` add what only they tell (None: not known yet)."""
     if is_flow_matching(config):
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        if name not in FLOW_SAMPLERS:
+            return (f"scheduler {name.value!r} does not apply to a flow-matching model (SD3, Flux): use "
+                    f"{' or '.join(repr(n.value) for n in FLOW_SAMPLERS)}")
+        if name is SchedulerName.HEUN and (family is Family.FLUX or config.get("use_dynamic_shifting", False)):
+            return ("scheduler 'heun' does not apply to Flux or a resolution-dependent shift: diffusers' "
+                    "FlowMatchHeunDiscreteScheduler takes neither Flux's sigmas nor a shift mu; use 'euler'")
+        if spacing is not None:
+            return (f"timestep_spacing {spacing.value!r} does not apply to a flow-matching model (SD3, Flux): its "
+                    "sigmas are shifted, not spaced")
+        return None
+    if name is SchedulerName.LCM:
+        if spacing is not None:
+            return f"timestep_spacing {lcm_spacing_problem(spacing)}"
+        limit = int(config.get("original_inference_steps", LCM_ORIGINAL_STEPS))
+        if steps is not None and steps > limit:
+            return f"scheduler 'lcm' takes at most {limit} steps (its original_inference_steps), got {steps}"
+    return None
 
-        if name is not SchedulerName.EULER:
-            raise BadInput(f"scheduler {name.value!r} does not apply to a flow-matching model (SD3, Flux): use "
-                           "\"euler\"")
-        return FlowMatchEulerDiscreteScheduler.from_config(config)
-    if name is SchedulerName.EULER:
-        return EulerDiscreteScheduler.from_config(config)
-    if name is SchedulerName.DDIM:
-        return DDIMScheduler.from_config(config)
-    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+
+def lcm_spacing_problem(spacing: TimestepSpacing) -> str:
+    """Why a timestep spacing is refused with lcm (the manifest says it at the key's line)."""
+    return (f"{spacing.value!r} does not apply to lcm: its timesteps are LCM's own, evenly spaced over its "
+            "distillation schedule")
+
+
+def make_scheduler(name: SchedulerName, config, spacing: TimestepSpacing | None = None,
+                   family: Family | None = None):
+    """The manifest's sampler over the model's own noise schedule, with `spacing` instead of the config's own when
+    given. BadInput for what does not apply (sampler_problem)."""
+    import diffusers
+
+    problem = sampler_problem(name, spacing, config, family)
+    if problem:
+        raise BadInput(problem)
+    class_name, init = (FLOW_SAMPLERS if is_flow_matching(config) else SAMPLERS)[name]
+    if spacing is not None:
+        init = {**init, "timestep_spacing": spacing.value}
+    return getattr(diffusers, class_name).from_config(config, **init)
 
 
 def set_timesteps(scheduler, facts: ModelFacts, steps: int, latent_rows: int, latent_cols: int, device) -> None:

@@ -12,6 +12,7 @@ ModelFacts, asked once when it was loaded.
 from __future__ import annotations
 
 import enum
+import inspect
 import resource
 import time
 from dataclasses import dataclass, field
@@ -28,9 +29,12 @@ from hpcrender.parallel.layout import Comms, GroupLayout
 from hpcrender.parallel.parallelize import parallelize
 from hpcrender.parallel.plan import Parallelized, PatchPlan
 from hpcrender.parallel.vae import decode_group, encode_group
-from hpcrender.render.checkpoint import Checkpoint, is_channels_last, restore_scheduler, scheduler_state, with_layout
+from hpcrender.render.checkpoint import (
+    Checkpoint, is_channels_last, keep_carried, restore_carried, restore_scheduler, scheduler_state, with_layout,
+)
 from hpcrender.render.latents import (
-    flux_image_ids, from_latent_space, initial_noise, load_init_image, noised_image_latent, pack_2x2, unpack_2x2,
+    WholeStepNoise, flux_image_ids, from_latent_space, initial_noise, job_generator, load_init_image,
+    noised_image_latent, pack_2x2, unpack_2x2,
 )
 from hpcrender.render.prompt import encode_prompt
 from hpcrender.render.samplers import make_scheduler, set_timesteps
@@ -120,6 +124,7 @@ class Render:
     on_collective: Callable[[], None] | None = None
     result: ImageResult = field(default_factory=lambda: ImageResult(image=None, latent=None))
     bands: tuple = ()  # the UNet's latent row bands on this rank's patch group (empty: no bands)
+    generator: torch.Generator | None = None  # the job's, after the start latent's draws: stochastic samplers' noise
 
     @property
     def dtype(self) -> torch.dtype:
@@ -177,7 +182,8 @@ def conditioning(run: Render) -> Conditioning:
 def timesteps(run: Render, first: int = 0):
     """The job's sampler with its timesteps set; from step `first` on (img2img), as diffusers' pipelines begin
     there (set_begin_index)."""
-    scheduler = make_scheduler(run.job.scheduler, run.pipe.scheduler.config)
+    scheduler = make_scheduler(run.job.scheduler, run.pipe.scheduler.config, run.job.timestep_spacing,
+                               run.facts.family)
     scale = run.facts.vae_scale
     set_timesteps(scheduler, run.facts, run.job.steps, run.job.height // scale, run.job.width // scale, run.device)
     if first and hasattr(scheduler, "set_begin_index"):
@@ -188,7 +194,8 @@ def timesteps(run: Render, first: int = 0):
 
 def noise_latent(run: Render, scheduler) -> tuple[torch.Tensor, int]:
     """Text-to-image's start: this rank's band of the seed's noise at the schedule's first sigma."""
-    whole = initial_noise(run.job, run.facts.latent_channels, run.facts.vae_scale)
+    run.generator = job_generator(run.job.seed)
+    whole = initial_noise(run.job, run.facts.latent_channels, run.facts.vae_scale, run.generator)
     sigma = getattr(scheduler, "init_noise_sigma", None)  # flow matching starts from the noise itself
     return run.band_of(whole if sigma is None else whole * sigma), 0
 
@@ -201,7 +208,8 @@ def image_latent(run: Render, scheduler) -> tuple[torch.Tensor, int]:
     pixels = load_init_image(job.init_image.path, job.width, job.height)
     with torch.no_grad():
         moments = encode_image(run, pixels)
-    whole = noised_image_latent(moments, run.pipe.vae.config, scheduler, first, job.seed)
+    run.generator = job_generator(job.seed)
+    whole = noised_image_latent(moments, run.pipe.vae.config, scheduler, first, job.seed, run.generator)
     run.result.encode_seconds += time.perf_counter() - t0
     return run.band_of(whole), first
 
@@ -209,14 +217,20 @@ def image_latent(run: Render, scheduler) -> tuple[torch.Tensor, int]:
 def checkpoint_latent(run: Render, scheduler, resume: Checkpoint) -> tuple[torch.Tensor, int]:
     """A stopped render's start: its latent band and the sampler's state after its last step."""
     job = run.job
-    if resume.steps != job.steps or not job.first_step < resume.step < len(scheduler.timesteps):
+    if resume.steps != job.steps or not job.first_step < resume.step < job.steps:
         raise ValueError(f"a checkpoint after step {resume.step} of {resume.steps} does not fit {job.steps} steps "
                          f"from step {job.first_step}")
+    if resume.generator is None and job.scheduler.stochastic:
+        raise ValueError(f"a checkpoint without the generator's state cannot resume {job.scheduler.value}'s noise")
     def band(index: int, array: np.ndarray) -> torch.Tensor:
         return with_layout(run.band_of(torch.from_numpy(array)), resume.is_channels_last(index))
 
     restore_scheduler(scheduler, resume.scalars,
                       tuple(None if h is None else band(i, h) for i, h in enumerate(resume.history, start=1)))
+    restore_carried(scheduler, resume.state, cut=run.band_of, device=scheduler.timesteps.device)
+    run.generator = job_generator(job.seed)
+    if resume.generator is not None:
+        run.generator.set_state(torch.from_numpy(resume.generator))
     run.result.resumed_from = resume.step
     return band(0, resume.latent), resume.step
 
@@ -231,35 +245,41 @@ def next_action(run: Render) -> Between:
 def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, start: int) -> torch.Tensor:
     """Steps `start`.. of the schedule over this rank's band, the parallel plan around the UNet for their duration.
 
-    The plan's forward pre-hook counts the steps from `start` as its 0: a resumed or img2img displaced render warms
-    up again. Stops early (run.result.stopped_at) when should_stop says so between steps."""
+    A step is one denoiser call, or two for Heun (its timesteps list both, as diffusers' own loop runs them). The
+    plan's forward pre-hook counts the steps from `start` as its 0, and a Heun step's calls as its calls 0 and 1: a
+    resumed or img2img displaced render warms up again, and displaced Heun keeps stale activations per call. A
+    stochastic sampler draws its noise whole from the job's generator (WholeStepNoise). Stops early
+    (run.result.stopped_at) when should_stop says so between steps."""
     job, layout, result = run.job, run.layout, run.result
+    calls = job.scheduler.calls_per_step
+    entries = len(scheduler.timesteps)
+    if entries != job.scheduler.denoiser_calls(job.steps):
+        raise RuntimeError(f"{type(scheduler).__name__} set {entries} timesteps for {job.steps} steps of "
+                           f"{job.scheduler.value}")
     run.collective()  # the loop's exchanges, or the gather and decode after it
     handle: Parallelized | None = None
     model = denoiser(run)
     if run.parallel:
         plan = PatchPlan(mode=job.parallel.mode, groupnorm=job.parallel.groupnorm,
                          warmup_steps=job.parallel.warmup_steps, bands=run.bands, rank=layout.patch_rank,
-                         halo=job.parallel.halo)
+                         halo=job.parallel.halo, calls_per_step=calls)
         handle = parallelize(model, plan, run.comms.patch_group)
     batch = 2 if run.guidance and not layout.split_cfg else 1
+    step_kwargs, noise = {}, None
+    if run.generator is not None and "generator" in inspect.signature(scheduler.step).parameters:
+        # as diffusers' pipelines pass it (prepare_extra_step_kwargs); deterministic samplers draw nothing from it
+        step_kwargs["generator"] = run.generator
+        scale = run.facts.vae_scale
+        whole = (1, run.facts.latent_channels, job.height // scale, job.width // scale)
+        band = run.bands[layout.patch_rank] if run.bands else None
+        noise = WholeStepNoise(run.generator, whole, slice(band.start, band.stop) if band else slice(None))
     try:
         with torch.no_grad():
-            for i in range(start, len(scheduler.timesteps)):
-                t = scheduler.timesteps[i]
+            for i in range(start, job.steps):
                 t0 = time.perf_counter()
-                model_in = torch.cat([latent] * batch)
-                if hasattr(scheduler, "scale_model_input"):
-                    model_in = scheduler.scale_model_input(model_in, t)
-                noise = predict(run, model, cond, model_in, t)
-                if layout.split_cfg:
-                    noise = guidance_pair(noise, layout, run.comms)
-                if run.guidance:
-                    uncond, text = noise.chunk(2)
-                    noise = uncond + job.guidance_scale * (text - uncond)
-                if noise.shape[1] == 2 * latent.shape[1]:  # PixArt's learnt variance: the sampler takes the mean
-                    noise = noise.chunk(2, dim=1)[0]
-                latent = scheduler.step(noise, t, latent, return_dict=False)[0]
+                for k in range(i * calls, min((i + 1) * calls, entries)):
+                    latent = _call(run, model, cond, scheduler, latent, scheduler.timesteps[k], batch, step_kwargs,
+                                   noise)
                 _sync(run.device)
                 result.step_seconds.append(time.perf_counter() - t0)
                 if run.on_step is not None:
@@ -277,6 +297,27 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
             result.exchange = handle.stats()
             handle.remove()
     return latent
+
+
+def _call(run: Render, model, cond: Conditioning, scheduler, latent: torch.Tensor, t, batch: int, step_kwargs: dict,
+          noise: WholeStepNoise | None) -> torch.Tensor:
+    """One denoiser call and the sampler's step on it: the latent after timestep `t`."""
+    job, layout = run.job, run.layout
+    model_in = torch.cat([latent] * batch)
+    if hasattr(scheduler, "scale_model_input"):
+        model_in = scheduler.scale_model_input(model_in, t)
+    prediction = predict(run, model, cond, model_in, t)
+    if layout.split_cfg:
+        prediction = guidance_pair(prediction, layout, run.comms)
+    if run.guidance:
+        uncond, text = prediction.chunk(2)
+        prediction = uncond + job.guidance_scale * (text - uncond)
+    if prediction.shape[1] == 2 * latent.shape[1]:  # PixArt's learnt variance: the sampler takes the mean
+        prediction = prediction.chunk(2, dim=1)[0]
+    if noise is None:
+        return scheduler.step(prediction, t, latent, return_dict=False, **step_kwargs)[0]
+    with noise:
+        return scheduler.step(prediction, t, latent, return_dict=False, **step_kwargs)[0]
 
 
 def predict(run: Render, model, cond: Conditioning, model_in: torch.Tensor, t) -> torch.Tensor:
@@ -339,14 +380,19 @@ def _whole(run: Render, band: torch.Tensor) -> torch.Tensor:
 
 
 def _checkpoint(run: Render, latent: torch.Tensor, scheduler, step: int) -> Checkpoint | None:
-    """The whole latent and sampler history after `step`, gathered from the bands; on the group's first rank."""
+    """The whole latent, the sampler's history and carried tensors after `step`, gathered from the bands, and the
+    job generator's state (the same on every rank: each drew the whole noise); on the group's first rank."""
     scalars, history = scheduler_state(scheduler)
     # Copies: the loop goes on with these tensors while a periodic checkpoint is being written.
     arrays = tuple(None if h is None else np.array(_whole(run, h).cpu().numpy()) for h in (latent, *history))
+    state = keep_carried(scheduler, lambda t: t.dim() == 4 and t.shape[2:] == latent.shape[2:],
+                         lambda t: _whole(run, t))
     if run.layout.rank != 0:
         return None
+    generator = None if run.generator is None else run.generator.get_state().numpy()
     return Checkpoint(step=step, steps=run.job.steps, latent=arrays[0], scalars=scalars, history=arrays[1:],
-                      channels_last=tuple(is_channels_last(h) for h in (latent, *history)))
+                      channels_last=tuple(is_channels_last(h) for h in (latent, *history)), state=state,
+                      generator=generator)
 
 
 def encode_image(run: Render, pixels: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcrender.config import Job
+from hpcrender.config import Job, runs_synchronous_throughout
 from hpcrender.output.export import export_job, image_name
 from hpcrender.output.records import JobState, meta_header, record_job_state, record_progress, write_meta
 from hpcrender.output.store import TileStore
@@ -88,10 +88,17 @@ class ImageKind:
         if leader:
             record_job_state(out, job.name, JobState.RUNNING, started=started, **where)
         resume = group.resume(read_checkpoint(saved, job.params_hash()) if leader and options.resume else None)
+        steps_run = job.steps - (resume.step if resume else job.first_step)
+        # A displaced job whose warm-up covers every step it runs says so, on its progress line and in meta.json.
+        synchronous = plan.banded and runs_synchronous_throughout(job.parallel, steps_run)
+        note = synchronous_note(job, steps_run) if synchronous else None
+        shown = f"{job.name} ({note})" if note else job.name
         if leader:
-            progress.start(job.name, job.steps - (resume.step if resume else job.first_step))
+            progress.start(shown, steps_run)
         if resume is not None:
             log.info("%s: resuming after step %d of %d", job.name, resume.step, job.steps)
+        if note:
+            log.warning("%s: %s", job.name, note)
         layout = GroupLayout(size=group.size, rank=group.rank, mode=job.parallel.mode,
                              split_cfg=job.parallel.split_cfg)
         comms = ctx.comms[job.parallel.split_cfg]
@@ -170,10 +177,11 @@ class ImageKind:
             peaks = group.gather(mine)
             together = False  # what follows is the first rank's alone; the others have gone on to the next unit
             if leader:
-                _write_outputs(out, job, result, layout, comms, peaks, options, started, world, group, checkpoints)
+                _write_outputs(out, job, result, layout, comms, peaks, options, started, world, group, checkpoints,
+                               note)
                 remove_checkpoint(saved)
                 resumed = f", resumed after step {resume.step}/{job.steps}" if resume is not None else ""
-                progress.finish(f"{job.name}: done in {time.time() - started:.1f}s{resumed}")
+                progress.finish(f"{shown}: done in {time.time() - started:.1f}s{resumed}")
                 record_job_state(out, job.name, JobState.DONE, started=started, finished=time.time(),
                                  seconds=round(time.time() - started, 3), **where)
             log.info("%s: done in %.1fs", job.name, time.time() - started)
@@ -202,8 +210,15 @@ class ImageKind:
             return Outcome.FAILED
 
 
+def synchronous_note(job: Job, steps_run: int) -> str:
+    """What a displaced job whose warm-up covers every step it runs does instead, in words."""
+    warmup = max(job.parallel.warmup_steps, 1)  # the first step is always synchronous: nothing stale exists yet
+    return (f"displaced, but its warm-up of {warmup} step(s) covers all {steps_run} step(s) run: synchronous "
+            "throughout")
+
+
 def _write_outputs(out: Path, job: Job, result, layout, comms, peaks, options: RenderOptions, started, world, group,
-                   checkpoints: dict):
+                   checkpoints: dict, note: str | None = None):
     """Stream the image into the job's store, export it, and write meta.json (and the latent when asked)."""
     job_dir = out / job.name
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -215,10 +230,11 @@ def _write_outputs(out: Path, job: Job, result, layout, comms, peaks, options: R
         exported = export_job(store, job_dir)
     if options.save_latent:
         np.save(job_dir / "latent.npy", result.latent.astype(np.float32))
-    write_meta(job_dir, _meta(job, result, layout, comms, peaks, exported, started, world, group, checkpoints))
+    write_meta(job_dir, _meta(job, result, layout, comms, peaks, exported, started, world, group, checkpoints, note))
 
 
-def _meta(job: Job, result, layout, comms, peaks, exported, started, world, group, checkpoints: dict) -> dict:
+def _meta(job: Job, result, layout, comms, peaks, exported, started, world, group, checkpoints: dict,
+          note: str | None = None) -> dict:
     steps = result.step_seconds
     exchange = dict(result.exchange)
     if exchange:  # every rank's traffic and waits: a slow or overloaded band shows up here
@@ -230,6 +246,8 @@ def _meta(job: Job, result, layout, comms, peaks, exported, started, world, grou
                    "mode": job.parallel.mode.value, "split_cfg": layout.split_cfg,
                    "warmup_steps": job.parallel.warmup_steps, "groupnorm": job.parallel.groupnorm.value,
                    "halo": job.parallel.halo.value,
+                   # displaced with a warm-up over every step run: what ran, and why
+                   **({"ran_as": "sync", "note": note} if note else {}),
                    "bands": [[b.start, b.stop] for b in result.bands],
                    "nodes": sorted({p["node"] for p in peaks}), "device": world.env.device},
         "timings": {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 3),

@@ -15,7 +15,7 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from hpcrender.config import Job, Manifest, Mode
+from hpcrender.config import Job, Manifest, Mode, runs_synchronous_throughout
 from hpcrender.errors import DoesNotFit, HpcrenderError
 from hpcrender.gigapixel.plan import gigapixel_plan
 from hpcrender.parallel.bands import (
@@ -36,8 +36,9 @@ CPU_CORE_MACS_PER_S = 46.5e9
 
 @dataclass(frozen=True)
 class RankCost:
-    """What one rank of a group costs per steady denoising step of a job: multiply-accumulates (band-parallel runs
-    keep the text's cross-attention keys and values from the first step), bytes sent, and memory."""
+    """What one rank of a group costs per steady denoiser call of a job (a step, but for Heun's two calls a step):
+    multiply-accumulates (band-parallel runs keep the text's cross-attention keys and values from the first step),
+    bytes sent, and memory (displaced Heun: a set of exchange buffers per call)."""
 
     rank: int
     macs: int
@@ -69,17 +70,23 @@ class JobPlan:
     def steps_run(self) -> int:
         return self.job.steps - self.job.first_step
 
+    @property
+    def synchronous_throughout(self) -> bool:
+        """A displaced band-parallel job whose warm-up covers every step it runs."""
+        return self.banded and runs_synchronous_throughout(self.job.parallel, self.steps_run)
+
     def seconds(self, macs_per_s: float) -> float | None:
         """Estimated time of the denoising loops at `macs_per_s` per rank (the slowest rank sets it), on one group;
-        a gigapixel job's tiles spread over all the groups of its phase."""
+        a gigapixel job's tiles spread over all the groups of its phase. costs are per denoiser call (a Heun step
+        makes two, its last one)."""
         if self.costs is None:
             return None
         if self.gigapixel is not None:
             giga = self.gigapixel
-            macs = giga.base_steps * max(c.macs for c in self.base_costs) + \
-                giga.total_tiles * giga.tile_steps * max(c.macs for c in self.costs)
+            macs = giga.base_calls * max(c.macs for c in self.base_costs) + \
+                giga.total_tiles * giga.tile_calls * max(c.macs for c in self.costs)
             return macs / macs_per_s
-        return self.steps_run * max(c.macs for c in self.costs) / macs_per_s
+        return self.job.scheduler.denoiser_calls(self.steps_run) * max(c.macs for c in self.costs) / macs_per_s
 
     @property
     def store_bytes(self) -> int | None:
@@ -238,11 +245,17 @@ def _rank_costs(job: Job, size: int, patch: int, bands: tuple, shape) -> tuple[R
         if own is not None:
             extra = gathered_keys_values(layers, whole, band, batch, element) if exchanging else 0
             activations = own * element // 4 + extra  # the meta model is float32
-        memory = memory_estimate(layers, shape.parameters, whole if exchanging else (), batch, element, activations)
+        memory = memory_estimate(layers, shape.parameters, whole if exchanging else (), batch, element, activations,
+                                 buffer_sets=_buffer_sets(job))
         macs = step_macs(compute, whole, band, batch, TEXT_TOKENS, exchanging, text_kv_cached=bool(bands))
         sent = expected_bytes(layers, whole, band, batch, element) if exchanging else 0
         costs.append(RankCost(rank, macs, sent, memory))
     return tuple(costs)
+
+
+def _buffer_sets(job: Job) -> int:
+    """Sets of exchange buffers a rank keeps (parallel.plan.PatchPlan.buffer_sets)."""
+    return job.scheduler.calls_per_step if job.parallel.mode is Mode.DISPLACED else 1
 
 
 def _element_size(dtype: str) -> int:
@@ -335,8 +348,8 @@ def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_COR
                          f"{job.parallel.mode.value}{cfg}  latent bands {bands}")
             if p.costs is None:
                 if p.sent is not None:
-                    lines.append(f"  {'':<24} sends per step: {_size(max(p.sent))} per rank at most (compute and "
-                                 "memory are estimated for UNets only)")
+                    lines.append(f"  {'':<24} sends per step: {_size(max(p.sent) * job.scheduler.calls_per_step)} "
+                                 "per rank at most (compute and memory are estimated for UNets only)")
                 else:
                     lines.append(f"  {'':<24} model shapes not readable before loading (a hub id not in the cache)")
                 continue
@@ -361,8 +374,14 @@ def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_COR
                                  f"{len(phase.groups)} group(s), composition between levels not included")
                 lines.append(f"  {'':<24} memory per rank for a tile: at least {describe_memory(need)}")
                 continue
-            lines.append(f"  {'':<24} sends per step: {_size(sent)} per rank at most; estimated "
-                         f"{_duration(p.seconds(macs_per_s))} for {p.steps_run} steps")
+            calls = job.scheduler.calls_per_step
+            lines.append(f"  {'':<24} sends per step: {_size(sent * calls)} per rank at most; estimated "
+                         f"{_duration(p.seconds(macs_per_s))} for {p.steps_run} steps"
+                         + (f" ({job.scheduler.denoiser_calls(p.steps_run)} UNet calls)" if calls > 1 else ""))
+            if p.synchronous_throughout:
+                lines.append(f"  {'':<24} displaced, but the warm-up covers all {p.steps_run} step(s): "
+                             "synchronous throughout")
             lines.append(f"  {'':<24} memory per rank: at least {describe_memory(need)}")
-            lines.append(f"  {'':<24} per step, compute + activations: {describe_costs(p.costs)}")
+            per = "UNet call" if calls > 1 else "step"
+            lines.append(f"  {'':<24} per {per}, compute + activations: {describe_costs(p.costs)}")
     return "\n".join(lines)
