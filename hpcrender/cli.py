@@ -73,6 +73,7 @@ def cli():
 def render(manifest, out, only, mode, ranks_per_image, warmup_steps, steps, no_resume, save_latent,
            array_index, array_count, debug):
     """Render the jobs of MANIFEST (under mpiexec/srun the ranks share the work)."""
+    from hpcrender.models.adapters import check_targets
     from hpcrender.run.plan import make_run_plan, selected_jobs
     from hpcrender.run.runner import run_render
 
@@ -86,6 +87,7 @@ def render(manifest, out, only, mode, ranks_per_image, warmup_steps, steps, no_r
                 array = _array(world.env, array_index, array_count)
                 plan = make_run_plan(m, selected_jobs(m, array), world.env.world_size, model_shape,
                                      rank_memory_limit(world.env.device, os.environ))
+                check_targets(plan.jobs[i].job for i in plan.indices)
                 request = (m, array, plan)
             except HpcrenderError as e:
                 error = e
@@ -172,6 +174,7 @@ def plan(manifest, ranks, ranks_per_image, rate, tile_seconds):
 def verify(manifest, names, modes, debug):
     """Render jobs single-device and on all ranks; print latent error, PSNR and SSIM per job and mode."""
     from hpcrender.measure.verify import run_verify
+    from hpcrender.models.adapters import check_targets
 
     world = _start_world(debug)
     with guarded(world, debug):
@@ -183,6 +186,7 @@ def verify(manifest, names, modes, debug):
                 m = _load(manifest, only=names, mode=modes[0] if modes else None, ranks_per_image=0,
                           warmup_steps=None, steps=None)
                 make_run_plan(m, tuple(range(len(m.jobs))), world.env.world_size, model_shape)
+                check_targets(m.jobs)
                 jobs = m.jobs
             except HpcrenderError as e:
                 error = e

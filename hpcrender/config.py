@@ -120,6 +120,16 @@ class InitImage:
     strength: float  # (0, 1]
 
 
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA adapter put on a job's model (models.lora): its file's content counts, not where it lies."""
+
+    path: str        # absolute
+    sha256: str      # of the file's bytes: a changed LoRA is a changed image
+    scale: float = 1.0
+    where: str = ""  # FILE:LINE: label of its `path` key, for the problems only loading the model can find
+
+
 def first_step(steps: int, strength: float) -> int:
     """Index of the first denoising step run at `strength`, as diffusers' img2img pipelines cut the schedule
     (get_timesteps): the last int(steps * strength) steps are run, with Python's float rounding kept so that the
@@ -145,6 +155,7 @@ class Job:
     gigapixel: GigapixelConfig | None = None
     init_image: InitImage | None = None
     checkpoint_every: float | None = None  # seconds between periodic checkpoints of the denoising loop; None: off
+    loras: tuple[Lora, ...] = ()            # in the order they were given; fused into the weights while it renders
 
     @property
     def first_step(self) -> int:
@@ -163,7 +174,12 @@ class Job:
         d.pop("checkpoint_every", None)  # how often the loop is saved does not change the image
         if d["init_image"] is not None:  # the image's content counts, not where it lies
             d["init_image"].pop("path")
+        for lora in d["loras"]:  # the file's content and scale count, not where it lies or was written
+            lora.pop("path")
+            lora.pop("where")
         # Jobs written before these keys existed keep their hash, so their stores and checkpoints stay theirs.
+        if not d["loras"]:
+            d.pop("loras")
         if d["timestep_spacing"] is None:
             d.pop("timestep_spacing")
         if d["scheduler"] == SchedulerName.DPMPP_2M.value:

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 from hpcrender.config import (
-    DType, GigapixelConfig, GroupNormMode, HaloMode, InitImage, Job, Manifest, Mode, ParallelConfig, SchedulerName,
-    TimestepSpacing, first_step,
+    DType, GigapixelConfig, GroupNormMode, HaloMode, InitImage, Job, Lora, Manifest, Mode, ParallelConfig,
+    SchedulerName, TimestepSpacing, first_step,
 )
 from hpcrender.errors import BadInput, ManifestError, ModelNotFound
+from hpcrender.models.lora import LoraFileError, file_sha256, read_lora_keys
 from hpcrender.models.reference import SourceKind, resolve
 from hpcrender.render.samplers import lcm_spacing_problem
 
@@ -258,6 +259,8 @@ _SETTINGS: dict[str, _Check] = {
 }
 _MODEL_KEY = "model"
 _INIT_IMAGE_KEY = "init_image"
+_LORAS_KEY = "loras"
+_LORA_KEYS = ("path", "scale")
 _NAME_KEY = "name"
 _PARALLEL: dict[str, _Check] = {
     "mode": _choice(Mode),
@@ -307,7 +310,8 @@ class _ValueScan:
     """Where the scan stands inside a value that may span lines (multi-line string, array)."""
 
     string_end: str | None = None  # the closing `\"\"\"` or `'''` while inside a multi-line string
-    # One entry per open `[` or `{`: the key path of an inline table, None for arrays (not located).
+    # One entry per open `[` or `{`: an inline table's key path, or an array's [key path, index of the element
+    # being read]; None where the path is not located (arrays in arrays).
     stack: list = dataclasses.field(default_factory=list)
     last_key: tuple | None = None
 
@@ -394,25 +398,40 @@ class _Locator:
                 end = line.find("'", i + 1)
                 i = end + 1 if end >= 0 else n
             elif c == "[":
-                scan.stack.append(None)
+                scan.stack.append([self._element_path(scan), 0])
                 i += 1
             elif c == "{":
-                inside_array = any(entry is None for entry in scan.stack)
-                scan.stack.append(None if inside_array else scan.last_key)
+                path = self._element_path(scan)
+                if path is not None:
+                    self._record(path, lineno)
+                scan.stack.append(path)
                 i = self._inline_key(line, i + 1, lineno, scan)
             elif c in "]}":
                 if scan.stack:
                     scan.stack.pop()
+                i += 1
+            elif c == "," and scan.stack and isinstance(scan.stack[-1], list):
+                scan.stack[-1][1] += 1
                 i += 1
             elif c == "," and scan.stack and scan.stack[-1] is not None:
                 i = self._inline_key(line, i + 1, lineno, scan)
             else:
                 i += 1
 
+    @staticmethod
+    def _element_path(scan: _ValueScan) -> tuple | None:
+        """The path of a value opened here: the key just read, or the next element of the array it is in."""
+        if not scan.stack:
+            return scan.last_key
+        top = scan.stack[-1]
+        if isinstance(top, list):
+            return None if top[0] is None else top[0] + (top[1],)
+        return scan.last_key
+
     def _inline_key(self, line: str, pos: int, lineno: int, scan: _ValueScan) -> int:
         table = scan.stack[-1]
         keyval = _KEYVAL_RE.match(line, pos)
-        if table is None or not keyval:
+        if table is None or isinstance(table, list) or not keyval:
             return pos
         path = table + _key_parts(keyval.group(1))
         self._record(path, lineno)
@@ -450,6 +469,7 @@ class _Reader:
         self._locator = _Locator(text)
         self._base_dir = base_dir
         self.problems: list[tuple[int, int, str]] = []  # (line, order, message) for sorting
+        self._lora_files: dict[Path, str] = {}  # content hashes of the LoRA files read so far
 
     def problem(self, path: tuple, label: str, message: str) -> None:
         line = self._locator.line(path)
@@ -515,7 +535,7 @@ class _Reader:
     def _layer(self, raw: dict, path: tuple, label: str, where: str) -> _Layer:
         is_job = path[0] == "jobs"
         layer = _Layer(path)
-        known = [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY, *_TABLES] + ([_NAME_KEY] if is_job else [])
+        known = [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY, _LORAS_KEY, *_TABLES] + ([_NAME_KEY] if is_job else [])
         table = path[0]  # "defaults" or "jobs": the prefix of their sub-table headers
         table_of = {key: f"[{table}.parallel]" for key in _PARALLEL}
         table_of.update({key: f"[{table}.gigapixel]" for key in _GIGAPIXEL})
@@ -530,6 +550,8 @@ class _Reader:
             elif key == _INIT_IMAGE_KEY:
                 check_image = functools.partial(_check_init_image, base_dir=self._base_dir)
                 layer.settings[key] = self._check(key_path, key_label, check_image, value)
+            elif key == _LORAS_KEY:
+                layer.settings[key] = _Value(self._loras(value, key_path, key_label), key_path)
             elif key in _SETTINGS:
                 layer.settings[key] = self._check(key_path, key_label, _SETTINGS[key], value)
             elif key in _TABLES:
@@ -546,9 +568,52 @@ class _Reader:
                 self.problem(key_path, key_label, _unknown(key, value, known, table_of))
         return layer
 
+    def _loras(self, raw: object, path: tuple, label: str):
+        """`loras = [{ path = "style.safetensors", scale = 0.8 }, ...]`: each file a LoRA diffusers reads (its
+        header is read here, the whole file hashed: a changed LoRA is a changed job); _BROKEN after a problem."""
+        if not isinstance(raw, list):
+            self.problem(path, label, f"must be a list of tables {{ path = ..., scale = ... }}, got {_show(raw)}")
+            return _BROKEN
+        loras, broken = [], False
+        for i, entry in enumerate(raw):
+            at, where = path + (i,), f"{label}[{i}]"
+            if not isinstance(entry, dict):
+                self.problem(at, where, f"must be a table {{ path = ..., scale = ... }}, got {_show(entry)}")
+                broken = True
+                continue
+            for key, value in entry.items():
+                if key not in _LORA_KEYS:
+                    self.problem(at + (key,), f"{where}.{key}", _unknown(key, value, _LORA_KEYS, {}))
+                    broken = True
+            scale = self._check(at + ("scale",), f"{where}.scale", _as_float, entry.get("scale", 1.0))
+            if "path" not in entry:
+                self.problem(at, f"{where}.path", "missing (the LoRA's .safetensors file)")
+                broken = True
+                continue
+            file = self._check(at + ("path",), f"{where}.path", self._lora_file, entry["path"])
+            if file.value is _BROKEN or scale.value is _BROKEN:
+                broken = True
+                continue
+            shown = f"{self._shown}:{self._locator.line(at + ('path',))}: {where}.path"
+            loras.append(Lora(path=str(file.value), sha256=self._lora_files[file.value], scale=scale.value,
+                              where=shown))
+        return _BROKEN if broken else tuple(loras)
+
+    def _lora_file(self, value: object) -> Path:
+        path = Path(os.path.normpath(self._base_dir / Path(_as_str(value)).expanduser()))
+        if path not in self._lora_files:
+            try:
+                read_lora_keys(path)
+                self._lora_files[path] = file_sha256(path)
+            except LoraFileError as error:
+                raise _Invalid(str(error)) from None
+            except OSError as error:
+                raise _Invalid(f"cannot read {path}: {error.strerror or error}") from None
+        return path
+
     def _table(self, raw: dict, path: tuple, label: str, checks: Mapping[str, _Check], parent: str) -> dict:
         values = {}
-        parent_keys = {key: parent for key in [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY]}
+        parent_keys = {key: parent for key in [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY, _LORAS_KEY]}
         for key, value in raw.items():
             key_path, key_label = path + (key,), f"{label}.{key}"
             if key in checks:

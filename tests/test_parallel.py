@@ -272,7 +272,7 @@ def checks(request):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("shape", ["sd", "sdxl"])
+@pytest.mark.parametrize("shape", ["sd", "sdxl", "sd-lora"])
 def test_sync_mode_equals_one_process(checks, shape):
     sync = checks["unet"][shape]["sync"]
     assert sync["first_output"] <= 1e-4
@@ -281,7 +281,7 @@ def test_sync_mode_equals_one_process(checks, shape):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("shape", ["sd", "sdxl"])
+@pytest.mark.parametrize("shape", ["sd", "sdxl", "sd-lora"])
 def test_displaced_is_much_closer_to_one_process_than_naive(checks, shape):
     unet = checks["unet"][shape]
     displaced, naive = unet["displaced_corrected"], unet["naive"]
@@ -293,7 +293,7 @@ def test_displaced_is_much_closer_to_one_process_than_naive(checks, shape):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("shape", ["sd", "sdxl"])
+@pytest.mark.parametrize("shape", ["sd", "sdxl", "sd-lora"])
 def test_warmup_steps_equal_sync_steps_exactly(checks, shape):
     warmup = checks["unet"][shape]["warmup"]
     diffs = warmup["max_abs_diff_per_step"]
@@ -303,7 +303,7 @@ def test_warmup_steps_equal_sync_steps_exactly(checks, shape):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("shape", ["sd", "sdxl"])
+@pytest.mark.parametrize("shape", ["sd", "sdxl", "sd-lora"])
 def test_measured_bytes_per_step_equal_the_analytic_count(checks, shape):
     runs = {k: v for k, v in checks["unet"][shape].items() if isinstance(v, dict) and "bytes_match" in v}
     assert {"sync", "naive", "displaced_corrected"} <= runs.keys()
@@ -313,7 +313,7 @@ def test_measured_bytes_per_step_equal_the_analytic_count(checks, shape):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("shape", ["sd", "sdxl"])
+@pytest.mark.parametrize("shape", ["sd", "sdxl", "sd-lora"])
 def test_exchange_buffers_held_equal_the_analytic_estimate(checks, shape):
     # Every rank, every mode, both before (sync) and after (displaced) the slots are laid out in buckets.
     runs = {k: v for k, v in checks["unet"][shape].items() if isinstance(v, dict) and "buffers_match" in v}
@@ -324,7 +324,7 @@ def test_exchange_buffers_held_equal_the_analytic_estimate(checks, shape):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("shape", ["sd", "sdxl"])
+@pytest.mark.parametrize("shape", ["sd", "sdxl", "sd-lora"])
 def test_remove_restores_the_unet_bit_for_bit(checks, shape):
     assert checks["unet"][shape]["removed"] == {"state_dict_equal": True, "module_types_equal": True,
                                                 "processors_identical": True, "output_equal": True}

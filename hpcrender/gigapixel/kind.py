@@ -249,7 +249,7 @@ class GigapixelKind:
 
         started = time.perf_counter()
         try:
-            model = ctx.models.get(job.model, job.dtype)
+            model = ctx.models.get(job.model, job.dtype, job.loras)
             pipe, facts = model.pipe, model.facts
             plan = plan_for(facts, job)
             if plan != s.plan:

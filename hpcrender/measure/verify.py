@@ -37,7 +37,7 @@ def run_verify(world, jobs: Sequence[Job], modes: Sequence[Mode] = ()) -> int:
 
 def _verify_job(world, models, comms, job: Job, modes: Sequence[Mode]) -> None:
     env = world.env
-    model = models.get(job.model, job.dtype)
+    model = models.get(job.model, job.dtype, job.loras)
     pipe, facts = model.pipe, model.facts
     reference = None
     if env.rank == 0:

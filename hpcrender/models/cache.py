@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hpcrender.models import load_pipeline
+from hpcrender.models.adapters import Fused, put_on, take_off, wanted
 from hpcrender.models.facts import ModelFacts, facts_of
 
 
@@ -18,18 +19,29 @@ class LoadedModel:
 
 @dataclass
 class ModelCache:
-    """Pipelines by (reference, dtype), one at a time: memory, not load time, is the scarce thing."""
+    """Pipelines by (reference, dtype), one at a time: memory, not load time, is the scarce thing. The LoRAs fused
+    into the cached pipeline are those of the last job served; another job's are put on only after they are taken
+    off, so that a job's image never depends on the job before it."""
 
     device: str
     cache: dict = field(default_factory=dict)
+    fused: Fused | None = None
 
-    def get(self, ref: str, dtype) -> LoadedModel:
-        """The pipeline of `ref` in `dtype` (config.DType) and its facts, its VAE in float32 (fp16 VAEs overflow on
-        decode, and the decode is a small part of the time)."""
+    def get(self, ref: str, dtype, loras: tuple = ()) -> LoadedModel:
+        """The pipeline of `ref` in `dtype` (config.DType) with `loras` (config.Lora) fused and its facts, its VAE in
+        float32 (fp16 VAEs overflow on decode, and the decode is a small part of the time)."""
         key = (ref, dtype)
         if key not in self.cache:
             self.cache.clear()
+            self.fused = None
             pipe = load_pipeline(ref, dtype=getattr(torch, dtype.value), device=self.device)
             pipe.vae.to(torch.float32)
             self.cache[key] = LoadedModel(pipe, facts_of(pipe))
-        return self.cache[key]
+        loaded = self.cache[key]
+        if wanted(loras) != (self.fused.loras if self.fused else ()):
+            if self.fused is not None:
+                take_off(loaded.pipe, self.fused)
+                self.fused = None
+            if loras:
+                self.fused = put_on(loaded.pipe, loras)
+        return loaded

@@ -116,7 +116,7 @@ class ImageKind:
         if writer is not None and resume is not None:
             writer.step = resume.step  # the file on disk until the first new one: what status names meanwhile
         try:
-            model = ctx.models.get(job.model, job.dtype)
+            model = ctx.models.get(job.model, job.dtype, job.loras)
             last_record = time.monotonic()
             last_checkpoint = time.monotonic()
             recorded_step = None  # the periodic checkpoint step the job's state file names

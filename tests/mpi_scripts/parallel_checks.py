@@ -17,7 +17,7 @@ from hpcrender.parallel.bands import exchange_buffers, expected_bytes, latent_ba
 from hpcrender.parallel.parallelize import parallelize
 from hpcrender.parallel.plan import PatchPlan, unet_layers
 from hpcrender.parallel.vae import decode_parallel, encode_parallel
-from parallel_models import conditioning, noise, sd_unet, sdxl_unet, small_vae, start_torch_distributed, report_and_finish
+from parallel_models import conditioning, noise, sd_unet, sd_unet_with_lora, sdxl_unet, small_vae, start_torch_distributed, report_and_finish
 
 STEPS = 8
 WARMUP = 1
@@ -28,8 +28,9 @@ BATCH = 2  # classifier-free guidance's pair
 SIZES = {
     "sd": {2: (28, 20), 3: (44, 20)},
     "sdxl": {2: (12, 12), 3: (20, 12)},
+    "sd-lora": {2: (28, 20), 3: (44, 20)},
 }
-BUILDERS = {"sd": sd_unet, "sdxl": sdxl_unet}
+BUILDERS = {"sd": sd_unet, "sdxl": sdxl_unet, "sd-lora": sd_unet_with_lora}
 
 
 def timesteps(steps: int) -> tuple[list[float], list[float]]:
@@ -180,8 +181,9 @@ def main() -> None:
     rank, size = start_torch_distributed()
     group = dist.new_group(list(range(size)))
     report = {"world_size": size, "unet": {}}
-    for shape in BUILDERS:
-        report["unet"][shape] = check_unet(shape, rank, size, group, groupnorms)
+    for shape in BUILDERS:  # the LoRA-wrapped UNet with the default GroupNorm only
+        report["unet"][shape] = check_unet(shape, rank, size, group,
+                                           [GroupNormMode.CORRECTED] if shape == "sd-lora" else groupnorms)
     report["vae"] = check_vae(rank, size, group)
     report_and_finish(report, rank)
 

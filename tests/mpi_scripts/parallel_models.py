@@ -1,4 +1,4 @@
-"""Small diffusers models built from configs with fixed seeds (SD-shaped and SDXL-shaped UNets, a VAE), the
+"""Small diffusers models built from configs with fixed seeds (SD-shaped and SDXL-shaped UNets, one with a LoRA, a VAE), the
 inputs they take, and torch.distributed started from MPI: shared by the patch-parallel tests and scripts."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import socket
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from peft import LoraConfig
 
 TEXT_TOKENS = 7
 TEXT_DIM = 24
@@ -23,6 +24,16 @@ def sd_unet(seed: int = 0) -> UNet2DConditionModel:
         block_out_channels=(16, 16, 32, 32), norm_num_groups=8, attention_head_dim=4,
         cross_attention_dim=TEXT_DIM,
     ).eval()
+
+
+def sd_unet_with_lora(seed: int = 0) -> UNet2DConditionModel:
+    """sd_unet with an unfused LoRA (seeded, non-zero) on its attention projections and its resnets' 3x3
+    convolutions: peft's wrappers stand around layers the plan swaps, and their own down convolutions need halos."""
+    unet = sd_unet(seed)
+    torch.manual_seed(seed + 100)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]))
+    return unet.eval()
 
 
 def sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
