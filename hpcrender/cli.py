@@ -15,9 +15,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from hpcrender.config import DPMPP_ALIAS, Mode, SchedulerName
+from hpcrender.config import DPMPP_ALIAS, Lora, Mode, SchedulerName
 from hpcrender.errors import EXIT_BAD_INPUT, BadInput, HpcrenderError, ManifestError
 from hpcrender.manifest import apply_overrides, load_manifest
+from hpcrender.models.lora import LoraFileError, file_sha256, read_lora_keys
 from hpcrender.models.shapes import model_shape
 from hpcrender.run.environment import World, guarded, max_memory_bytes, memory_limit, rank_memory_limit
 from hpcrender.run.kinds import RenderOptions
@@ -254,8 +255,10 @@ def status(outdir):
 @click.option("--project", "project", metavar="K,...",
               help="Also project displaced scaling to K ranks (e.g. 2,4,8) from this one-rank launch: the widest "
                    "band computed alone, the exchange at NVLink and InfiniBand bandwidth.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="A LoRA fused into every hpcrender run (repeatable); diffusers' loop runs it unfused and fused.")
 @click.option("--debug", is_flag=True)
-def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, plot_path, project, debug):
+def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, plot_path, project, loras, debug):
     """Time the denoising steps (UNet with CFG, no VAE): diffusers' own loop with the node's cores, hpcrender on one
     rank, then on all ranks of this launch in each mode; beside the plan's bytes, compute and memory."""
     from hpcrender.measure.bench import BenchRequest, run_bench
@@ -270,6 +273,10 @@ def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, 
         projected = parse_ranks(project) if project else ()
     except ValueError as e:
         sys.exit(_fail(BadInput(f"--project: {e}"), debug))
+    try:
+        adapters = tuple(_bench_lora(i, text) for i, text in enumerate(loras))
+    except BadInput as e:
+        sys.exit(_fail(e, debug))
     problem = steps_problem(steps, warmup_steps) if projected else None
     if problem:
         sys.exit(_fail(BadInput(f"--project: {problem}"), debug))
@@ -288,9 +295,21 @@ def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, 
             sys.exit(EXIT_BAD_INPUT)
         req = BenchRequest(model=model, width=w, height=h, steps=steps, modes=wanted, warmup_steps=warmup_steps,
                            scheduler=scheduler, dtype=dtype, json_path=Path(json_path) if json_path else None,
-                           plot_path=Path(plot_path) if plot_path else None, project=projected)
+                           plot_path=Path(plot_path) if plot_path else None, project=projected, loras=adapters)
         code = run_bench(world, req)
     sys.exit(code)
+
+
+def _bench_lora(index: int, text: str) -> Lora:
+    """--lora FILE[:SCALE], its file checked as a manifest's `loras` entry is."""
+    where = f"--lora {text}"
+    path, _, scale = text.rpartition(":") if text.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() \
+        else (text, "", "1")
+    try:
+        read_lora_keys(path)
+        return Lora(path=str(Path(path).resolve()), sha256=file_sha256(path), scale=float(scale), where=where)
+    except LoraFileError as e:
+        raise BadInput(f"{where}: {e}") from None
 
 
 def main() -> None:

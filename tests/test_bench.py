@@ -1,5 +1,6 @@
 """`hpcrender bench`: the arithmetic of its table (ratios, hidden exchange, the cores diffusers gets) and, under
-mpiexec -n 2, one launch that runs diffusers' loop, hpcrender on one rank and on two, with JSON and a PNG."""
+mpiexec -n 2, one launch that runs diffusers' loop, hpcrender on one rank and on two, with JSON and a PNG; with a
+LoRA, diffusers' loop unfused and fused."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from PIL import Image
 from clirun import hpcrender
 from hpcrender.config import Mode
 from hpcrender.measure.bench import (
-    DIFFUSERS, add_ratios, exchange_hidden, node_threads, parallel_modes, relative_error, scaling_series, steady_waits,
+    DIFFUSERS, UNFUSED, add_ratios, exchange_hidden, node_threads, parallel_modes, relative_error, scaling_series, steady_waits,
     summarize,
 )
+from hpcrender.models.lora import file_sha256
+from lora_files import make_lora
 
 
 def test_parallel_modes_leave_none_to_the_one_rank_row_and_default_to_sync_and_displaced():
@@ -111,3 +114,21 @@ def test_bench_on_two_ranks_runs_diffusers_one_rank_and_each_mode_with_json_and_
     assert max(sync["plan"]["macs_per_step"]) < one["plan"]["macs_per_step"][0]
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size[0] > 400
+
+
+def test_bench_with_a_lora_times_diffusers_unfused_and_fused_beside_hpcrender(tmp_path):
+    made = make_lora("builtin:tiny-sd", tmp_path / "lora", 1)
+    out = tmp_path / "bench.json"
+    r = hpcrender("bench", "--model", "builtin:tiny-sd", "--size", "64x64", "--steps", "2", "--lora", f"{made}:0.7",
+                  "--json", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["run"] for row in rows] == [UNFUSED, DIFFUSERS, "none"]
+    for row in rows:
+        assert row["loras"] == [{"file": made.name, "sha256": file_sha256(made), "scale": 0.7}]
+        assert row["per_step_s"] > 0
+    assert rows[0]["speedup_vs_1_rank"] is None and rows[2]["speedup_vs_1_rank"] == 1.0
+    bad = hpcrender("bench", "--model", "builtin:tiny-sd", "--lora", str(tmp_path / "none.safetensors"))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().endswith(f"--lora {tmp_path / 'none.safetensors'}: no such file: "
+                                       f"{tmp_path / 'none.safetensors'}")

@@ -1,6 +1,6 @@
 """Patch parallelism through the commands: `hpcrender verify` against single-device on 2, 3 and 4 ranks (sync,
 displaced, naive, split_cfg; text-to-image and img2img; every sampler, Heun's two calls a step and the stochastic
-samplers' noise drawn whole), a displaced render's meta.json (and one whose warm-up covers every step), and the layouts
+samplers' noise drawn whole; LoRA adapters fused), a displaced render's meta.json (and one whose warm-up covers every step), and the layouts
 that must be refused with exit 2."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from clirun import hpcrender, meta_of, write_manifest
+from lora_files import ATTENTION, make_lora, to_kohya
 
 pytestmark = pytest.mark.mpi
 
@@ -201,6 +202,21 @@ strength = 0.75
 [jobs.parallel]
 mode = "sync"
 split_cfg = true
+
+# LoRA: two adapters with scales fused into the weights (diffusers/PEFT files; Kohya's names for the SD one).
+[[jobs]]
+name = "xl-lora"
+model = "builtin:tiny-sdxl"
+width = 128
+height = 160
+loras = [{ path = "loras/xl-a.safetensors", scale = 0.8 }, { path = "loras/xl-b.safetensors", scale = -0.5 }]
+
+[[jobs]]
+name = "sd-lora"
+model = "builtin:tiny-sd"
+width = 128
+height = 200
+loras = [{ path = "loras/sd-a-kohya.safetensors", scale = 0.7 }, { path = "loras/sd-b.safetensors" }]
 """
 
 BLOCK = re.compile(
@@ -216,6 +232,13 @@ def manifest(tmp_path_factory):
     folder = tmp_path_factory.mktemp("verify")
     (folder / "sketches").mkdir()
     shutil.copy(Path(__file__).parent / "data" / "manifests" / "sketches" / "harbor.png", folder / "sketches" / "start.png")
+    loras = folder / "loras"
+    loras.mkdir()
+    for name, model, seed, targets in (("xl-a", "tiny-sdxl", 3, ATTENTION), ("xl-b", "tiny-sdxl", 4, ["to_q", "conv2"]),
+                                       ("sd-a", "tiny-sd", 1, ATTENTION), ("sd-b", "tiny-sd", 2, [*ATTENTION, "conv1"])):
+        made = make_lora(f"builtin:{model}", folder / "made" / name, seed, targets=targets, text_encoder=name == "sd-b")
+        shutil.copy(made, loras / f"{name}.safetensors")
+    to_kohya(loras / "sd-a.safetensors", loras / "sd-a-kohya.safetensors")
     return write_manifest(folder / "jobs.toml", JOBS)
 
 
@@ -245,12 +268,12 @@ SAMPLERS_ON_3 = ("sd-heun", "sd-euler_a", "sd-dpmpp_2m_sde_karras", "sd-ddim", "
 def on_two_ranks(manifest):
     """Every 2-rank check in one launch: SDXL shape, split_cfg (one branch each), text-to-image and img2img, the
     other samplers."""
-    return verify(manifest, ("xl", "xl-split", "xl-i2i", "xl-split-i2i", *SAMPLERS_ON_2), 2, *ALL_MODES)
+    return verify(manifest, ("xl", "xl-split", "xl-i2i", "xl-split-i2i", *SAMPLERS_ON_2, "xl-lora"), 2, *ALL_MODES)
 
 
 @pytest.fixture(scope="module")
 def on_three_ranks(manifest):
-    return verify(manifest, ("sd", "sd-i2i", *SAMPLERS_ON_3), 3, *ALL_MODES)
+    return verify(manifest, ("sd", "sd-i2i", *SAMPLERS_ON_3, "sd-lora"), 3, *ALL_MODES)
 
 
 @pytest.fixture
@@ -358,3 +381,15 @@ def test_img2img_sync_equals_single_device_and_displaced_beats_naive(launch, job
 def test_img2img_with_split_cfg_equals_single_device(on_two_ranks):
     got = on_two_ranks["xl-split-i2i"]["sync"]
     assert got["split"] and got["latent"] <= 1e-4 and got["level"] <= 1
+
+
+@pytest.mark.parametrize("job, ranks", [("xl-lora", 2), ("sd-lora", 3)])
+def test_loras_in_sync_equal_single_device_and_displaced_beats_naive(launch, job, ranks):
+    """Fused adapters are plain weights to the bands; the 3-rank launch puts the 2-rank job's adapters on and takes
+    them off between jobs of one model cache."""
+    got = launch(ranks)[job]
+    sync, displaced, naive = got["sync"], got["displaced"], got["naive"]
+    print(job, ranks, "ranks, LoRA:", {mode: (r["latent"], r["psnr"]) for mode, r in got.items()})
+    assert sync["latent"] <= 1e-4 and sync["level"] <= 1
+    assert displaced["psnr"] >= naive["psnr"] + 3, got
+    assert displaced["latent"] < naive["latent"]

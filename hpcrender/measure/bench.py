@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcrender.config import DType, Job, Manifest, Mode, ParallelConfig, SchedulerName
+from hpcrender.config import DType, Job, Lora, Manifest, Mode, ParallelConfig, SchedulerName
 from hpcrender.errors import EXIT_OK
 from hpcrender.measure.projection import format_projection, measure_band, projection_rows
 from hpcrender.models import Family, denoiser_of
+from hpcrender.models.adapters import load_unfused
 from hpcrender.models.cache import ModelCache
 from hpcrender.models.facts import facts_of
 from hpcrender.models.shapes import model_shape
@@ -30,7 +31,8 @@ from hpcrender.render.stages import TORCH_DTYPES, _sync, peak_memory
 from hpcrender.run.environment import idle_barrier
 from hpcrender.run.plan import make_run_plan, plan_job
 
-DIFFUSERS = "diffusers"  # the row of diffusers' own pipeline loop
+DIFFUSERS = "diffusers"  # the row of diffusers' own pipeline loop (LoRAs fused, as hpcrender runs them)
+UNFUSED = "unfused"      # diffusers' loop with the LoRAs loaded and weighted but not fused: its default
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,13 @@ class BenchRequest:
     json_path: Path | None
     plot_path: Path | None = None
     project: tuple[int, ...] = ()  # group sizes to project displaced scaling to (projection.py)
+    loras: tuple[Lora, ...] = ()    # fused in every hpcrender run; diffusers' loop runs them unfused and fused
 
 
 def bench_job(req: BenchRequest, mode: Mode) -> Job:
     return Job(name=f"bench-{mode.value}", prompt="a lighthouse on a cliff at dusk, oil painting", width=req.width,
                height=req.height, seed=0, model=req.model, steps=req.steps, guidance_scale=5.0,
-               scheduler=SchedulerName(req.scheduler), dtype=DType(req.dtype),
+               scheduler=SchedulerName(req.scheduler), dtype=DType(req.dtype), loras=req.loras,
                parallel=ParallelConfig(mode=mode, warmup_steps=req.warmup_steps, ranks_per_image=0))
 
 
@@ -103,8 +106,9 @@ def add_ratios(rows: list[dict]) -> None:
     for r in rows:
         t = r["per_step_s"]
         r["speedup_vs_diffusers"] = base / t if base else None
-        r["speedup_vs_1_rank"] = one / t if one and r["run"] != DIFFUSERS else None
-        r["parallel_efficiency"] = one / (r["ranks"] * t) if one and r["run"] != DIFFUSERS else None
+        ours = one and r["run"] not in (DIFFUSERS, UNFUSED)
+        r["speedup_vs_1_rank"] = one / t if ours else None
+        r["parallel_efficiency"] = one / (r["ranks"] * t) if ours else None
 
 
 # --- memory a denoising loop adds to the loaded model ------------------------------------------------------------
@@ -256,7 +260,7 @@ def planned(job: Job, size: int) -> dict | None:
 def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: bool = True) -> dict:
     """One render of `job` by this rank in a group of `group` ranks: its step times, exchange and memory."""
     env = world.env
-    model = models.get(job.model, job.dtype)
+    model = models.get(job.model, job.dtype, job.loras)
     pipe = model.pipe
     layout = GroupLayout(size=group, rank=env.rank % group, mode=job.parallel.mode)
     probe = LoopMemory(denoiser_of(pipe), env.device) if measure_memory else None
@@ -279,9 +283,10 @@ def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: b
 
 def _row(run: str, req: BenchRequest, ranks: int, threads: int, device: str, per_rank: list[dict]) -> dict:
     slowest = max(per_rank, key=lambda r: r["mean_s"])
-    return {"run": run, "mode": run if run != DIFFUSERS else None, "ranks": ranks, "threads_per_rank": threads,
+    return {"run": run, "mode": run if run not in (DIFFUSERS, UNFUSED) else None, "ranks": ranks, "threads_per_rank": threads,
             "model": req.model, "size": f"{req.width}x{req.height}", "steps": req.steps, "scheduler": req.scheduler,
             "dtype": req.dtype, "warmup_steps": req.warmup_steps, "device": device,
+            "loras": [{"file": Path(lora.path).name, "sha256": lora.sha256, "scale": lora.scale} for lora in req.loras],
             "per_step_s": slowest["mean_s"], "median_s": slowest["median_s"], "min_s": slowest["min_s"],
             "max_s": slowest["max_s"], "first_s": slowest["first_s"], "per_rank": per_rank}
 
@@ -331,8 +336,16 @@ def run_bench(world, req: BenchRequest) -> int:
     # 1. What a user would run instead: diffusers' loop in one process with the node's cores; the rest wait.
     one_job = bench_job(req, Mode.NONE)
     if env.rank == 0:
-        seconds = diffusers_steps(models.get(one_job.model, one_job.dtype).pipe, one_job, env.device, threads)
         short = one_job.scheduler.calls_per_step > 1
+        if req.loras:
+            pipe = models.get(one_job.model, one_job.dtype).pipe
+            load_unfused(pipe, req.loras)
+            seconds = diffusers_steps(pipe, one_job, env.device, threads)
+            pipe.unload_lora_weights()
+            rows.append(_row(UNFUSED, req, 1, threads, env.device, [{"rank": 0, **summarize(seconds, short),
+                                                                     "step_seconds": seconds}]))
+        seconds = diffusers_steps(models.get(one_job.model, one_job.dtype, one_job.loras).pipe, one_job, env.device,
+                                  threads)
         rows.append(_row(DIFFUSERS, req, 1, threads, env.device, [{"rank": 0, **summarize(seconds, short),
                                                                    "step_seconds": seconds}]))
     idle_barrier(world.comm, poll_s=0.01)
@@ -383,7 +396,7 @@ def _projection(req: BenchRequest, models, device: str, rows: list[dict]) -> lis
     for ranks in req.project:
         bands = plan_job(0, job, ranks, model_shape(job.model)).bands
         plan = planned(job, ranks)
-        measured.append(measure_band(models.get(job.model, job.dtype).pipe, job, ranks, device, bands,
+        measured.append(measure_band(models.get(job.model, job.dtype, job.loras).pipe, job, ranks, device, bands,
                                      plan["bytes_per_step"] if plan else [None] * ranks))
     projected = projection_rows(one["per_step_s"], req.width, req.height, measured)
     print(format_projection(projected, f"{req.width}x{req.height}", req.model))
@@ -438,7 +451,7 @@ def scaling_series(rows: list[dict]) -> dict[str, list[tuple[int, float, float |
     one = [(r["ranks"], r["per_step_s"], r.get("parallel_efficiency")) for r in rows if r["run"] == Mode.NONE.value]
     series = {DIFFUSERS: [(r["ranks"], r["per_step_s"], None) for r in rows if r["run"] == DIFFUSERS]}
     for r in rows:
-        if r["run"] not in (DIFFUSERS, Mode.NONE.value):
+        if r["run"] not in (DIFFUSERS, UNFUSED, Mode.NONE.value):
             series.setdefault(r["run"], list(one)).append((r["ranks"], r["per_step_s"], r.get("parallel_efficiency")))
     if len(series) == 1 and one:
         series[Mode.NONE.value] = one

@@ -47,18 +47,26 @@ def _loader_refusal(pipe_name: str) -> str:
     return f"diffusers has no LoRA loader for {pipe_name} pipelines"
 
 
-def put_on(pipe, loras: tuple[Lora, ...]) -> Fused:
-    """Load each LoRA as its own adapter, weight them by their scales and fuse them; BadInput (one line, naming the
-    LoRA's key) for a file that names no layer of this pipeline. On failure the pipeline is left as it was."""
+def load_unfused(pipe, loras: tuple[Lora, ...]) -> list[str]:
+    """diffusers' default: each LoRA loaded as its own adapter and weighted by its scale, not fused (every wrapped
+    layer runs its own weights and then its low-rank update); the adapters' names. BadInput (one line, naming the
+    LoRA's key) for a file that names no layer of this pipeline."""
     if not hasattr(pipe, "load_lora_weights"):
         raise BadInput(f"{loras[0].where}: {_loader_refusal(type(pipe).__name__)}")
     names = [ADAPTER_NAME.format(i) for i in range(len(loras))]
+    for name, lora in zip(names, loras):
+        pipe.load_lora_weights(lora.path, adapter_name=name)
+        if not any(name in found for found in pipe.get_list_adapters().values()):
+            raise BadInput(f"{lora.where}: matches no layer of the model (diffusers loaded no weight of it)")
+    pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
+    return names
+
+
+def put_on(pipe, loras: tuple[Lora, ...]) -> Fused:
+    """Load the LoRAs (load_unfused) and fuse them, keeping the weights they are fused into. On failure the pipeline
+    is left as it was."""
     try:
-        for name, lora in zip(names, loras):
-            pipe.load_lora_weights(lora.path, adapter_name=name)
-            if not any(name in found for found in pipe.get_list_adapters().values()):
-                raise BadInput(f"{lora.where}: matches no layer of the model (diffusers loaded no weight of it)")
-        pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
+        names = load_unfused(pipe, loras)
         components = tuple(c for c, found in pipe.get_list_adapters().items() if found)
         originals = {
             (component, name): {key: p.detach().to("cpu", copy=True)
@@ -68,7 +76,7 @@ def put_on(pipe, loras: tuple[Lora, ...]) -> Fused:
         }
         pipe.fuse_lora(components=list(components), lora_scale=1.0, adapter_names=names)
     except BaseException:
-        if any(pipe.get_list_adapters().values()):
+        if hasattr(pipe, "get_list_adapters") and any(pipe.get_list_adapters().values()):
             pipe.unload_lora_weights()  # nothing fused yet: the layers' weights are still their own
         raise
     return Fused(wanted(loras), components, originals)
