@@ -11,9 +11,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
-from hpcrender.config import DType, Job, Lora, Mode, ParallelConfig, SchedulerName
+from hpcrender.config import DType, InitImage, Job, Lora, Mode, ParallelConfig, SchedulerName
 from hpcrender.manifest import load_manifest
 from hpcrender.models import Family, family, load_pipeline
 from hpcrender.models.cache import ModelCache
@@ -28,7 +29,7 @@ from hpcrender.render.samplers import make_scheduler
 
 from clirun import hpcrender, write_manifest
 from lora_files import ATTENTION, make_lora, to_kohya
-from test_img2img import diffusers_text_to_image
+from test_img2img import diffusers_img2img, diffusers_text_to_image
 
 ALONE = (GroupLayout(size=1, rank=0, mode=Mode.NONE), Comms(None, None, (0,)))
 SCALES = (0.8, -0.5)
@@ -114,6 +115,25 @@ def test_two_adapters_with_scales_equal_diffusers_own_loaders_and_pipeline_bit_f
               else diffusers_text_to_image(pipe, render))
     assert torch.equal(torch.from_numpy(ours.latent), theirs[0])
     assert not np.array_equal(ours.latent, plain.latent)  # the adapters change the image
+
+
+@pytest.mark.parametrize("model, short, scheduler", [("tiny-sd", "sd", SchedulerName.EULER_A),
+                                                     ("tiny-sdxl", "xl", SchedulerName.DDIM)])
+def test_img2img_with_two_adapters_equals_diffusers_img2img_pipeline_bit_for_bit(files, tmp_path, model, short,
+                                                                                scheduler):
+    start = tmp_path / "start.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(start)
+    loras = (lora(files[f"{short}-a"], SCALES[0]), lora(files[f"{short}-b"], SCALES[1]))
+    render = job(model, loras, scheduler=scheduler, steps=5, init_image=InitImage(str(start), "-", 0.6))
+    loaded = ModelCache("cpu").get(render.model, DType.FLOAT32, render.loras)
+    ours = render_image(loaded.pipe, render, *ALONE, "cpu")
+    resized = Image.open(start).convert("RGB").resize((render.width, render.height),
+                                                       resample=Image.Resampling.LANCZOS)
+    theirs = diffusers_img2img(diffusers_with_loras(model, loras), scheduler)(
+        render.prompt, image=resized, strength=0.6, num_inference_steps=render.steps, negative_prompt="fog",
+        guidance_scale=render.guidance_scale, generator=torch.Generator("cpu").manual_seed(render.seed),
+        output_type="latent").images
+    assert torch.equal(torch.from_numpy(ours.latent), theirs[0])
 
 
 def test_a_kohya_file_is_read_as_its_diffusers_twin(files):
@@ -346,3 +366,43 @@ loras = [{{ path = "{files['sd-a']}" }}]
         assert lines[2] == (f"{manifest}:26: jobs[pixart].loras[0].path: diffusers has no LoRA loader for "
                             "PixArt-Sigma pipelines")
     assert not (tmp_path / "out").exists()
+
+
+def test_gigapixel_tiles_render_with_the_jobs_loras_and_a_changed_lora_is_a_new_store(files, tmp_path):
+    style = tmp_path / "style.safetensors"
+    style.write_bytes(files["xl-a"].read_bytes())
+    manifest = write_manifest(tmp_path / "giga.toml", """
+[defaults]
+model = "builtin:tiny-sdxl"
+prompt = "an aerial harbor"
+width = 256
+height = 192
+steps = 2
+guidance_scale = 1.0
+[defaults.parallel]
+mode = "none"
+[defaults.gigapixel]
+base = 96
+tile = 64
+overlap = 16
+strength = 0.5
+
+[[jobs]]
+name = "with-lora"
+loras = [{ path = "style.safetensors", scale = 0.8 }]
+
+[[jobs]]
+name = "plain"
+""")
+    out = tmp_path / "out"
+    first = hpcrender("render", manifest, "--out", out)
+    assert first.returncode == 0, first.stderr[-2000:]
+    image = {name: np.asarray(Image.open(out / name / "image.png")) for name in ("with-lora", "plain")}
+    assert not np.array_equal(image["with-lora"], image["plain"])
+    assert file_sha256(style) in (out / "with-lora" / "meta.json").read_text()
+    style.write_bytes(files["xl-b"].read_bytes())  # the same file name, another LoRA: another image
+    kept = hpcrender("render", manifest, "--out", out, "--only", "with-lora")
+    assert kept.returncode == 1 and "a tile store written for other parameters" in kept.stderr  # not resumed
+    again = hpcrender("render", manifest, "--out", out, "--only", "with-lora", "--no-resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not np.array_equal(np.asarray(Image.open(out / "with-lora" / "image.png")), image["with-lora"])
