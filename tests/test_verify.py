@@ -264,6 +264,15 @@ SAMPLERS_ON_2 = ("xl-heun", "xl-euler_a", "xl-dpmpp_2m_sde", "xl-dpmpp_2m_karras
 SAMPLERS_ON_3 = ("sd-heun", "sd-euler_a", "sd-dpmpp_2m_sde_karras", "sd-ddim", "sd-unipc", "sd-lcm")
 
 
+def sync_exact_and_displaced_beats_naive(got: dict, what: str) -> None:
+    """`sync` equals single-device (relative L2, PNG levels) and `displaced` beats `naive` by 3 dB or more."""
+    sync, displaced, naive = got["sync"], got["displaced"], got["naive"]
+    print(what, {mode: (r["latent"], r["psnr"]) for mode, r in got.items()})
+    assert sync["latent"] <= 1e-4 and sync["level"] <= 1
+    assert displaced["psnr"] >= naive["psnr"] + 3, got
+    assert displaced["latent"] < naive["latent"]
+
+
 @pytest.fixture(scope="module")
 def on_two_ranks(manifest):
     """Every 2-rank check in one launch: SDXL shape, split_cfg (one branch each), text-to-image and img2img, the
@@ -314,12 +323,9 @@ def test_every_sampler_in_sync_equals_single_device_and_displaced_beats_naive(la
     """Heun calls the denoiser twice a step (displaced: each call's own stale activations), euler_a, the SDE
     variants and LCM draw noise every step (whole, from the job's generator, cut to the band)."""
     got = launch(ranks)[job]
-    sync, displaced, naive = got["sync"], got["displaced"], got["naive"]
-    print(job, ranks, "ranks:", {mode: (r["latent"], r["psnr"]) for mode, r in got.items()})
-    assert len(set(int(b.split("-")[1]) - int(b.split("-")[0]) for b in sync["bands"].split(","))) > 1, "uneven"
-    assert sync["latent"] <= 1e-4 and sync["level"] <= 1
-    assert displaced["psnr"] >= naive["psnr"] + 3, got
-    assert displaced["latent"] < naive["latent"]
+    bands = got["sync"]["bands"].split(",")
+    assert len(set(int(b.split("-")[1]) - int(b.split("-")[0]) for b in bands)) > 1, "uneven"
+    sync_exact_and_displaced_beats_naive(got, f"{job} on {ranks} ranks")
 
 
 def test_displaced_render_records_bands_bytes_waits_and_step_times(manifest, tmp_path):
@@ -370,12 +376,7 @@ def test_a_world_that_does_not_divide_into_the_groups_exits_2(manifest, tmp_path
 
 @pytest.mark.parametrize("job, ranks", [("xl-i2i", 2), ("sd-i2i", 3)])
 def test_img2img_sync_equals_single_device_and_displaced_beats_naive(launch, job, ranks):
-    got = launch(ranks)[job]
-    sync, displaced, naive = got["sync"], got["displaced"], got["naive"]
-    print(job, ranks, "ranks, img2img:", {mode: (r["latent"], r["psnr"]) for mode, r in got.items()})
-    assert sync["latent"] <= 1e-4 and sync["level"] <= 1
-    assert displaced["psnr"] >= naive["psnr"] + 3, got
-    assert displaced["latent"] < naive["latent"]
+    sync_exact_and_displaced_beats_naive(launch(ranks)[job], f"{job} on {ranks} ranks, img2img")
 
 
 def test_img2img_with_split_cfg_equals_single_device(on_two_ranks):
@@ -387,9 +388,4 @@ def test_img2img_with_split_cfg_equals_single_device(on_two_ranks):
 def test_loras_in_sync_equal_single_device_and_displaced_beats_naive(launch, job, ranks):
     """Fused adapters are plain weights to the bands; the 3-rank launch puts the 2-rank job's adapters on and takes
     them off between jobs of one model cache."""
-    got = launch(ranks)[job]
-    sync, displaced, naive = got["sync"], got["displaced"], got["naive"]
-    print(job, ranks, "ranks, LoRA:", {mode: (r["latent"], r["psnr"]) for mode, r in got.items()})
-    assert sync["latent"] <= 1e-4 and sync["level"] <= 1
-    assert displaced["psnr"] >= naive["psnr"] + 3, got
-    assert displaced["latent"] < naive["latent"]
+    sync_exact_and_displaced_beats_naive(launch(ranks)[job], f"{job} on {ranks} ranks, LoRA")
