@@ -120,6 +120,19 @@ class InitImage:
     strength: float  # (0, 1]
 
 
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """One ControlNet a job is conditioned on: diffusers' controlnet_conditioning_scale and control_guidance_start/end
+    (the fractions of the run's denoiser calls it is applied between)."""
+
+    model: str       # builtin:NAME, an absolute folder or a hub id
+    image: str       # absolute path of the conditioning image
+    sha256: str      # of the image file's bytes: a changed image is a changed job
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
 def first_step(steps: int, strength: float) -> int:
     """Index of the first denoising step run at `strength`, as diffusers' img2img pipelines cut the schedule
     (get_timesteps): the last int(steps * strength) steps are run, with Python's float rounding kept so that the
@@ -145,6 +158,7 @@ class Job:
     gigapixel: GigapixelConfig | None = None
     init_image: InitImage | None = None
     checkpoint_every: float | None = None  # seconds between periodic checkpoints of the denoising loop; None: off
+    controlnets: tuple[ControlNetConfig, ...] = ()  # manifest key `controlnet`: one table or a list of them
 
     @property
     def first_step(self) -> int:
@@ -163,6 +177,11 @@ class Job:
         d.pop("checkpoint_every", None)  # how often the loop is saved does not change the image
         if d["init_image"] is not None:  # the image's content counts, not where it lies
             d["init_image"].pop("path")
+        if d["controlnets"]:
+            for control in d["controlnets"]:
+                control.pop("image")  # its sha256 stays
+        else:
+            d.pop("controlnets")  # a job without one keeps the hash it had before the key existed
         # Jobs written before these keys existed keep their hash, so their stores and checkpoints stay theirs.
         if d["timestep_spacing"] is None:
             d.pop("timestep_spacing")
