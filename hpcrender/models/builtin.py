@@ -335,6 +335,10 @@ def build_builtin(name: str, dtype: torch.dtype = torch.float32, device: str | t
 # VAEs of the tiny models scale, at a tenth of the real ones' (16, 32, 96, 256) widths.
 TINY_CONDITIONING_CHANNELS = (8, 16, 16, 16)
 _CONTROLNET_PARTS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+# The conditioning image's encoder's weights at three times the seeded standard deviation: at one, the image's signal
+# fades to the biases' through its 8 convolutions (output std 0.02, whatever the image), and the image would hardly
+# matter; at three its output (std 0.42) is of the size of the latent's through conv_in (0.55), as in trained models.
+CONDITIONING_GAIN = 3.0
 
 
 def meta_controlnet(name: str) -> torch.nn.Module:
@@ -364,6 +368,10 @@ def build_controlnet(name: str, dtype: torch.dtype = torch.float32, device: str 
         for param_name, param in owner.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name
             seeded = (name, "controlnet") if full.startswith(_CONTROLNET_PARTS) else (base, "unet")
+            role = param_role(owner, param_name, param)
+            values = seeded_values(*seeded, full, param.shape, role)
+            if full.startswith(_CONTROLNET_PARTS[0]) and role is ParamRole.WEIGHT:
+                values.mul_(CONDITIONING_GAIN)
             with torch.no_grad():
-                param.copy_(seeded_values(*seeded, full, param.shape, param_role(owner, param_name, param)))
+                param.copy_(values)
     return model.eval().requires_grad_(False)
