@@ -597,9 +597,8 @@ class _Reader:
         if not isinstance(table, dict):
             self.problem(where, name, f"must be a table {{ model = ..., image = ... }}, got {_show(table)}")
             return None
-        checks = {**_CONTROLNET,
-                  "model": functools.partial(_check_controlnet_model, base_dir=self._base_dir),
-                  "image": functools.partial(_check_init_image, base_dir=self._base_dir)}
+        checks = {"model": functools.partial(_check_controlnet_model, base_dir=self._base_dir),
+                  "image": functools.partial(_check_init_image, base_dir=self._base_dir), **_CONTROLNET}
         values, ok = {}, True
         for key, value in table.items():
             key_path, key_label = where + (key,), f"{name}.{key}"

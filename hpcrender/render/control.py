@@ -17,13 +17,14 @@ CONTROL_IMAGE_RESAMPLE = "LANCZOS"
 
 
 def load_control_image(path: str, width: int, height: int) -> torch.Tensor:
-    """A conditioning image as (1, 3, height, width) float32 in [0, 1]: RGB (alpha dropped), resized to the job's size
-    with a Lanczos filter, not normalized, as VaeImageProcessor(do_convert_rgb=True, do_normalize=False) makes it."""
+    """A conditioning image as (1, 3, height, width) float32 in [0, 1], as VaeImageProcessor(do_convert_rgb=True,
+    do_normalize=False) makes it: resized to the job's size with a Lanczos filter in the file's own mode (RGBA with
+    its alpha premultiplied, as Pillow resizes it), then made RGB, not normalized."""
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image.load()
         if image.size != (width, height):
             image = image.resize((width, height), resample=getattr(Image.Resampling, CONTROL_IMAGE_RESAMPLE))
-        pixels = np.array(image).astype(np.float32)[None] / 255.0
+        pixels = np.array(image.convert("RGB")).astype(np.float32)[None] / 255.0
     return torch.from_numpy(pixels.transpose(0, 3, 1, 2))  # a (1, H, W, 3) array seen as NCHW, as diffusers has it
 
 

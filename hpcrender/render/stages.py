@@ -11,6 +11,7 @@ ModelFacts, asked once when it was loaded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import inspect
@@ -272,6 +273,11 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
                          halo=job.parallel.halo, calls_per_step=calls)
         handle = parallelize(model, plan, run.comms.patch_group)
     try:
+        seen: set[int] = set()
+        for control in controls if handle is not None else ():
+            if id(control.model) in seen:  # the same ControlNet twice: each use keeps its own stale activations
+                control.model = copy.deepcopy(control.model)
+            seen.add(id(control.model))
         for index, control in enumerate(controls):
             if handle is not None:
                 # The UNet's plan for each ControlNet, over the same group: its residuals are the band's own. Its
