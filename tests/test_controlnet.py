@@ -121,6 +121,25 @@ def test_builtin_controlnets_are_the_unets_copy_with_seeded_zero_convolutions(pi
     assert not torch.equal(own, nets["tiny-sdxl"].controlnet_down_blocks[0].weight.flatten()[:8])
 
 
+def test_a_controlnet_loads_from_a_diffusers_folder_or_its_controlnet_subfolder(nets, tmp_path):
+    from hpcrender.errors import ModelNotFound
+    from hpcrender.render.options import controlnet_problem
+
+    nets["tiny-sd"].save_pretrained(tmp_path / "own")
+    nets["tiny-sd"].save_pretrained(tmp_path / "pipeline" / "controlnet")
+    for folder in (tmp_path / "own", tmp_path / "pipeline"):
+        loaded = load_controlnet(str(folder))
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in nets["tiny-sd"].state_dict().items())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFound, match="config.json is missing"):
+        load_controlnet(str(tmp_path / "empty"))
+    unet = dict(load_pipeline("builtin:tiny-sd").unet.config)
+    assert controlnet_problem(dict(nets["tiny-sd"].config), unet) is None
+    assert "made for another UNet: its cross_attention_dim" in controlnet_problem(
+        dict(nets["tiny-sd"].config, cross_attention_dim=64), unet)
+    assert "a SD3ControlNetModel" in controlnet_problem({"_class_name": "SD3ControlNetModel"}, unet)
+
+
 def test_the_control_image_is_prepared_as_diffusers_control_image_processor_prepares_it(images):
     processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
     for name in ("edges", "start"):  # resized (and its alpha dropped), and already the job's size
