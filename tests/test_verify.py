@@ -177,6 +177,24 @@ scheduler = "heun"
 width = 64
 height = 80
 
+# ControlNet beside the UNet, on the UNet's bands (its conditioning image cut to each band's pixel rows): SDXL on 2
+# ranks (12 and 8 latent rows), kept for the first 80% of the calls; SD on 3 (8, 8, 9) with two ControlNets, one
+# of them joining at 20% of the calls (its exchange registered in a later step), the same model as the other.
+[[jobs]]
+name = "xl-controlnet"
+model = "builtin:tiny-sdxl"
+width = 128
+height = 160
+controlnet = { model = "builtin:tiny-sdxl-controlnet", image = "sketches/start.png", scale = 0.7, end = 0.8 }
+
+[[jobs]]
+name = "sd-controlnet"
+model = "builtin:tiny-sd"
+width = 128
+height = 200
+controlnet = [{ model = "builtin:tiny-sd-controlnet", image = "sketches/start.png", scale = 0.7, start = 0.2 },
+              { model = "builtin:tiny-sd-controlnet", image = "sketches/start.png", scale = 0.4 }]
+
 # A displaced job whose warm-up covers both its steps: synchronous throughout, and it says so.
 [[jobs]]
 name = "xl-few"
@@ -245,12 +263,13 @@ SAMPLERS_ON_3 = ("sd-heun", "sd-euler_a", "sd-dpmpp_2m_sde_karras", "sd-ddim", "
 def on_two_ranks(manifest):
     """Every 2-rank check in one launch: SDXL shape, split_cfg (one branch each), text-to-image and img2img, the
     other samplers."""
-    return verify(manifest, ("xl", "xl-split", "xl-i2i", "xl-split-i2i", *SAMPLERS_ON_2), 2, *ALL_MODES)
+    return verify(manifest, ("xl", "xl-split", "xl-i2i", "xl-split-i2i", *SAMPLERS_ON_2, "xl-controlnet"), 2,
+                  *ALL_MODES)
 
 
 @pytest.fixture(scope="module")
 def on_three_ranks(manifest):
-    return verify(manifest, ("sd", "sd-i2i", *SAMPLERS_ON_3), 3, *ALL_MODES)
+    return verify(manifest, ("sd", "sd-i2i", *SAMPLERS_ON_3, "sd-controlnet"), 3, *ALL_MODES)
 
 
 @pytest.fixture
@@ -358,3 +377,15 @@ def test_img2img_sync_equals_single_device_and_displaced_beats_naive(launch, job
 def test_img2img_with_split_cfg_equals_single_device(on_two_ranks):
     got = on_two_ranks["xl-split-i2i"]["sync"]
     assert got["split"] and got["latent"] <= 1e-4 and got["level"] <= 1
+
+
+@pytest.mark.parametrize("job, ranks, bands", [("xl-controlnet", 2, "0-12,12-20"), ("sd-controlnet", 3, "0-8,8-16,16-25")])
+def test_controlnet_in_sync_equals_single_device_and_displaced_beats_naive(launch, job, ranks, bands):
+    """The ControlNets run band-parallel with the UNet's plan: their residuals are each band's own."""
+    got = launch(ranks)[job]
+    sync, displaced, naive = got["sync"], got["displaced"], got["naive"]
+    print(job, ranks, "ranks:", {mode: (r["latent"], r["psnr"]) for mode, r in got.items()})
+    assert sync["bands"] == bands
+    assert sync["latent"] <= 1e-4 and sync["level"] <= 1
+    assert displaced["psnr"] >= naive["psnr"] + 3, got
+    assert displaced["latent"] < naive["latent"]
