@@ -109,6 +109,7 @@ class GigapixelConfig:
     tile: int = 1024      # tile side for each refinement level
     overlap: int = 128
     strength: float = 0.35
+    controlnet: str | None = None  # a tile ControlNet: every tile conditioned on its upscaled reference box
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,8 @@ class Job:
         d.pop("checkpoint_every", None)  # how often the loop is saved does not change the image
         if d["init_image"] is not None:  # the image's content counts, not where it lies
             d["init_image"].pop("path")
+        if d["gigapixel"] is not None and d["gigapixel"]["controlnet"] is None:
+            d["gigapixel"].pop("controlnet")  # gigapixel jobs without one keep their hash
         if d["controlnets"]:
             for control in d["controlnets"]:
                 control.pop("image")  # its sha256 stays

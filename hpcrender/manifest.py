@@ -564,7 +564,8 @@ class _Reader:
                 if not isinstance(value, dict):
                     self.problem(key_path, key_label, f"must be a table, got {_show(value)}")
                     continue
-                checks = _PARALLEL if key == "parallel" else _GIGAPIXEL
+                checks = _PARALLEL if key == "parallel" else {
+                    **_GIGAPIXEL, _CONTROLNET_KEY: functools.partial(_check_controlnet_model, base_dir=self._base_dir)}
                 values = self._table(value, key_path, key_label, checks, where)
                 if key == "parallel":
                     layer.parallel = values

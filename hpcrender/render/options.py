@@ -61,19 +61,22 @@ def controlnet_problem(controlnet: dict, denoiser: dict) -> str | None:
 def check_controlnets(job: Job, denoiser: dict | None) -> None:
     """Refuse, before anything is loaded, a ControlNet on a diffusion transformer or one made for another UNet (as
     far as the configs can be read without a download)."""
-    if not job.controlnets or denoiser is None:
+    refs = [(c.model, "controlnet" if len(job.controlnets) == 1 else f"controlnet[{i}]")
+            for i, c in enumerate(job.controlnets)]
+    if job.gigapixel is not None and job.gigapixel.controlnet is not None:
+        refs.append((job.gigapixel.controlnet, "gigapixel.controlnet"))
+    if not refs or denoiser is None:
         return
-    for index, control in enumerate(job.controlnets):
-        where = "controlnet" if len(job.controlnets) == 1 else f"controlnet[{index}]"
+    for ref, where in refs:
         if is_transformer_config(denoiser):
             raise BadInput(f"{where}: {controlnet_problem({}, denoiser)}")
         try:
-            config = controlnet_config_of(control.model)
+            config = controlnet_config_of(ref)
         except Exception:  # noqa: BLE001 - a ControlNet that does not load is the job's failure when it is loaded
             continue
         problem = None if config is None else controlnet_problem(config, denoiser)
         if problem:
-            raise BadInput(f"{where}.model: {control.model}: {problem}")
+            raise BadInput(f"{where}{'' if where.startswith('gigapixel') else '.model'}: {ref}: {problem}")
 
 
 def _check_patches(job: Job, step: int) -> None:

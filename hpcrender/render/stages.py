@@ -129,6 +129,7 @@ class Render:
     bands: tuple = ()  # the UNet's latent row bands on this rank's patch group (empty: no bands)
     generator: torch.Generator | None = None  # the job's, after the start latent's draws: stochastic samplers' noise
     controlnets: tuple = ()  # the loaded ControlNetModel of each of job.controlnets, in order
+    control_pixels: tuple = ()  # (1, 3, H, W) [0, 1] images given for them instead of their files (gigapixel tiles)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -264,8 +265,8 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
     handle: Parallelized | None = None
     model = denoiser(run)
     batch = 2 if run.guidance and not layout.split_cfg else 1
-    controls = [Control(net, config, control_image(run, config.image, batch, net))
-                for net, config in zip(run.controlnets, job.controlnets)]
+    controls = [Control(net, config, control_image(run, index, batch, net))
+                for index, (net, config) in enumerate(zip(run.controlnets, job.controlnets))]
     control_handles: dict[int, Parallelized] = {}
     if run.parallel:
         plan = PatchPlan(mode=job.parallel.mode, groupnorm=job.parallel.groupnorm,
@@ -294,11 +295,14 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
     return latent
 
 
-def control_image(run: Render, path: str, batch: int, net: torch.nn.Module) -> torch.Tensor:
-    """A ControlNet's conditioning image for this rank: the pixel rows of its UNet band (its residuals stay
+def control_image(run: Render, index: int, batch: int, net: torch.nn.Module) -> torch.Tensor:
+    """ControlNet `index`'s conditioning image for this rank: the pixel rows of its UNet band (its residuals stay
     band-local), batched as the UNet's input, in the ControlNet's dtype."""
     job = run.job
-    pixels = load_control_image(path, job.width, job.height)
+    if run.control_pixels:
+        pixels = run.control_pixels[index]
+    else:
+        pixels = load_control_image(job.controlnets[index].image, job.width, job.height)
     rows = None
     if run.bands:
         mine, scale = run.bands[run.layout.patch_rank], run.facts.vae_scale
