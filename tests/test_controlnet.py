@@ -19,10 +19,13 @@ from diffusers import (
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from hpcrender.config import ControlNetConfig, InitImage, Job, Mode, ParallelConfig, SchedulerName
+from hpcrender.config import ControlNetConfig, GigapixelConfig, InitImage, Job, Mode, ParallelConfig, SchedulerName
+from hpcrender.gigapixel.job import open_store
+from hpcrender.gigapixel.render import plan_for, render_gigapixel
 from hpcrender.errors import ManifestError
 from hpcrender.manifest import load_manifest
 from hpcrender.models import load_controlnet, load_pipeline
+from hpcrender.models.facts import facts_of
 from hpcrender.parallel.layout import Comms, GroupLayout
 from hpcrender.render.checkpoint import read_checkpoint, write_checkpoint
 from hpcrender.render.control import kept, load_control_image
@@ -413,3 +416,62 @@ def test_a_rendered_controlnet_job_equals_the_in_process_render(tmp_path, pipes,
         torch.set_num_threads(threads)
     assert np.array_equal(np.load(tmp_path / "out" / "edges" / "latent.npy"), ours.latent)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "edges" / "image.png").convert("RGB")), ours.image)
+
+
+# --- stretch: a gigapixel job's tiles conditioned on their upscaled reference boxes ----------------------------------
+
+GIGA = Job(name="giga", prompt="an aerial harbor", width=256, height=192, seed=5, model="builtin:tiny-sdxl", steps=2,
+           guidance_scale=1.0, parallel=ParallelConfig(mode=Mode.NONE),
+           gigapixel=GigapixelConfig(base=96, tile=64, overlap=16, strength=0.5))
+
+
+def giga_levels(pipe, job: Job, folder, controlnet=None) -> list[np.ndarray]:
+    plan = plan_for(facts_of(pipe), job)
+    with open_store(folder, job, plan) as store:
+        render_gigapixel(pipe, job, store, *ALONE, "cpu", controlnet=controlnet)
+        return [np.asarray(store.read_level(lp.index, 0, lp.height, 0, lp.width)) for lp in plan.levels]
+
+
+def test_a_gigapixel_tile_controlnet_conditions_every_tile_and_the_render_command_gives_the_same_bytes(pipes, nets,
+                                                                                                     tmp_path):
+    manifest = write_manifest(tmp_path / "giga.toml", textwrap.dedent("""
+        [[jobs]]
+        name = "giga"
+        prompt = "an aerial harbor"
+        model = "builtin:tiny-sdxl"
+        width = 256
+        height = 192
+        seed = 5
+        steps = 2
+        guidance_scale = 1.0
+        [jobs.parallel]
+        mode = "none"
+        [jobs.gigapixel]
+        base = 96
+        tile = 64
+        overlap = 16
+        strength = 0.5
+        controlnet = "builtin:tiny-sdxl-controlnet"
+        """))
+    job = load_manifest(manifest).jobs[0]
+    assert job == dataclasses.replace(GIGA, gigapixel=dataclasses.replace(GIGA.gigapixel,
+                                                                          controlnet="builtin:tiny-sdxl-controlnet"))
+    assert job.params_hash() != GIGA.params_hash()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the command runs
+    try:
+        plain = giga_levels(pipes["tiny-sdxl"], GIGA, tmp_path / "plain")
+        tiled = giga_levels(pipes["tiny-sdxl"], job, tmp_path / "tiled", controlnet=nets["tiny-sdxl"])
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(plain[0], tiled[0]), "the base render has no reference to be conditioned on"
+    for level in range(1, len(plain)):
+        assert np.abs(plain[level].astype(int) - tiled[level].astype(int)).mean() > 0.5, level
+    done = hpcrender("render", manifest, "--out", tmp_path / "out", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "giga" / "image.png").convert("RGB")), tiled[-1])
+    bad = write_manifest(tmp_path / "bad.toml", manifest.read_text().replace('"builtin:tiny-sdxl-controlnet"',
+                                                                              '"builtin:tiny-sd-controlnet"'))
+    refused = hpcrender("render", bad, "--out", tmp_path / "bad", timeout=300)
+    assert refused.returncode == 2 and "gigapixel.controlnet: builtin:tiny-sd-controlnet: made for another UNet" \
+        in refused.stderr, refused.stderr
