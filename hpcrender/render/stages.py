@@ -3,7 +3,7 @@ from the seed, an image encoded at a strength, or a checkpoint), denoise over a 
 render.image composes them into text-to-image and img2img.
 
 The same code renders on one rank and on many: the parallel plan is put around the denoiser (a UNet, or a diffusion
-transformer: PixArt-Sigma, SD3, Flux) for the loop and taken off afterwards, and whatever crosses ranks goes through
+transformer: PixArt-Sigma, SD3, Flux), and around the ControlNets beside a UNet, for the loop and taken off afterwards, and whatever crosses ranks goes through
 hpcrender.parallel. Noise is always drawn full-size from the seed on the CPU and then sliced, which is what makes a
 K-rank result comparable with the single-device one. What the stages need to know of the model comes from its
 ModelFacts, asked once when it was loaded.
@@ -253,7 +253,8 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
     A step is one denoiser call, or two for Heun (its timesteps list both, as diffusers' own loop runs them). The
     plan's forward pre-hook counts the steps from `start` as its 0, and a Heun step's calls as its calls 0 and 1: a
     resumed or img2img displaced render warms up again, and displaced Heun keeps stale activations per call. A
-    stochastic sampler draws its noise whole from the job's generator (WholeStepNoise). Stops early
+    stochastic sampler draws its noise whole from the job's generator (WholeStepNoise). The job's ControlNets get the
+    UNet's plan too, and their conditioning images are cut to the band's pixel rows. Stops early
     (run.result.stopped_at) when should_stop says so between steps."""
     job, layout, result = run.job, run.layout, run.result
     calls = job.scheduler.calls_per_step
