@@ -3,10 +3,10 @@ from the seed, an image encoded at a strength, or a checkpoint), denoise over a 
 render.image composes them into text-to-image and img2img.
 
 The same code renders on one rank and on many: the parallel plan is put around the denoiser (a UNet, or a diffusion
-transformer: PixArt-Sigma, SD3, Flux), and around the ControlNets beside a UNet, for the loop and taken off afterwards, and whatever crosses ranks goes through
-hpcrender.parallel. Noise is always drawn full-size from the seed on the CPU and then sliced, which is what makes a
-K-rank result comparable with the single-device one. What the stages need to know of the model comes from its
-ModelFacts, asked once when it was loaded.
+transformer: PixArt-Sigma, SD3, Flux), and around the ControlNets beside a UNet, for the loop and taken off
+afterwards, and whatever crosses ranks goes through hpcrender.parallel. Noise is always drawn full-size from the seed
+on the CPU and then sliced, which is what makes a K-rank result comparable with the single-device one. What the
+stages need to know of the model comes from its ModelFacts, asked once when it was loaded.
 """
 
 from __future__ import annotations
@@ -288,12 +288,34 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
                 control_handles[id(control)] = parallelize(control.model, own, run.comms.patch_group)
         latent = _loop(run, model, cond, scheduler, latent, start, batch, controls, control_handles)
     finally:
+        if handle is not None:
+            result.exchange = _with_controls(handle.stats(), [h.stats() for h in control_handles.values()])
         for control_handle in control_handles.values():
             control_handle.remove()
         if handle is not None:
-            result.exchange = handle.stats()
             handle.remove()
     return latent
+
+
+def _with_controls(stats: dict, controls: list[dict]) -> dict:
+    """The UNet's exchange statistics with the ControlNets' traffic and waits added step by step (what the rank sent
+    and waited in all), and the ControlNets' share of the bytes apart."""
+    if not controls:
+        return stats
+    stats = dict(stats)
+    for key in ("bytes_sent", "wait_seconds"):
+        total = list(stats[key])
+        for other in controls:
+            for i, value in enumerate(other[key]):
+                if i < len(total):
+                    total[i] += value
+                else:
+                    total.append(value)
+        stats[key] = [round(v, 6) for v in total] if key == "wait_seconds" else total
+    stats["bytes_total"] = sum(stats["bytes_sent"])
+    stats["wait_seconds_total"] = round(sum(stats["wait_seconds"]), 6)
+    stats["controlnet_bytes_total"] = sum(other["bytes_total"] for other in controls)
+    return stats
 
 
 def control_image(run: Render, index: int, batch: int, net: torch.nn.Module) -> torch.Tensor:
