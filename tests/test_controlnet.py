@@ -32,7 +32,7 @@ from hpcrender.render.control import kept, load_control_image
 from hpcrender.render.image import render_image
 from hpcrender.render.samplers import make_scheduler
 
-from clirun import hpcrender, write_manifest
+from clirun import hpcrender, meta_of, write_manifest
 
 SIZE = (64, 48)  # width, height
 ALONE = (GroupLayout(size=1, rank=0, mode=Mode.NONE), Comms(None, None, (0,)))
@@ -432,46 +432,89 @@ def giga_levels(pipe, job: Job, folder, controlnet=None) -> list[np.ndarray]:
         return [np.asarray(store.read_level(lp.index, 0, lp.height, 0, lp.width)) for lp in plan.levels]
 
 
-def test_a_gigapixel_tile_controlnet_conditions_every_tile_and_the_render_command_gives_the_same_bytes(pipes, nets,
+GIGA_TOML = """
+[[jobs]]
+name = "giga"
+prompt = "an aerial harbor"
+model = "builtin:tiny-sdxl"
+width = 256
+height = 192
+seed = 5
+steps = 2
+guidance_scale = 1.0
+[jobs.parallel]
+mode = "none"
+[jobs.gigapixel]
+base = 96
+tile = 64
+overlap = 16
+strength = 0.5
+controlnet = "builtin:tiny-sdxl-controlnet"
+"""
+
+
+@pytest.fixture(scope="module")
+def giga(pipes, nets, tmp_path_factory):
+    """The gigapixel job with a tile ControlNet and without, rendered in-process on one thread (as the command runs):
+    (its manifest, its levels, the levels without the ControlNet)."""
+    folder = tmp_path_factory.mktemp("giga")
+    manifest = write_manifest(folder / "giga.toml", GIGA_TOML)
+    job = load_manifest(manifest).jobs[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = giga_levels(pipes["tiny-sdxl"], GIGA, folder / "plain")
+        tiled = giga_levels(pipes["tiny-sdxl"], job, folder / "tiled", controlnet=nets["tiny-sdxl"])
+    finally:
+        torch.set_num_threads(threads)
+    return manifest, tiled, plain
+
+
+def test_a_gigapixel_tile_controlnet_conditions_every_tile_and_the_render_command_gives_the_same_bytes(giga,
                                                                                                      tmp_path):
-    manifest = write_manifest(tmp_path / "giga.toml", textwrap.dedent("""
-        [[jobs]]
-        name = "giga"
-        prompt = "an aerial harbor"
-        model = "builtin:tiny-sdxl"
-        width = 256
-        height = 192
-        seed = 5
-        steps = 2
-        guidance_scale = 1.0
-        [jobs.parallel]
-        mode = "none"
-        [jobs.gigapixel]
-        base = 96
-        tile = 64
-        overlap = 16
-        strength = 0.5
-        controlnet = "builtin:tiny-sdxl-controlnet"
-        """))
+    manifest, tiled, plain = giga
     job = load_manifest(manifest).jobs[0]
     assert job == dataclasses.replace(GIGA, gigapixel=dataclasses.replace(GIGA.gigapixel,
                                                                           controlnet="builtin:tiny-sdxl-controlnet"))
     assert job.params_hash() != GIGA.params_hash()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the command runs
-    try:
-        plain = giga_levels(pipes["tiny-sdxl"], GIGA, tmp_path / "plain")
-        tiled = giga_levels(pipes["tiny-sdxl"], job, tmp_path / "tiled", controlnet=nets["tiny-sdxl"])
-    finally:
-        torch.set_num_threads(threads)
     assert np.array_equal(plain[0], tiled[0]), "the base render has no reference to be conditioned on"
     for level in range(1, len(plain)):
         assert np.abs(plain[level].astype(int) - tiled[level].astype(int)).mean() > 0.5, level
     done = hpcrender("render", manifest, "--out", tmp_path / "out", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "giga" / "image.png").convert("RGB")), tiled[-1])
-    bad = write_manifest(tmp_path / "bad.toml", manifest.read_text().replace('"builtin:tiny-sdxl-controlnet"',
+    bad = write_manifest(tmp_path / "bad.toml", GIGA_TOML.replace('"builtin:tiny-sdxl-controlnet"',
                                                                               '"builtin:tiny-sd-controlnet"'))
     refused = hpcrender("render", bad, "--out", tmp_path / "bad", timeout=300)
     assert refused.returncode == 2 and "gigapixel.controlnet: builtin:tiny-sd-controlnet: made for another UNet" \
         in refused.stderr, refused.stderr
+
+
+@pytest.mark.mpi
+def test_on_two_ranks_controlnet_traffic_is_counted_and_gigapixel_tiles_keep_their_controlnet_in_bands(giga, images,
+                                                                                                      tmp_path):
+    """One launch: a displaced ControlNet job's meta.json counts the ControlNet's exchange beside the UNet's, and the
+    gigapixel job's tiles, band-parallel in sync mode with the tile ControlNet cut to each band, give the one-process
+    image within a level or two (uint8 rounding carried through the levels)."""
+    (tmp_path / "edges.png").write_bytes(images["edges"].read_bytes())
+    manifest = write_manifest(tmp_path / "jobs.toml", GIGA_TOML.replace('mode = "none"', 'mode = "sync"') + """
+[[jobs]]
+name = "edges"
+prompt = "a lighthouse"
+model = "builtin:tiny-sdxl"
+width = 128
+height = 160
+steps = 3
+controlnet = { model = "builtin:tiny-sdxl-controlnet", image = "edges.png", scale = 0.7 }
+[jobs.parallel]
+mode = "displaced"
+warmup_steps = 1
+""")
+    done = hpcrender("render", manifest, "--out", tmp_path / "out", ranks=2, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exchange = meta_of(tmp_path / "out", "edges")["exchange"]
+    assert 0 < exchange["controlnet_bytes_total"] < exchange["bytes_total"] == sum(exchange["bytes_sent"])
+    banded = np.asarray(Image.open(tmp_path / "out" / "giga" / "image.png").convert("RGB")).astype(int)
+    alone = giga[1][-1].astype(int)
+    mse = ((banded - alone) ** 2).mean()
+    assert np.abs(banded - alone).max() <= 4 and (mse == 0 or 10 * np.log10(255 ** 2 / mse) > 50), mse
