@@ -158,6 +158,23 @@ def test_a_controlnet_is_kept_between_start_and_end_of_the_calls_run():
     assert [kept(i, 3, 0.0, 0.5) for i in range(3)] == [1, 0, 0]  # (i + 1) / n > end drops the call ending past it
 
 
+def test_a_controlnets_exchange_buffers_take_p2p_tags_past_the_unets():
+    """Displaced buckets of the UNet and its ControlNets are in flight together on one group: their tags differ."""
+    from hpcrender.config import GroupNormMode
+    from hpcrender.errors import BadInput
+    from hpcrender.parallel.bands import Band
+    from hpcrender.parallel.plan import TAGS_PER_SET, BandContext, PatchPlan
+
+    unet = PatchPlan(mode=Mode.DISPLACED, groupnorm=GroupNormMode.CORRECTED, warmup_steps=1, bands=(Band(0, 4),),
+                     rank=0, calls_per_step=2)
+    controlnet = dataclasses.replace(unet, first_buffer_set=unet.buffer_sets)
+    unet_tags = {e.tag_base for e in BandContext(unet, None).exchanges}
+    control_tags = {e.tag_base for e in BandContext(controlnet, None).exchanges}
+    assert unet_tags == {0, TAGS_PER_SET} and control_tags == {2 * TAGS_PER_SET, 3 * TAGS_PER_SET}
+    with pytest.raises(BadInput, match="first set of exchange buffers"):
+        dataclasses.replace(unet, first_buffer_set=-1)
+
+
 # --- equal to diffusers' own ControlNet pipelines -------------------------------------------------------------------
 
 CASES = [("tiny-sd", SchedulerName.EULER, 1.0, 0.0, 1.0),
