@@ -50,8 +50,9 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
     from such a checkpoint. between, when given, is asked instead of should_stop (the group's common answer too) and
     may also ask for a periodic checkpoint, which on_checkpoint receives (the whole state on the group's first rank,
     None on the others) before the loop goes on. controlnets: the loaded ControlNetModel of each of job.controlnets
-    (models.load_controlnet), band-parallel beside the UNet when it is. on_collective is called before the group's first torch.distributed collective (never
-    on a group of one): a failure after it may leave the group's communicator out of step.
+    (models.load_controlnet), band-parallel beside the UNet when it is. on_collective is called before the group's
+    first torch.distributed collective (never on a group of one): a failure after it may leave the group's
+    communicator out of step.
     """
     facts = facts_of(pipe) if facts is None else facts
     check_layout(layout.size, layout.split_cfg, facts.uses_guidance(job.guidance_scale))

@@ -52,10 +52,13 @@ def controlnet_problem(controlnet: dict, denoiser: dict) -> str | None:
         return f"a {kind}, not a diffusers ControlNetModel"
     for key in CONTROLNET_MATCHES:
         mine, theirs = controlnet.get(key), denoiser.get(key)
-        as_tuple = (lambda v: tuple(v) if isinstance(v, (list, tuple)) else v)
-        if as_tuple(mine) != as_tuple(theirs):
+        if _as_tuple(mine) != _as_tuple(theirs):  # a config.json holds lists where a built config has tuples
             return f"made for another UNet: its {key} is {mine!r}, the model's {theirs!r}"
     return None
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def check_controlnets(job: Job, denoiser: dict | None) -> None:
