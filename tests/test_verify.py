@@ -188,6 +188,16 @@ height = 160
 controlnet = { model = "builtin:tiny-sdxl-controlnet", image = "sketches/start.png", scale = 0.7, end = 0.8 }
 
 [[jobs]]
+name = "xl-split-controlnet"
+model = "builtin:tiny-sdxl"
+width = 128
+height = 160
+controlnet = { model = "builtin:tiny-sdxl-controlnet", image = "sketches/start.png", scale = 0.7 }
+[jobs.parallel]
+mode = "sync"
+split_cfg = true
+
+[[jobs]]
 name = "sd-controlnet"
 model = "builtin:tiny-sd"
 width = 128
@@ -262,9 +272,9 @@ SAMPLERS_ON_3 = ("sd-heun", "sd-euler_a", "sd-dpmpp_2m_sde_karras", "sd-ddim", "
 @pytest.fixture(scope="module")
 def on_two_ranks(manifest):
     """Every 2-rank check in one launch: SDXL shape, split_cfg (one branch each), text-to-image and img2img, the
-    other samplers."""
-    return verify(manifest, ("xl", "xl-split", "xl-i2i", "xl-split-i2i", *SAMPLERS_ON_2, "xl-controlnet"), 2,
-                  *ALL_MODES)
+    other samplers, ControlNet."""
+    return verify(manifest, ("xl", "xl-split", "xl-i2i", "xl-split-i2i", *SAMPLERS_ON_2, "xl-controlnet",
+                             "xl-split-controlnet"), 2, *ALL_MODES)
 
 
 @pytest.fixture(scope="module")
@@ -389,3 +399,9 @@ def test_controlnet_in_sync_equals_single_device_and_displaced_beats_naive(launc
     assert sync["latent"] <= 1e-4 and sync["level"] <= 1
     assert displaced["psnr"] >= naive["psnr"] + 3, got
     assert displaced["latent"] < naive["latent"]
+
+
+def test_controlnet_with_split_cfg_is_one_branch_each_and_equals_single_device(on_two_ranks):
+    got = on_two_ranks["xl-split-controlnet"]["sync"]
+    assert got["split"] and got["bands"] == "whole latent per rank"
+    assert got["latent"] <= 1e-4 and got["level"] <= 1
