@@ -109,6 +109,7 @@ class GigapixelConfig:
     tile: int = 1024      # tile side for each refinement level
     overlap: int = 128
     strength: float = 0.35
+    controlnet: str | None = None  # a tile ControlNet: every tile conditioned on its upscaled reference box
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,19 @@ class Lora:
     sha256: str      # of the file's bytes: a changed LoRA is a changed image
     scale: float = 1.0
     where: str = ""  # FILE:LINE: label of its `path` key, for the problems only loading the model can find
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """One ControlNet a job is conditioned on: diffusers' controlnet_conditioning_scale and control_guidance_start/end
+    (the fractions of the run's denoiser calls it is applied between)."""
+
+    model: str       # builtin:NAME, an absolute folder or a hub id
+    image: str       # absolute path of the conditioning image
+    sha256: str      # of the image file's bytes: a changed image is a changed job
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
 
 
 def first_step(steps: int, strength: float) -> int:
@@ -156,6 +170,7 @@ class Job:
     init_image: InitImage | None = None
     checkpoint_every: float | None = None  # seconds between periodic checkpoints of the denoising loop; None: off
     loras: tuple[Lora, ...] = ()            # in the order they were given; fused into the weights while it renders
+    controlnets: tuple[ControlNetConfig, ...] = ()  # manifest key `controlnet`: one table or a list of them
 
     @property
     def first_step(self) -> int:
@@ -177,6 +192,13 @@ class Job:
         for lora in d["loras"]:  # the file's content and scale count, not where it lies or was written
             lora.pop("path")
             lora.pop("where")
+        if d["gigapixel"] is not None and d["gigapixel"]["controlnet"] is None:
+            d["gigapixel"].pop("controlnet")  # gigapixel jobs without one keep their hash
+        if d["controlnets"]:
+            for control in d["controlnets"]:
+                control.pop("image")  # its sha256 stays
+        else:
+            d.pop("controlnets")  # a job without one keeps the hash it had before the key existed
         # Jobs written before these keys existed keep their hash, so their stores and checkpoints stay theirs.
         if not d["loras"]:
             d.pop("loras")

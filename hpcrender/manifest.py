@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 from hpcrender.config import (
-    DType, GigapixelConfig, GroupNormMode, HaloMode, InitImage, Job, Lora, Manifest, Mode, ParallelConfig,
-    SchedulerName, TimestepSpacing, first_step,
+    ControlNetConfig, DType, GigapixelConfig, GroupNormMode, HaloMode, InitImage, Job, Lora, Manifest, Mode,
+    ParallelConfig, SchedulerName, TimestepSpacing, first_step,
 )
 from hpcrender.errors import BadInput, ManifestError, ModelNotFound
 from hpcrender.models.lora import LoraFileError, file_sha256, read_lora_keys
-from hpcrender.models.reference import SourceKind, resolve
+from hpcrender.models.reference import SourceKind, resolve, resolve_controlnet
 from hpcrender.render.samplers import lcm_spacing_problem
 
 
@@ -240,6 +240,23 @@ def _check_init_image(value: object, base_dir: Path) -> _ImageFile:
     return _ImageFile(str(path), hashlib.sha256(data).hexdigest())
 
 
+def _check_controlnet_model(value: object, base_dir: Path) -> str:
+    """A ControlNet reference by models.reference's rules for them, a local folder made absolute."""
+    ref = _as_str(value)
+    try:
+        spec = resolve_controlnet(ref, base_dir)
+    except ModelNotFound as e:
+        raise _Invalid(str(e).removeprefix(f"controlnet {ref!r}: ").removeprefix(f"model {ref!r}: ")) from None
+    return spec.location if spec.kind is SourceKind.FOLDER else ref
+
+
+def _fraction(value: object) -> float:
+    x = _as_float(value)
+    if not 0 <= x <= 1:
+        raise _Invalid(f"must be in [0, 1], got {_show(value)}")
+    return x
+
+
 _Check = Callable[[object], object]
 
 # Keys a job may set, and [defaults] too (except `name`); `model` is checked apart (needs the folder).
@@ -276,6 +293,14 @@ _GIGAPIXEL: dict[str, _Check] = {
     "overlap": _overlap,
     "strength": _strength,
 }
+_CONTROLNET_KEY = "controlnet"
+# A ControlNet's table: model and image are needed, the others default as diffusers' ControlNet pipelines' do.
+_CONTROLNET: dict[str, _Check] = {
+    "scale": _non_negative_float,
+    "start": _fraction,
+    "end": _fraction,
+}
+_CONTROLNET_NEEDED = ("model", "image")
 _TABLES = ("parallel", "gigapixel")
 _TOP_KEYS = ("defaults", "jobs")
 
@@ -459,6 +484,7 @@ class _Layer:
     parallel: dict[str, _Value] = dataclasses.field(default_factory=dict)
     gigapixel: dict[str, _Value] | None = None
     gigapixel_path: tuple | None = None
+    controlnets: _Value | None = None  # a tuple of ControlNetConfig, or _BROKEN
 
 
 class _Reader:
@@ -535,7 +561,8 @@ class _Reader:
     def _layer(self, raw: dict, path: tuple, label: str, where: str) -> _Layer:
         is_job = path[0] == "jobs"
         layer = _Layer(path)
-        known = [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY, _LORAS_KEY, *_TABLES] + ([_NAME_KEY] if is_job else [])
+        known = [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY, _LORAS_KEY, _CONTROLNET_KEY, *_TABLES] + \
+            ([_NAME_KEY] if is_job else [])
         table = path[0]  # "defaults" or "jobs": the prefix of their sub-table headers
         table_of = {key: f"[{table}.parallel]" for key in _PARALLEL}
         table_of.update({key: f"[{table}.gigapixel]" for key in _GIGAPIXEL})
@@ -554,11 +581,14 @@ class _Reader:
                 layer.settings[key] = _Value(self._loras(value, key_path, key_label), key_path)
             elif key in _SETTINGS:
                 layer.settings[key] = self._check(key_path, key_label, _SETTINGS[key], value)
+            elif key == _CONTROLNET_KEY:
+                layer.controlnets = self._controlnets(value, key_path, key_label)
             elif key in _TABLES:
                 if not isinstance(value, dict):
                     self.problem(key_path, key_label, f"must be a table, got {_show(value)}")
                     continue
-                checks = _PARALLEL if key == "parallel" else _GIGAPIXEL
+                checks = _PARALLEL if key == "parallel" else {
+                    **_GIGAPIXEL, _CONTROLNET_KEY: functools.partial(_check_controlnet_model, base_dir=self._base_dir)}
                 values = self._table(value, key_path, key_label, checks, where)
                 if key == "parallel":
                     layer.parallel = values
@@ -611,9 +641,60 @@ class _Reader:
                 raise _Invalid(f"cannot read {path}: {error.strerror or error}") from None
         return path
 
+    def _controlnets(self, raw: object, path: tuple, label: str) -> _Value:
+        """`controlnet`: one table or a list of them (an empty list: none, over a default); each needs a model and an
+        image, and may set scale, start and end (start < end)."""
+        if isinstance(raw, dict):
+            tables = [(raw, path, label)]
+        elif isinstance(raw, list):
+            tables = [(item, path + (i,), f"{label}[{i}]") for i, item in enumerate(raw)]
+        else:
+            self.problem(path, label, f"must be a table {{ model = ..., image = ... }} or a list of them, got "
+                         f"{_show(raw)}")
+            return _Value(_BROKEN, path)
+        controls, broken = [], False
+        for table, where, name in tables:
+            control = self._controlnet(table, where, name)
+            broken |= control is None
+            controls.append(control)
+        return _Value(_BROKEN if broken else tuple(controls), path)
+
+    def _controlnet(self, table: object, where: tuple, name: str) -> ControlNetConfig | None:
+        """One ControlNet's table, None when it has a problem (reported)."""
+        if not isinstance(table, dict):
+            self.problem(where, name, f"must be a table {{ model = ..., image = ... }}, got {_show(table)}")
+            return None
+        checks = {"model": functools.partial(_check_controlnet_model, base_dir=self._base_dir),
+                  "image": functools.partial(_check_init_image, base_dir=self._base_dir), **_CONTROLNET}
+        values, ok = {}, True
+        for key, value in table.items():
+            key_path, key_label = where + (key,), f"{name}.{key}"
+            if key in checks:
+                values[key] = self._check(key_path, key_label, checks[key], value)
+                ok &= values[key].value is not _BROKEN
+            else:
+                self.problem(key_path, key_label, _unknown(key, value, list(checks), {}))
+                ok = False
+        for key in _CONTROLNET_NEEDED:
+            if key not in values:
+                what = "a ControlNet reference" if key == "model" else "the conditioning image's file"
+                self.problem(where, f"{name}.{key}", f"missing ({what})")
+                ok = False
+        if not ok:
+            return None
+        start = values["start"].value if "start" in values else 0.0
+        end = values["end"].value if "end" in values else 1.0
+        if start >= end:
+            at = values.get("start", values.get("end"))
+            self.problem(at.path, f"{name}.start", f"must be smaller than end ({end:g}), got {start:g}")
+            return None
+        image = values["image"].value
+        return ControlNetConfig(model=values["model"].value, image=image.path, sha256=image.sha256,
+                                **{k: values[k].value for k in _CONTROLNET if k in values})
+
     def _table(self, raw: dict, path: tuple, label: str, checks: Mapping[str, _Check], parent: str) -> dict:
         values = {}
-        parent_keys = {key: parent for key in [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY, _LORAS_KEY]}
+        parent_keys = {key: parent for key in [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY, _LORAS_KEY, _CONTROLNET_KEY]}
         for key, value in raw.items():
             key_path, key_label = path + (key,), f"{label}.{key}"
             if key in checks:
@@ -637,12 +718,13 @@ class _Reader:
         if defaults.gigapixel is not None or layer.gigapixel is not None:
             gigapixel = {**(defaults.gigapixel or {}), **(layer.gigapixel or {})}
         gigapixel_path = layer.gigapixel_path or defaults.gigapixel_path
+        controlnets = layer.controlnets if layer.controlnets is not None else defaults.controlnets
 
         if "prompt" not in settings:
             self.problem(layer.path + ("prompt",), f"{label}.prompt", "missing (every job needs a prompt)")
         broken = name is None or "prompt" not in settings or any(
             v.value is _BROKEN for table in (settings, parallel, gigapixel or {}) for v in table.values()
-        )
+        ) or (controlnets is not None and controlnets.value is _BROKEN)
         if gigapixel is not None:
             self._check_gigapixel(settings, gigapixel, gigapixel_path, label)
             every = settings.pop("checkpoint_every", None)  # from [defaults]: for the ordinary images only
@@ -650,6 +732,12 @@ class _Reader:
                 self.problem(every.path, f"{label}.checkpoint_every", "does not apply to a gigapixel job: its store "
                              "keeps every finished tile, and a rerun resumes from there")
                 broken = True
+        if gigapixel is not None and controlnets is not None and controlnets.value:
+            if controlnets.path[0] == "jobs":
+                self.problem(controlnets.path, f"{label}.controlnet", "does not apply to a gigapixel job (its tiles "
+                             "are not conditioned on one image)")
+                broken = True
+            controlnets = None  # from [defaults]: for the ordinary images only
         broken |= not self._check_img2img(settings, layer.path, label)
         broken |= not self._check_sampler(settings, gigapixel is not None, label)
         if broken:
@@ -662,6 +750,8 @@ class _Reader:
         fields.setdefault("width", DEFAULT_SIDE)
         fields.setdefault("height", DEFAULT_SIDE)
         fields.setdefault("seed", derive_seed(name))
+        if controlnets is not None:
+            fields["controlnets"] = controlnets.value
         return Job(
             name=name,
             parallel=ParallelConfig(**{key: v.value for key, v in parallel.items()}),

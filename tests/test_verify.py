@@ -178,6 +178,34 @@ scheduler = "heun"
 width = 64
 height = 80
 
+# ControlNet beside the UNet, on the UNet's bands (its conditioning image cut to each band's pixel rows): SDXL on 2
+# ranks (12 and 8 latent rows), kept for the first 80% of the calls; SD on 3 (8, 8, 9) with two ControlNets, one
+# of them joining at 20% of the calls (its exchange registered in a later step), the same model as the other.
+[[jobs]]
+name = "xl-controlnet"
+model = "builtin:tiny-sdxl"
+width = 128
+height = 160
+controlnet = { model = "builtin:tiny-sdxl-controlnet", image = "sketches/start.png", scale = 0.7, end = 0.8 }
+
+[[jobs]]
+name = "xl-split-controlnet"
+model = "builtin:tiny-sdxl"
+width = 128
+height = 160
+controlnet = { model = "builtin:tiny-sdxl-controlnet", image = "sketches/start.png", scale = 0.7 }
+[jobs.parallel]
+mode = "sync"
+split_cfg = true
+
+[[jobs]]
+name = "sd-controlnet"
+model = "builtin:tiny-sd"
+width = 128
+height = 200
+controlnet = [{ model = "builtin:tiny-sd-controlnet", image = "sketches/start.png", scale = 0.7, start = 0.2 },
+              { model = "builtin:tiny-sd-controlnet", image = "sketches/start.png", scale = 0.4 }]
+
 # A displaced job whose warm-up covers both its steps: synchronous throughout, and it says so.
 [[jobs]]
 name = "xl-few"
@@ -276,13 +304,14 @@ def sync_exact_and_displaced_beats_naive(got: dict, what: str) -> None:
 @pytest.fixture(scope="module")
 def on_two_ranks(manifest):
     """Every 2-rank check in one launch: SDXL shape, split_cfg (one branch each), text-to-image and img2img, the
-    other samplers."""
-    return verify(manifest, ("xl", "xl-split", "xl-i2i", "xl-split-i2i", *SAMPLERS_ON_2, "xl-lora"), 2, *ALL_MODES)
+    other samplers, LoRA, ControlNet."""
+    return verify(manifest, ("xl", "xl-split", "xl-i2i", "xl-split-i2i", *SAMPLERS_ON_2, "xl-lora", "xl-controlnet",
+                             "xl-split-controlnet"), 2, *ALL_MODES)
 
 
 @pytest.fixture(scope="module")
 def on_three_ranks(manifest):
-    return verify(manifest, ("sd", "sd-i2i", *SAMPLERS_ON_3, "sd-lora"), 3, *ALL_MODES)
+    return verify(manifest, ("sd", "sd-i2i", *SAMPLERS_ON_3, "sd-lora", "sd-controlnet"), 3, *ALL_MODES)
 
 
 @pytest.fixture
@@ -389,3 +418,18 @@ def test_loras_in_sync_equal_single_device_and_displaced_beats_naive(launch, job
     """Fused adapters are plain weights to the bands; the 3-rank launch puts the 2-rank job's adapters on and takes
     them off between jobs of one model cache."""
     sync_exact_and_displaced_beats_naive(launch(ranks)[job], f"{job} on {ranks} ranks, LoRA")
+
+
+@pytest.mark.parametrize("job, ranks, bands", [("xl-controlnet", 2, "0-12,12-20"),
+                                               ("sd-controlnet", 3, "0-8,8-16,16-25")])
+def test_controlnet_in_sync_equals_single_device_and_displaced_beats_naive(launch, job, ranks, bands):
+    """The ControlNets run band-parallel with the UNet's plan: their residuals are each band's own."""
+    got = launch(ranks)[job]
+    assert got["sync"]["bands"] == bands
+    sync_exact_and_displaced_beats_naive(got, f"{job} on {ranks} ranks, ControlNet")
+
+
+def test_controlnet_with_split_cfg_is_one_branch_each_and_equals_single_device(on_two_ranks):
+    got = on_two_ranks["xl-split-controlnet"]["sync"]
+    assert got["split"] and got["bands"] == "whole latent per rank"
+    assert got["latent"] <= 1e-4 and got["level"] <= 1

@@ -251,6 +251,8 @@ class GigapixelKind:
         try:
             model = ctx.models.get(job.model, job.dtype, job.loras)
             pipe, facts = model.pipe, model.facts
+            tile_control = job.gigapixel.controlnet
+            controlnets = ctx.models.controlnets([tile_control] if tile_control else [], job.dtype)
             plan = plan_for(facts, job)
             if plan != s.plan:
                 raise ValueError("the loaded model's VAE scale or alignment differs from its configs on disk")
@@ -262,7 +264,8 @@ class GigapixelKind:
                 if group.leader:
                     read = lambda y0, y1, x0, x1: s.store.read_level(level - 1, y0, y1, x0, x1)  # noqa: E731
                 patch = render_tile(pipe, job, plan, TileUnit(job.name, level, row, col), read, layout, comms,
-                                    world.env.device, should_stop, facts=facts)
+                                    world.env.device, should_stop, facts=facts,
+                                    controlnet=controlnets[0] if controlnets else None)  # not for the base
         except Exception as e:  # the job fails; this group goes on with the next unit
             message = f"{type(e).__name__}: {e}".splitlines()[0]
             log.error("%s: level %d tile (%d, %d) failed: %s", job.name, level, row, col, message)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hpcrender.config import Job
+from hpcrender.config import ControlNetConfig, Job
 from hpcrender.gigapixel.compose import Seams, compose_level, level_seams
 from hpcrender.gigapixel.pixels import ReadBox, upscale_region, wavelet_colour_fix
 from hpcrender.gigapixel.plan import GigaPlan, TilePatch, TileUnit, gigapixel_plan, level_units
@@ -79,7 +79,7 @@ def render_base(pipe, job: Job, plan: GigaPlan, layout: GroupLayout, comms: Comm
 
 def render_tile(pipe, job: Job, plan: GigaPlan, unit: TileUnit, read_previous: ReadBox | None, layout: GroupLayout,
                 comms: Comms, device, should_stop: Callable[[], bool] | None = None, *,
-                colour_fix: bool = True, facts: ModelFacts | None = None) -> TilePatch | None:
+                colour_fix: bool = True, facts: ModelFacts | None = None, controlnet=None) -> TilePatch | None:
     """Refine one tile of a level >= 1 on this rank group: the previous level upscaled over the tile's extended
     box, encoded, noised with position-keyed noise to the strength's first step, denoised (band-parallel when the
     group has several ranks), decoded and colour-fixed against the upscaled reference.
@@ -88,15 +88,20 @@ def render_tile(pipe, job: Job, plan: GigaPlan, unit: TileUnit, read_previous: R
     others may pass None) and the upscaled box is broadcast to the group. Returns the patch on the group's first
     rank (a TilePatch with pixels None elsewhere); None when should_stop said so between two denoising steps.
     should_stop must give the group's common answer. facts: the loaded model's, asked of the pipeline when not
-    given."""
+    given. controlnet: the loaded ControlNetModel of job.gigapixel.controlnet (a tile model), conditioned on the
+    tile's upscaled reference box at scale 1 over every step, as Ultimate SD Upscale's tile recipe does."""
     if unit.level < 1 or unit.level >= len(plan.levels):
         raise ValueError(f"{unit}: refinement levels are 1..{len(plan.levels) - 1}")
     level, previous = plan.levels[unit.level], plan.levels[unit.level - 1]
     box = level.tile_at(unit.row, unit.col).extended
-    tile_job = dataclasses.replace(job, width=box.width, height=box.height, gigapixel=None, init_image=None)
+    tile_control = ()
+    if controlnet is not None:  # the reference box is the image: no file, nothing more in the job's hash
+        tile_control = (ControlNetConfig(model=job.gigapixel.controlnet, image="", sha256=""),)
+    tile_job = dataclasses.replace(job, width=box.width, height=box.height, gigapixel=None, init_image=None,
+                                   controlnets=tile_control)
     check_layout(layout.size, layout.split_cfg, tile_job.guidance_scale > 1.0)
     run = Render(pipe, facts_of(pipe) if facts is None else facts, tile_job, layout, comms, device,
-                 should_stop=should_stop)
+                 should_stop=should_stop, controlnets=() if controlnet is None else (controlnet,))
     if run.parallel:
         run.bands = run.result.bands = image_bands(tile_job.height, plan.vae_scale,
                                                    plan.alignment // plan.vae_scale, layout.patch_ranks)
@@ -105,6 +110,8 @@ def render_tile(pipe, job: Job, plan: GigaPlan, unit: TileUnit, read_previous: R
         reference = upscale_region(read_previous, previous.height, previous.width, level.height, level.width,
                                    box.y0, box.y1, box.x0, box.x1)
     reference = array_from_leader(reference, (box.height, box.width, 3), layout, comms)
+    if controlnet is not None:  # uint8 (H, W, 3) -> (1, 3, H, W) in [0, 1], as the control image processor scales
+        run.control_pixels = (torch.from_numpy(reference.astype("float32") / 255.0).permute(2, 0, 1)[None],)
 
     cond = conditioning(run)
     scheduler = timesteps(run, first=plan.first_step)
@@ -146,13 +153,14 @@ class GigaResult:
 def render_gigapixel(pipe, job: Job, store, layout: GroupLayout, comms: Comms, device,
                      should_stop: Callable[[], bool] | None = None,
                      on_tile: Callable[[TileUnit, int, int], None] | None = None, *,
-                     colour_fix: bool = True, facts: ModelFacts | None = None) -> GigaResult:
+                     colour_fix: bool = True, facts: ModelFacts | None = None, controlnet=None) -> GigaResult:
     """Base, then every level's missing tiles in raster order, then its composition: the whole job on one group.
 
     `store` (a LevelStore for the plan, open for writing) is needed on the group's first rank only. A stop (asked
     between tiles and between denoising steps) loses at most the tile in flight; rerunning resumes from the store.
     on_tile(unit, done, total) follows every stored unit. The group's other ranks wait for the first rank's
-    composition of a level in the next level's first broadcast (within the collective timeout)."""
+    composition of a level in the next level's first broadcast (within the collective timeout). controlnet: the
+    loaded tile ControlNet of job.gigapixel.controlnet (render_tile)."""
     facts = facts_of(pipe) if facts is None else facts
     plan = plan_for(facts, job)
     leader = layout.rank == 0
@@ -180,7 +188,7 @@ def render_gigapixel(pipe, job: Job, store, layout: GroupLayout, comms: Comms, d
             else:
                 read = (lambda y0, y1, x0, x1, k=k: store.read_level(k - 1, y0, y1, x0, x1)) if leader else None
                 patch = render_tile(pipe, job, plan, unit, read, layout, comms, device, should_stop,
-                                    colour_fix=colour_fix, facts=facts)
+                                    colour_fix=colour_fix, facts=facts, controlnet=controlnet)
             if patch is None:
                 result.stopped = True
                 return result

@@ -39,17 +39,19 @@ def _verify_job(world, models, comms, job: Job, modes: Sequence[Mode]) -> None:
     env = world.env
     model = models.get(job.model, job.dtype, job.loras)
     pipe, facts = model.pipe, model.facts
+    controlnets = models.controlnets([c.model for c in job.controlnets], job.dtype)
     reference = None
     if env.rank == 0:
         single = GroupLayout(size=1, rank=0, mode=Mode.NONE)
-        reference = render_image(pipe, job, single, Comms(None, None, (0,)), env.device, facts=facts)
+        reference = render_image(pipe, job, single, Comms(None, None, (0,)), env.device, facts=facts,
+                                 controlnets=controlnets)
     world.barrier()
     size = env.world_size
     for mode in modes:
         run = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, mode=mode))
         layout = GroupLayout(size=size, rank=env.rank, mode=mode, split_cfg=job.parallel.split_cfg)
         bands = plan_job(0, run, size, model_shape(run.model)).bands
-        result = render_image(pipe, run, layout, comms, env.device, bands=bands, facts=facts)
+        result = render_image(pipe, run, layout, comms, env.device, bands=bands, facts=facts, controlnets=controlnets)
         if env.rank == 0:
             print(_report(run, size, result, reference, relative_l2, psnr, ssim), flush=True)
 

@@ -17,11 +17,14 @@ if TYPE_CHECKING:
 from hpcrender.errors import ModelNotFound
 from hpcrender.models.facts import ModelFacts, facts_of
 from hpcrender.models.facts import pipeline_family as family
-from hpcrender.models.reference import BUILTIN_NAMES, Family, ModelSpec, SourceKind, resolve
+from hpcrender.models.reference import (
+    BUILTIN_NAMES, Family, ModelSpec, SourceKind, controlnet_config_path, resolve, resolve_controlnet,
+)
 
 __all__ = [
     "Family", "ModelSpec", "SourceKind", "resolve", "load_pipeline", "family", "weights_checksum", "builtin_names",
     "unet_config_of", "component_config_of", "denoiser_of", "scheduler_config_of", "ModelFacts", "facts_of",
+    "load_controlnet", "controlnet_config_of",
 ]
 
 # The loaders (builtin, checkpoints, dit) import torch and diffusers: they are imported inside the functions that
@@ -53,8 +56,23 @@ def load_pipeline(ref: str, dtype: torch.dtype | None = None, device: str | torc
     pipe = pipe.to(device)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
+            _own_memory(module)
             module.eval().requires_grad_(False)
     return pipe
+
+
+# Bytes of alignment the CPU kernels are given by torch's own allocator.
+_ALIGNMENT = 64
+
+
+def _own_memory(module: torch.nn.Module) -> None:
+    """Copy the weights diffusers' loader left in a file's memory mapping (with accelerate installed it maps
+    safetensors files and keeps their tensors at any byte offset) into memory of their own: the CPU kernels' sums
+    depend on their operands' alignment, and a model loaded from a file must compute what the same weights built
+    in memory do."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT:
+            tensor.data = tensor.data.clone()
 
 
 def denoiser_of(pipe) -> torch.nn.Module:
@@ -147,4 +165,53 @@ def scheduler_config_of(ref: str) -> dict | None:
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(spec.location, "scheduler/scheduler_config.json")
+    return json.loads(Path(found).read_text()) if isinstance(found, str) else None
+
+
+def load_controlnet(ref: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """The diffusers ControlNetModel `ref` names (models.reference.resolve_controlnet), in eval mode on `device`;
+    ModelNotFound (one line) when it names nothing loadable. A hub id is read from the local cache, and downloaded
+    only when the hub is not offline, as pipelines are."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from hpcrender.models import builtin, checkpoints
+
+    dtype = torch.float32 if dtype is None else dtype
+    spec = resolve_controlnet(ref)
+    if spec.kind is SourceKind.BUILTIN:
+        return builtin.build_controlnet(spec.location, dtype=dtype, device=device)
+    location, options = spec.location, {}
+    if spec.kind is SourceKind.FOLDER and controlnet_config_path(Path(location)).parent != Path(location):
+        options["subfolder"] = "controlnet"
+    try:
+        try:
+            model = ControlNetModel.from_pretrained(location, torch_dtype=dtype, local_files_only=True, **options)
+        except Exception:
+            if spec.kind is SourceKind.FOLDER or checkpoints.hub_offline():
+                raise
+            model = ControlNetModel.from_pretrained(location, torch_dtype=dtype, **options)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is the reference's, in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFound(f"controlnet {ref!r}: could not be loaded: {first}") from exc
+    model = model.to(device)
+    _own_memory(model)
+    return model.eval().requires_grad_(False)
+
+
+def controlnet_config_of(ref: str) -> dict | None:
+    """A ControlNet's config without its weights (the run plan's checks before loading); None when only a download
+    could tell (a hub id not in the local cache)."""
+    import json
+
+    from hpcrender.models import builtin
+
+    spec = resolve_controlnet(ref)
+    if spec.kind is SourceKind.BUILTIN:
+        return builtin.controlnet_config(spec.location)
+    if spec.kind is SourceKind.FOLDER:
+        return json.loads(controlnet_config_path(Path(spec.location)).read_text())
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(spec.location, "config.json")
     return json.loads(Path(found).read_text()) if isinstance(found, str) else None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hpcrender.models.reference import BUILTIN_NAMES, Family
+from hpcrender.models.reference import BUILTIN_NAMES, CONTROLNET_BASES, Family
 
 # The scheduler config of the real SDXL base checkpoint (SD 1.5's differs only in keys Euler ignores): the renderer
 # builds euler/ddim/dpmpp from it, so DDIM, too, must not clip the predicted x0 (clip_sample is off in real configs;
@@ -327,3 +327,51 @@ def build_builtin(name: str, dtype: torch.dtype = torch.float32, device: str | t
         **parts, tokenizer=build_tokenizer(), tokenizer_2=build_tokenizer(), scheduler=scheduler,
         force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
+
+
+# ---------------------------------------------------------------------------------------------- ControlNets
+
+# The conditioning image's encoder of the builtin ControlNets: three stride-2 stages, 8x down to the latent as the
+# VAEs of the tiny models scale, at a tenth of the real ones' (16, 32, 96, 256) widths.
+TINY_CONDITIONING_CHANNELS = (8, 16, 16, 16)
+_CONTROLNET_PARTS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+# The conditioning image's encoder's weights at three times the seeded standard deviation: at one, the image's signal
+# fades to the biases' through its 8 convolutions (output std 0.02, whatever the image), and the image would hardly
+# matter; at three its output (std 0.42) is of the size of the latent's through conv_in (0.55), as in trained models.
+CONDITIONING_GAIN = 3.0
+
+
+def meta_controlnet(name: str) -> torch.nn.Module:
+    """Builtin ControlNet `name` on the meta device: ControlNetModel.from_unet of its base model's UNet."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    arch = architecture(CONTROLNET_BASES[name])
+    with torch.device("meta"):
+        return ControlNetModel.from_unet(UNet2DConditionModel(**arch.unet), load_weights_from_unet=False,
+                                         conditioning_embedding_out_channels=TINY_CONDITIONING_CHANNELS)
+
+
+def controlnet_config(name: str) -> dict:
+    return dict(meta_controlnet(name).config)
+
+
+def build_controlnet(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Builtin ControlNet `name`: what ControlNetModel.from_unet copies of the base model's UNet holds that UNet's
+    seeded weights (same names, same streams), and the parts of its own (the conditioning image's encoder, the zero
+    convolutions) are seeded under the ControlNet's name. Real zero convolutions start at zero, where a ControlNet has
+    no effect at all; seeded, the conditioning image and its scale change the image, which the tests need."""
+    if name not in CONTROLNET_BASES:
+        raise KeyError(name)
+    base = CONTROLNET_BASES[name]
+    model = torch.nn.Module.to(meta_controlnet(name), dtype=dtype).to_empty(device=torch.device(device))
+    for module_name, owner in model.named_modules():
+        for param_name, param in owner.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            seeded = (name, "controlnet") if full.startswith(_CONTROLNET_PARTS) else (base, "unet")
+            role = param_role(owner, param_name, param)
+            values = seeded_values(*seeded, full, param.shape, role)
+            if full.startswith(_CONTROLNET_PARTS[0]) and role is ParamRole.WEIGHT:
+                values.mul_(CONDITIONING_GAIN)
+            with torch.no_grad():
+                param.copy_(values)
+    return model.eval().requires_grad_(False)

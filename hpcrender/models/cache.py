@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hpcrender.models import load_pipeline
+from hpcrender.models import load_controlnet, load_pipeline
 from hpcrender.models.adapters import Fused, put_on, take_off, wanted
 from hpcrender.models.facts import ModelFacts, facts_of
 
@@ -26,6 +26,7 @@ class ModelCache:
     device: str
     cache: dict = field(default_factory=dict)
     fused: Fused | None = None
+    controls: dict = field(default_factory=dict)  # ControlNets by (reference, dtype): the current job's only
 
     def get(self, ref: str, dtype, loras: tuple = ()) -> LoadedModel:
         """The pipeline of `ref` in `dtype` (config.DType) with `loras` (config.Lora) fused and its facts, its VAE in
@@ -45,3 +46,14 @@ class ModelCache:
             if loras:
                 self.fused = put_on(loaded.pipe, loras)
         return loaded
+
+    def controlnets(self, refs, dtype) -> tuple:
+        """The ControlNetModel of each reference in `refs`, in `dtype` (config.DType); those another job used and this
+        one does not are dropped first."""
+        keys = [(ref, dtype) for ref in refs]
+        for key in [k for k in self.controls if k not in keys]:
+            del self.controls[key]
+        for key in keys:
+            if key not in self.controls:
+                self.controls[key] = load_controlnet(key[0], dtype=getattr(torch, dtype.value), device=self.device)
+        return tuple(self.controls[key] for key in keys)

@@ -16,6 +16,8 @@ from hpcrender.errors import ModelNotFound
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("tiny-sd", "tiny-sdxl", "sdxl-mini", "sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "pixart-mini")
+# Builtin ControlNets, each made from the UNet of the builtin model it names (models.builtin.build_controlnet).
+CONTROLNET_BASES = {"tiny-sd-controlnet": "tiny-sd", "tiny-sdxl-controlnet": "tiny-sdxl"}
 
 # Pickle-based formats can run code when loaded; only safetensors weights are read.
 PICKLED_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -94,3 +96,32 @@ def resolve(ref: str, base_dir: str | os.PathLike | None = None) -> ModelSpec:
         return ModelSpec(ref, SourceKind.HUB, ref)
     raise ModelNotFound(f"model {ref!r}: must be builtin:NAME, a diffusers folder, a .safetensors file or a hub id "
                         "owner/name")
+
+
+def resolve_controlnet(ref: str, base_dir: str | os.PathLike | None = None) -> ModelSpec:
+    """Classify a ControlNet reference by the models' rules (resolve): a builtin ControlNet, a diffusers folder
+    (ControlNetModel's config.json and weights) or a hub id; ModelNotFound (one line) otherwise. Single files are
+    refused: nothing in one tells which ControlNet configuration it was trained with."""
+    if isinstance(ref, str) and ref.startswith(BUILTIN_PREFIX):
+        name = ref[len(BUILTIN_PREFIX):]
+        if name not in CONTROLNET_BASES:
+            close = difflib.get_close_matches(name, CONTROLNET_BASES, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ModelNotFound(f"controlnet {ref!r}: unknown builtin ControlNet {name!r} (builtins: "
+                                f"{', '.join(CONTROLNET_BASES)}){hint}")
+        return ModelSpec(ref, SourceKind.BUILTIN, name)
+    spec = resolve(ref, base_dir)
+    if spec.kind is SourceKind.SINGLE_FILE:
+        raise ModelNotFound(f"controlnet {ref!r}: a ControlNet loads from a diffusers folder (config.json and its "
+                            "weights) or a hub id, not from a single file")
+    if spec.kind is SourceKind.FOLDER and not controlnet_config_path(Path(spec.location)).is_file():
+        raise ModelNotFound(f"controlnet {ref!r}: {Path(spec.location) / 'config.json'} is missing (not a diffusers "
+                            "ControlNetModel folder)")
+    return spec
+
+
+def controlnet_config_path(folder: Path) -> Path:
+    """A ControlNet folder's config.json: its own, or its controlnet/ subfolder's (a pipeline folder's part)."""
+    own = folder / "config.json"
+    return own if own.is_file() or not (folder / "controlnet" / "config.json").is_file() else \
+        folder / "controlnet" / "config.json"

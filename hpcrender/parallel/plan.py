@@ -45,6 +45,9 @@ class PatchPlan:
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # largest flat buffer of one asynchronous collective
     halo: HaloMode = HaloMode.STALE
     calls_per_step: int = 1
+    # Where this model's sets of exchange buffers number from (their p2p tags): another model parallelized on the same
+    # group beside it (a ControlNet beside its UNet) has its buckets in flight at the same time.
+    first_buffer_set: int = 0
 
     def __post_init__(self):
         if self.mode is Mode.NONE:
@@ -64,6 +67,8 @@ class PatchPlan:
             raise BadInput(f"bucket size must be positive, got {self.bucket_bytes}")
         if self.calls_per_step < 1:
             raise BadInput(f"a denoising step makes at least one forward, got {self.calls_per_step}")
+        if self.first_buffer_set < 0:
+            raise BadInput(f"the first set of exchange buffers must be >= 0, got {self.first_buffer_set}")
 
     def sync_step(self, step: int) -> bool:
         """Whether `step` exchanges fresh activations and waits for them: every step in sync mode; in displaced
@@ -97,7 +102,8 @@ class BandContext:
         self.rank = plan.rank
         self.size = len(plan.bands)
         # One set of buffers per call of a step (PatchPlan.buffer_sets); `exchange` is the current call's.
-        self.exchanges = [Exchange(group, plan.rank, self.size, plan.bucket_bytes, tag_base=k * TAGS_PER_SET)
+        self.exchanges = [Exchange(group, plan.rank, self.size, plan.bucket_bytes,
+                                   tag_base=(plan.first_buffer_set + k) * TAGS_PER_SET)
                           for k in range(plan.buffer_sets)]
         self.exchange = self.exchanges[0]
         self.step = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from hpcrender.config import Job
+from hpcrender.errors import BadInput
 from hpcrender.models.facts import ModelFacts, facts_of
 from hpcrender.parallel.bands import image_bands
 from hpcrender.parallel.layout import Comms, GroupLayout, check_layout
@@ -37,7 +38,8 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
                  should_stop: Callable[[], bool] | None = None, resume: Checkpoint | None = None,
                  on_collective: Callable[[], None] | None = None, bands: tuple = (),
                  facts: ModelFacts | None = None, between: Callable[[], Between] | None = None,
-                 on_checkpoint: Callable[[Checkpoint | None], None] | None = None) -> ImageResult:
+                 on_checkpoint: Callable[[Checkpoint | None], None] | None = None,
+                 controlnets: tuple = ()) -> ImageResult:
     """Render `job` with this rank's share of the work; the group's first rank gets the image (and the latent).
 
     facts: the loaded model's (models.facts), asked of the pipeline here when not given.
@@ -47,14 +49,22 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
     yes, the loop ends there and the group's first rank gets a checkpoint instead of an image. resume continues
     from such a checkpoint. between, when given, is asked instead of should_stop (the group's common answer too) and
     may also ask for a periodic checkpoint, which on_checkpoint receives (the whole state on the group's first rank,
-    None on the others) before the loop goes on. on_collective is called before the group's first torch.distributed collective (never
-    on a group of one): a failure after it may leave the group's communicator out of step.
+    None on the others) before the loop goes on. controlnets: the loaded ControlNetModel of each of job.controlnets
+    (models.load_controlnet), band-parallel beside the UNet when it is. on_collective is called before the group's
+    first torch.distributed collective (never on a group of one): a failure after it may leave the group's
+    communicator out of step.
     """
     facts = facts_of(pipe) if facts is None else facts
     check_layout(layout.size, layout.split_cfg, facts.uses_guidance(job.guidance_scale))
     check_size(facts, job)
+    if len(controlnets) != len(job.controlnets):
+        raise BadInput(f"{len(job.controlnets)} ControlNet(s) in the job, {len(controlnets)} loaded")
+    if controlnets and facts.transformer:
+        raise BadInput(f"controlnet: ControlNet applies to the UNets of SD 1.x/2.x and SDXL, not to a "
+                       f"{facts.family.value} transformer")
     run = Render(pipe, facts, job, layout, comms, device, on_step=on_step, should_stop=should_stop,
-                 between=between, on_checkpoint=on_checkpoint, on_collective=on_collective)
+                 between=between, on_checkpoint=on_checkpoint, on_collective=on_collective,
+                 controlnets=tuple(controlnets))
     if run.parallel:
         if not bands:
             bands = image_bands(job.height, facts.vae_scale, facts.alignment, layout.patch_ranks)

@@ -3,14 +3,16 @@ from the seed, an image encoded at a strength, or a checkpoint), denoise over a 
 render.image composes them into text-to-image and img2img.
 
 The same code renders on one rank and on many: the parallel plan is put around the denoiser (a UNet, or a diffusion
-transformer: PixArt-Sigma, SD3, Flux) for the loop and taken off afterwards, and whatever crosses ranks goes through
-hpcrender.parallel. Noise is always drawn full-size from the seed on the CPU and then sliced, which is what makes a
-K-rank result comparable with the single-device one. What the stages need to know of the model comes from its
-ModelFacts, asked once when it was loaded.
+transformer: PixArt-Sigma, SD3, Flux), and around the ControlNets beside a UNet, for the loop and taken off
+afterwards, and whatever crosses ranks goes through hpcrender.parallel. Noise is always drawn full-size from the seed
+on the CPU and then sliced, which is what makes a K-rank result comparable with the single-device one. What the
+stages need to know of the model comes from its ModelFacts, asked once when it was loaded.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import enum
 import inspect
 import resource
@@ -36,6 +38,7 @@ from hpcrender.render.latents import (
     WholeStepNoise, flux_image_ids, from_latent_space, initial_noise, job_generator, load_init_image,
     noised_image_latent, pack_2x2, unpack_2x2,
 )
+from hpcrender.render.control import Control, control_image_band, control_residuals, load_control_image
 from hpcrender.render.prompt import encode_prompt
 from hpcrender.render.samplers import make_scheduler, set_timesteps
 
@@ -125,6 +128,8 @@ class Render:
     result: ImageResult = field(default_factory=lambda: ImageResult(image=None, latent=None))
     bands: tuple = ()  # the UNet's latent row bands on this rank's patch group (empty: no bands)
     generator: torch.Generator | None = None  # the job's, after the start latent's draws: stochastic samplers' noise
+    controlnets: tuple = ()  # the loaded ControlNetModel of each of job.controlnets, in order
+    control_pixels: tuple = ()  # (1, 3, H, W) [0, 1] images given for them instead of their files (gigapixel tiles)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -248,7 +253,8 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
     A step is one denoiser call, or two for Heun (its timesteps list both, as diffusers' own loop runs them). The
     plan's forward pre-hook counts the steps from `start` as its 0, and a Heun step's calls as its calls 0 and 1: a
     resumed or img2img displaced render warms up again, and displaced Heun keeps stale activations per call. A
-    stochastic sampler draws its noise whole from the job's generator (WholeStepNoise). Stops early
+    stochastic sampler draws its noise whole from the job's generator (WholeStepNoise). The job's ControlNets get the
+    UNet's plan too, and their conditioning images are cut to the band's pixel rows. Stops early
     (run.result.stopped_at) when should_stop says so between steps."""
     job, layout, result = run.job, run.layout, run.result
     calls = job.scheduler.calls_per_step
@@ -259,12 +265,80 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
     run.collective()  # the loop's exchanges, or the gather and decode after it
     handle: Parallelized | None = None
     model = denoiser(run)
+    batch = 2 if run.guidance and not layout.split_cfg else 1
+    controls = [Control(net, config, control_image(run, index, batch, net))
+                for index, (net, config) in enumerate(zip(run.controlnets, job.controlnets))]
+    control_handles: dict[int, Parallelized] = {}
     if run.parallel:
         plan = PatchPlan(mode=job.parallel.mode, groupnorm=job.parallel.groupnorm,
                          warmup_steps=job.parallel.warmup_steps, bands=run.bands, rank=layout.patch_rank,
                          halo=job.parallel.halo, calls_per_step=calls)
         handle = parallelize(model, plan, run.comms.patch_group)
-    batch = 2 if run.guidance and not layout.split_cfg else 1
+    try:
+        seen: set[int] = set()
+        for control in controls if handle is not None else ():
+            if id(control.model) in seen:  # the same ControlNet twice: each use keeps its own stale activations
+                control.model = copy.deepcopy(control.model)
+            seen.add(id(control.model))
+        for index, control in enumerate(controls):
+            if handle is not None:
+                # The UNet's plan for each ControlNet, over the same group: its residuals are the band's own. Its
+                # exchange buffers take p2p tags past the UNet's (and the ControlNets' before it).
+                own = dataclasses.replace(plan, first_buffer_set=(index + 1) * plan.buffer_sets)
+                control_handles[id(control)] = parallelize(control.model, own, run.comms.patch_group)
+        latent = _loop(run, model, cond, scheduler, latent, start, batch, controls, control_handles)
+    finally:
+        if handle is not None:
+            result.exchange = _with_controls(handle.stats(), [h.stats() for h in control_handles.values()])
+        for control_handle in control_handles.values():
+            control_handle.remove()
+        if handle is not None:
+            handle.remove()
+    return latent
+
+
+def _with_controls(stats: dict, controls: list[dict]) -> dict:
+    """The UNet's exchange statistics with the ControlNets' traffic and waits added step by step (what the rank sent
+    and waited in all), and the ControlNets' share of the bytes apart."""
+    if not controls:
+        return stats
+    stats = dict(stats)
+    for key in ("bytes_sent", "wait_seconds"):
+        total = list(stats[key])
+        for other in controls:
+            for i, value in enumerate(other[key]):
+                if i < len(total):
+                    total[i] += value
+                else:
+                    total.append(value)
+        stats[key] = [round(v, 6) for v in total] if key == "wait_seconds" else total
+    stats["bytes_total"] = sum(stats["bytes_sent"])
+    stats["wait_seconds_total"] = round(sum(stats["wait_seconds"]), 6)
+    stats["controlnet_bytes_total"] = sum(other["bytes_total"] for other in controls)
+    return stats
+
+
+def control_image(run: Render, index: int, batch: int, net: torch.nn.Module) -> torch.Tensor:
+    """ControlNet `index`'s conditioning image for this rank: the pixel rows of its UNet band (its residuals stay
+    band-local), batched as the UNet's input, in the ControlNet's dtype."""
+    job = run.job
+    if run.control_pixels:
+        pixels = run.control_pixels[index]
+    else:
+        pixels = load_control_image(job.controlnets[index].image, job.width, job.height)
+    rows = None
+    if run.bands:
+        mine, scale = run.bands[run.layout.patch_rank], run.facts.vae_scale
+        rows = slice(mine.start * scale, mine.stop * scale)
+    return control_image_band(pixels, rows, batch, run.device, next(net.parameters()).dtype)
+
+
+def _loop(run: Render, model, cond: Conditioning, scheduler, latent: torch.Tensor, start: int, batch: int,
+          controls: list[Control], control_handles: dict) -> torch.Tensor:
+    """The steps of denoise, with the models already parallelized."""
+    job, layout, result = run.job, run.layout, run.result
+    calls = job.scheduler.calls_per_step
+    entries = len(scheduler.timesteps)
     step_kwargs, noise = {}, None
     if run.generator is not None and "generator" in inspect.signature(scheduler.step).parameters:
         # as diffusers' pipelines pass it (prepare_extra_step_kwargs); deterministic samplers draw nothing from it
@@ -273,40 +347,58 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
         whole = (1, run.facts.latent_channels, job.height // scale, job.width // scale)
         band = run.bands[layout.patch_rank] if run.bands else None
         noise = WholeStepNoise(run.generator, whole, slice(band.start, band.stop) if band else slice(None))
-    try:
-        with torch.no_grad():
-            for i in range(start, job.steps):
-                t0 = time.perf_counter()
-                for k in range(i * calls, min((i + 1) * calls, entries)):
-                    latent = _call(run, model, cond, scheduler, latent, scheduler.timesteps[k], batch, step_kwargs,
-                                   noise)
-                _sync(run.device)
-                result.step_seconds.append(time.perf_counter() - t0)
-                if run.on_step is not None:
-                    run.on_step(i + 1, job.steps)
-                action = next_action(run) if i + 1 < job.steps else Between.GO_ON
-                if action is Between.STOP:
-                    result.stopped_at = i + 1
-                    break
-                if action is Between.CHECKPOINT:
-                    t1 = time.perf_counter()
-                    run.on_checkpoint(_checkpoint(run, latent, scheduler, i + 1))
-                    result.checkpoint_seconds += time.perf_counter() - t1  # what the group waits: gather and copy
-    finally:
-        if handle is not None:
-            result.exchange = handle.stats()
-            handle.remove()
+    skipped = job.first_step * calls  # diffusers' ControlNet pipelines count their keeps from the strength's cut
+    with torch.no_grad():
+        for i in range(start, job.steps):
+            t0 = time.perf_counter()
+            for k in range(i * calls, min((i + 1) * calls, entries)):
+                residuals = _control_at(controls, control_handles, cond, k - skipped, entries - skipped, i - start,
+                                        k % calls)
+                latent = _call(run, model, cond, scheduler, latent, scheduler.timesteps[k], batch, step_kwargs,
+                               noise, residuals)
+            _sync(run.device)
+            result.step_seconds.append(time.perf_counter() - t0)
+            if run.on_step is not None:
+                run.on_step(i + 1, job.steps)
+            action = next_action(run) if i + 1 < job.steps else Between.GO_ON
+            if action is Between.STOP:
+                result.stopped_at = i + 1
+                break
+            if action is Between.CHECKPOINT:
+                t1 = time.perf_counter()
+                run.on_checkpoint(_checkpoint(run, latent, scheduler, i + 1))
+                result.checkpoint_seconds += time.perf_counter() - t1  # what the group waits: gather and copy
     return latent
 
 
+def _control_at(controls: list[Control], handles: dict, cond: Conditioning, call: int, calls: int, step: int,
+                step_call: int):
+    """The ControlNets' residuals at denoiser call `call` of the `calls` run, as a function of the UNet's input and
+    timestep; None without ControlNets. A band-parallel ControlNet is told its plan's step (`step`, counted from the
+    loop's start as the UNet's plan counts, and the step's call) before each forward: where its scale is 0 it is not
+    called at all, so its forwards cannot count the steps themselves."""
+    if not controls:
+        return None
+    scales = [control.scale_at(call, calls) for control in controls]
+
+    def before(control: Control) -> None:
+        handle = handles.get(id(control))
+        if handle is not None:
+            handle.begin_step(step, step_call)
+
+    return lambda model_in, t: control_residuals(controls, scales, before, model_in, t, cond.embeds, cond.added)
+
+
 def _call(run: Render, model, cond: Conditioning, scheduler, latent: torch.Tensor, t, batch: int, step_kwargs: dict,
-          noise: WholeStepNoise | None) -> torch.Tensor:
-    """One denoiser call and the sampler's step on it: the latent after timestep `t`."""
+          noise: WholeStepNoise | None, residuals=None) -> torch.Tensor:
+    """One denoiser call and the sampler's step on it: the latent after timestep `t`. residuals(model_in, t): the
+    ControlNets' residuals for the UNet, or None."""
     job, layout = run.job, run.layout
     model_in = torch.cat([latent] * batch)
     if hasattr(scheduler, "scale_model_input"):
         model_in = scheduler.scale_model_input(model_in, t)
-    prediction = predict(run, model, cond, model_in, t)
+    control = None if residuals is None else residuals(model_in, t)
+    prediction = predict(run, model, cond, model_in, t, control)
     if layout.split_cfg:
         prediction = guidance_pair(prediction, layout, run.comms)
     if run.guidance:
@@ -320,8 +412,9 @@ def _call(run: Render, model, cond: Conditioning, scheduler, latent: torch.Tenso
         return scheduler.step(prediction, t, latent, return_dict=False, **step_kwargs)[0]
 
 
-def predict(run: Render, model, cond: Conditioning, model_in: torch.Tensor, t) -> torch.Tensor:
-    """One forward of the denoiser over this rank's band, called as the model's diffusers pipeline calls it."""
+def predict(run: Render, model, cond: Conditioning, model_in: torch.Tensor, t, control=None) -> torch.Tensor:
+    """One forward of the denoiser over this rank's band, called as the model's diffusers pipeline calls it; control:
+    the ControlNets' (down-block, mid-block) residuals for a UNet, as diffusers' ControlNet pipelines pass them."""
     fam = run.facts.family
     batch = model_in.shape[0]
     if fam is Family.PIXART:
@@ -343,7 +436,10 @@ def predict(run: Render, model, cond: Conditioning, model_in: torch.Tensor, t) -
                     guidance=guidance, encoder_hidden_states=cond.embeds, img_ids=whole_ids, return_dict=False,
                     **cond.added)[0]
         return unpack_2x2(out, model_in.shape[2], model_in.shape[3])
-    return model(model_in, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added, return_dict=False)[0]
+    extra = {} if control is None else {"down_block_additional_residuals": control[0],
+                                        "mid_block_additional_residual": control[1]}
+    return model(model_in, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added, return_dict=False,
+                 **extra)[0]
 
 
 def finish(run: Render, scheduler, latent: torch.Tensor, decode: bool) -> ImageResult:

@@ -117,6 +117,7 @@ class ImageKind:
             writer.step = resume.step  # the file on disk until the first new one: what status names meanwhile
         try:
             model = ctx.models.get(job.model, job.dtype, job.loras)
+            controlnets = ctx.models.controlnets([c.model for c in job.controlnets], job.dtype)
             last_record = time.monotonic()
             last_checkpoint = time.monotonic()
             recorded_step = None  # the periodic checkpoint step the job's state file names
@@ -152,7 +153,7 @@ class ImageKind:
                                   should_stop=lambda: group.stop(ctx.stop.signum is not None), resume=resume,
                                   on_collective=on_collective, bands=plan.bands, facts=model.facts,
                                   between=between if periodic else None,
-                                  on_checkpoint=on_checkpoint if periodic else None)
+                                  on_checkpoint=on_checkpoint if periodic else None, controlnets=controlnets)
             if writer is not None:
                 writer.wait()  # the last periodic write lands before the checkpoint is replaced or removed
                 if writer.error is not None:
