@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -257,11 +258,16 @@ def status(outdir):
                    "band computed alone, the exchange at NVLink and InfiniBand bandwidth.")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="A LoRA fused into every hpcrender run (repeatable); diffusers' loop runs it unfused and fused.")
+@click.option("--controlnet", metavar="REF", help="A ControlNet every run is conditioned on (scale 1), e.g. "
+              "builtin:tiny-sd-controlnet; diffusers' row runs its ControlNet pipeline.")
+@click.option("--control-image", type=click.Path(dir_okay=False, exists=True),
+              help="Its conditioning image [default: an edge map of circles and lines].")
 @click.option("--debug", is_flag=True)
-def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, plot_path, project, loras, debug):
+def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, plot_path, project, loras, controlnet,
+          control_image, debug):
     """Time the denoising steps (UNet with CFG, no VAE): diffusers' own loop with the node's cores, hpcrender on one
     rank, then on all ranks of this launch in each mode; beside the plan's bytes, compute and memory."""
-    from hpcrender.measure.bench import BenchRequest, run_bench
+    from hpcrender.measure.bench import BenchRequest, bench_control, run_bench
 
     from hpcrender.measure.projection import parse_ranks, steps_problem
 
@@ -293,10 +299,14 @@ def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, 
             if world.env.rank == 0:
                 _fail(BadInput(f"--modes: {e}"), debug)
             sys.exit(EXIT_BAD_INPUT)
-        req = BenchRequest(model=model, width=w, height=h, steps=steps, modes=wanted, warmup_steps=warmup_steps,
-                           scheduler=scheduler, dtype=dtype, json_path=Path(json_path) if json_path else None,
-                           plot_path=Path(plot_path) if plot_path else None, project=projected, loras=adapters)
-        code = run_bench(world, req)
+        with tempfile.TemporaryDirectory(prefix="hpcrender-bench-") as folder:
+            control = bench_control(controlnet, Path(control_image) if control_image else None, w, h,
+                                    Path(folder)) if controlnet else None
+            req = BenchRequest(model=model, width=w, height=h, steps=steps, modes=wanted, warmup_steps=warmup_steps,
+                               scheduler=scheduler, dtype=dtype, json_path=Path(json_path) if json_path else None,
+                               plot_path=Path(plot_path) if plot_path else None, project=projected,
+                               loras=adapters, controlnet=control)
+            code = run_bench(world, req)
     sys.exit(code)
 
 

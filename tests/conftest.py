@@ -37,8 +37,9 @@ def small_disk(tmp_path):
 
 
 # The longest files first, so that no worker is left alone with one at the end.
-LONGEST_FIRST = ("test_render", "test_verify", "test_slurm", "test_gigapixel_queue", "test_gigapixel_render",
-                 "test_queue", "test_fidelity", "test_parallel", "test_img2img", "test_dit")
+LONGEST_FIRST = ("test_verify", "test_render", "test_slurm", "test_gigapixel_queue", "test_gigapixel_render",
+                 "test_img2img", "test_controlnet", "test_lora", "test_queue", "test_fidelity", "test_parallel",
+                 "test_dit", "test_checkpoint")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,6 @@
 """`hpcrender bench`: the arithmetic of its table (ratios, hidden exchange, the cores diffusers gets) and, under
 mpiexec -n 2, one launch that runs diffusers' loop, hpcrender on one rank and on two, with JSON and a PNG; with a
-LoRA, diffusers' loop unfused and fused."""
+LoRA, diffusers' loop unfused and fused; with a ControlNet, diffusers' ControlNet pipeline."""
 
 from __future__ import annotations
 
@@ -116,16 +116,17 @@ def test_bench_on_two_ranks_runs_diffusers_one_rank_and_each_mode_with_json_and_
         assert image.format == "PNG" and image.size[0] > 400
 
 
-def test_bench_with_a_lora_times_diffusers_unfused_and_fused_beside_hpcrender(tmp_path):
+def test_bench_with_a_lora_and_a_controlnet_times_diffusers_unfused_and_fused_beside_hpcrender(tmp_path):
     made = make_lora("builtin:tiny-sd", tmp_path / "lora", 1)
     out = tmp_path / "bench.json"
     r = hpcrender("bench", "--model", "builtin:tiny-sd", "--size", "64x64", "--steps", "2", "--lora", f"{made}:0.7",
-                  "--json", out)
+                  "--controlnet", "builtin:tiny-sd-controlnet", "--json", out)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [row["run"] for row in rows] == [UNFUSED, DIFFUSERS, "none"]
     for row in rows:
         assert row["loras"] == [{"file": made.name, "sha256": file_sha256(made), "scale": 0.7}]
+        assert row["controlnet"] == "builtin:tiny-sd-controlnet"
         assert row["per_step_s"] > 0
     assert rows[0]["speedup_vs_1_rank"] is None and rows[2]["speedup_vs_1_rank"] == 1.0
     bad = hpcrender("bench", "--model", "builtin:tiny-sd", "--lora", str(tmp_path / "none.safetensors"))

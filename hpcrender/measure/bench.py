@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcrender.config import DType, Job, Lora, Manifest, Mode, ParallelConfig, SchedulerName
+from hpcrender.config import ControlNetConfig, DType, Job, Lora, Manifest, Mode, ParallelConfig, SchedulerName
 from hpcrender.errors import EXIT_OK
 from hpcrender.measure.projection import format_projection, measure_band, projection_rows
 from hpcrender.models import Family, denoiser_of
 from hpcrender.models.adapters import load_unfused
+from hpcrender.models.lora import file_sha256
 from hpcrender.models.cache import ModelCache
 from hpcrender.models.facts import facts_of
 from hpcrender.models.shapes import model_shape
@@ -49,12 +50,14 @@ class BenchRequest:
     plot_path: Path | None = None
     project: tuple[int, ...] = ()  # group sizes to project displaced scaling to (projection.py)
     loras: tuple[Lora, ...] = ()    # fused in every hpcrender run; diffusers' loop runs them unfused and fused
+    controlnet: ControlNetConfig | None = None  # every run conditioned on it (diffusers: its ControlNet pipeline)
 
 
 def bench_job(req: BenchRequest, mode: Mode) -> Job:
     return Job(name=f"bench-{mode.value}", prompt="a lighthouse on a cliff at dusk, oil painting", width=req.width,
                height=req.height, seed=0, model=req.model, steps=req.steps, guidance_scale=5.0,
                scheduler=SchedulerName(req.scheduler), dtype=DType(req.dtype), loras=req.loras,
+               controlnets=(req.controlnet,) if req.controlnet is not None else (),
                parallel=ParallelConfig(mode=mode, warmup_steps=req.warmup_steps, ranks_per_image=0))
 
 
@@ -190,11 +193,13 @@ class LoopMemory:
 
 # --- the runs ----------------------------------------------------------------------------------------------------
 
-def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
+def diffusers_steps(pipe, job: Job, device: str, threads: int, controlnet=None) -> list[float]:
     """Seconds per step of diffusers' own pipeline call on the same model, size, steps, scheduler, seed and
     initial noise as hpcrender's, with `threads` intra-op threads; steps are timed by its step-end callback (the
-    first one includes encoding the prompt)."""
+    first one includes encoding the prompt). With `controlnet` (the loaded model of the job's one ControlNet), its
+    ControlNet pipeline of the same components."""
     import torch
+    from PIL import Image
 
     facts = facts_of(pipe)
     fam = facts.family
@@ -210,6 +215,12 @@ def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
         kwargs.update(negative_prompt=job.negative_prompt, use_resolution_binning=False, clean_caption=False)
     if fam is Family.FLUX:
         kwargs["latents"] = pack_2x2(latents)
+    if controlnet is not None:
+        control = job.controlnets[0]
+        pipe = _controlnet_pipeline(pipe, controlnet)
+        with Image.open(control.image) as image:
+            kwargs.update(image=image.copy(), controlnet_conditioning_scale=control.scale,
+                          control_guidance_start=control.start, control_guidance_end=control.end)
     original, threads_before = pipe.scheduler, torch.get_num_threads()
     pipe.scheduler = make_scheduler(job.scheduler, original.config, job.timestep_spacing, fam)
     pipe.set_progress_bar_config(disable=True)
@@ -238,6 +249,36 @@ def diffusers_steps(pipe, job: Job, device: str, threads: int) -> list[float]:
     if calls > 1 and fam is not Family.PIXART:  # the step-end callback follows every denoiser call: a step's last
         marks = marks[calls - 1::calls] + ([marks[-1]] if len(marks) % calls else [])
     return [b - a for a, b in zip([start] + marks, marks)]
+
+
+def bench_control(ref: str, image: Path | None, width: int, height: int, folder: Path) -> ControlNetConfig:
+    """The bench's ControlNet at scale 1 over the whole schedule, conditioned on `image`, or on an edge map of
+    circles and lines drawn into `folder` (the same bytes on every rank)."""
+    from PIL import Image, ImageDraw
+
+    if image is None:
+        image = folder / "control.png"
+        edges = Image.new("RGB", (width, height))
+        draw = ImageDraw.Draw(edges)
+        for k in range(1, 8):
+            r = k * min(width, height) // 16
+            draw.ellipse((width // 2 - r, height // 2 - r, width // 2 + r, height // 2 + r), outline="white", width=2)
+        for x in range(0, width, max(width // 8, 1)):
+            draw.line((x, 0, width - x, height), fill="white", width=2)
+        edges.save(image)
+    return ControlNetConfig(model=ref, image=str(Path(image).resolve()), sha256=file_sha256(image))
+
+
+def _controlnet_pipeline(pipe, controlnet):
+    """diffusers' ControlNet pipeline (SD or SDXL) of `pipe`'s components and `controlnet`."""
+    import diffusers
+
+    parts = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor",
+                                                                    "safety_checker")}
+    if "text_encoder_2" in parts:
+        return diffusers.StableDiffusionXLControlNetPipeline(**parts, controlnet=controlnet, add_watermarker=False)
+    return diffusers.StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, safety_checker=None,
+                                                       feature_extractor=None, requires_safety_checker=False)
 
 
 def planned(job: Job, size: int) -> dict | None:
@@ -269,10 +310,11 @@ def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: b
         if probe is not None and done == 1 and probe.device.type != "cuda":
             probe.stop_sampling()
 
+    controlnets = models.controlnets([c.model for c in job.controlnets], job.dtype)
     try:
         bands = plan_job(0, job, group, model_shape(job.model)).bands
         result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, decode=False, bands=bands,
-                              facts=model.facts)
+                              facts=model.facts, controlnets=controlnets)
     finally:
         loop_memory = probe.result() if probe is not None else None
     return {"rank": env.rank, **summarize(result.step_seconds, job.scheduler.calls_per_step > 1),
@@ -287,6 +329,7 @@ def _row(run: str, req: BenchRequest, ranks: int, threads: int, device: str, per
             "model": req.model, "size": f"{req.width}x{req.height}", "steps": req.steps, "scheduler": req.scheduler,
             "dtype": req.dtype, "warmup_steps": req.warmup_steps, "device": device,
             "loras": [{"file": Path(lora.path).name, "sha256": lora.sha256, "scale": lora.scale} for lora in req.loras],
+            "controlnet": req.controlnet.model if req.controlnet is not None else None,
             "per_step_s": slowest["mean_s"], "median_s": slowest["median_s"], "min_s": slowest["min_s"],
             "max_s": slowest["max_s"], "first_s": slowest["first_s"], "per_rank": per_rank}
 
@@ -337,15 +380,17 @@ def run_bench(world, req: BenchRequest) -> int:
     one_job = bench_job(req, Mode.NONE)
     if env.rank == 0:
         short = one_job.scheduler.calls_per_step > 1
+        controlnet = models.controlnets([c.model for c in one_job.controlnets], one_job.dtype)
+        controlnet = controlnet[0] if controlnet else None
         if req.loras:
             pipe = models.get(one_job.model, one_job.dtype).pipe
             load_unfused(pipe, req.loras)
-            seconds = diffusers_steps(pipe, one_job, env.device, threads)
+            seconds = diffusers_steps(pipe, one_job, env.device, threads, controlnet)
             pipe.unload_lora_weights()
             rows.append(_row(UNFUSED, req, 1, threads, env.device, [{"rank": 0, **summarize(seconds, short),
                                                                      "step_seconds": seconds}]))
         seconds = diffusers_steps(models.get(one_job.model, one_job.dtype, one_job.loras).pipe, one_job, env.device,
-                                  threads)
+                                  threads, controlnet)
         rows.append(_row(DIFFUSERS, req, 1, threads, env.device, [{"rank": 0, **summarize(seconds, short),
                                                                    "step_seconds": seconds}]))
     idle_barrier(world.comm, poll_s=0.01)
