@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -313,11 +314,16 @@ def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, 
 def _bench_lora(index: int, text: str) -> Lora:
     """--lora FILE[:SCALE], its file checked as a manifest's `loras` entry is."""
     where = f"--lora {text}"
-    path, _, scale = text.rpartition(":") if text.rpartition(":")[2].replace(".", "", 1).lstrip("-").isdigit() \
-        else (text, "", "1")
+    path, _, suffix = text.rpartition(":")
+    try:
+        scale = float(suffix)
+    except ValueError:  # no scale given: the colon, if any, is the path's own
+        path, scale = text, 1.0
+    if not math.isfinite(scale):
+        raise BadInput(f"{where}: the scale must be a finite number")
     try:
         read_lora_keys(path)
-        return Lora(path=str(Path(path).resolve()), sha256=file_sha256(path), scale=float(scale), where=where)
+        return Lora(path=str(Path(path).resolve()), sha256=file_sha256(path), scale=scale, where=where)
     except LoraFileError as e:
         raise BadInput(f"{where}: {e}") from None
 
