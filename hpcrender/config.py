@@ -144,6 +144,13 @@ class ControlNetConfig:
     end: float = 1.0
 
 
+def derive_seed(name: str) -> int:
+    """Stable seed for a job (or sweep sample) without `seed`: the same on every machine and Python,
+    0 <= seed < 2**32."""
+    digest = hashlib.sha256(b"hpcrender-seed:" + name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
 def first_step(steps: int, strength: float) -> int:
     """Index of the first denoising step run at `strength`, as diffusers' img2img pipelines cut the schedule
     (get_timesteps): the last int(steps * strength) steps are run, with Python's float rounding kept so that the
@@ -210,10 +217,58 @@ class Job:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class SweepOutput(str, enum.Enum):
+    SHARDS = "shards"    # WebDataset-style tar shards, OUT/NAME/shard-NNNNNN.tar, S samples each
+    FOLDERS = "folders"  # every sample a job of its own: OUT/SAMPLE/ with store, image, preview and meta.json
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Where a sweep's prompts come from, as scanned once when the manifest is read: the rows are read again from the
+    file shard by shard (prompts.read_rows), never all held at once. offsets: byte offset of rows 0, stride,
+    2 stride, ... (CSV: after its header), so that a shard's rows are found without reading the rows before them."""
+
+    format: str                  # txt | csv | jsonl | inline
+    shown: str                   # the file as problems name it (inline: the manifest's line of `prompts`)
+    path: str | None = None      # absolute; None for inline prompts
+    sha256: str = ""             # of the file's bytes (inline: of the prompts): a changed file is another sweep
+    rows: int = 0
+    columns: tuple[str, ...] = ("prompt",)
+    offsets: tuple[int, ...] = ()
+    stride: int = 1024
+    inline: tuple[str, ...] = ()  # the prompts of `prompts = [...]`
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Many samples from one table: every prompt row with each of its seeds. A sample is the template job with the
+    row's prompt (and negative prompt, seed, name, guidance scale where the row gives them); sample i is row
+    i // per_prompt, seed number i % per_prompt, so that any sample or shard is found by arithmetic (sweeps.py)."""
+
+    name: str
+    template: Job                         # every key of the table and [defaults]; prompt and name are the sample's
+    source: PromptSource
+    seeds: tuple[int, ...] | range | None = None  # each row with each seed (a row's own seed replaces them)
+    images_per_prompt: int = 1            # without seeds: samples per row, seeds from the row's, the table's or names
+    seed_given: bool = False              # the table (or [defaults]) sets `seed`: samples count on from it
+    batch: int = 1                        # samples per denoiser call
+    shard_size: int = 1000
+    output: SweepOutput = SweepOutput.SHARDS
+
+    @property
+    def per_prompt(self) -> int:
+        return len(self.seeds) if self.seeds is not None else self.images_per_prompt
+
+    @property
+    def samples(self) -> int:
+        return self.source.rows * self.per_prompt
+
+
 @dataclass(frozen=True)
 class Manifest:
     path: Path
     jobs: tuple[Job, ...]
+    sweeps: tuple[Sweep, ...] = ()
 
 
 def _plain(obj):

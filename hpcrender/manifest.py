@@ -20,11 +20,13 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 from hpcrender.config import (
     ControlNetConfig, DType, GigapixelConfig, GroupNormMode, HaloMode, InitImage, Job, Lora, Manifest, Mode,
-    ParallelConfig, SchedulerName, TimestepSpacing, first_step,
+    ParallelConfig, SchedulerName, Sweep, SweepOutput, TimestepSpacing, derive_seed, first_step,
 )
 from hpcrender.errors import BadInput, ManifestError, ModelNotFound
 from hpcrender.models.lora import LoraFileError, file_sha256, read_lora_keys
 from hpcrender.models.reference import SourceKind, resolve, resolve_controlnet
+from hpcrender.prompts import PromptFileError, inline_source, scan
+from hpcrender.sweeps import find_samples, sample_jobs
 from hpcrender.render.samplers import lcm_spacing_problem
 
 
@@ -36,12 +38,6 @@ MAX_SEED = 2**63 - 1
 RESERVED_NAMES = frozenset({"logs", "status.json"})
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-
-
-def derive_seed(name: str) -> int:
-    """Stable seed for a job without `seed`: the same on every machine and Python, 0 <= seed < 2**32."""
-    digest = hashlib.sha256(b"hpcrender-seed:" + name.encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "big")
 
 
 # --- value checks: pure, raise _Invalid with the problem, return the typed value -----------------
@@ -302,7 +298,10 @@ _CONTROLNET: dict[str, _Check] = {
 }
 _CONTROLNET_NEEDED = ("model", "image")
 _TABLES = ("parallel", "gigapixel")
-_TOP_KEYS = ("defaults", "jobs")
+_TOP_KEYS = ("defaults", "jobs", "sweeps")
+# Keys of a [[sweeps]] table besides the job keys its samples share.
+_SWEEP_KEYS = ("prompts", "prompts_file", "seeds", "images_per_prompt", "batch", "shard_size", "output")
+MAX_BATCH = 4096
 
 
 # --- line locator: tomllib keeps no positions, so the text is scanned for headers and keys ------
@@ -501,7 +500,7 @@ class _Reader:
         line = self._locator.line(path)
         self.problems.append((line, len(self.problems), f"{self._shown}:{line}: {label}: {message}"))
 
-    def read(self, doc: dict) -> tuple[Job, ...]:
+    def read(self, doc: dict) -> tuple[tuple[Job, ...], tuple[Sweep, ...]]:
         for key, value in doc.items():
             if key not in _TOP_KEYS:
                 self.problem((key,), key, _unknown(key, value, _TOP_KEYS, {}))
@@ -514,14 +513,18 @@ class _Reader:
             self.problem(("defaults",), "defaults", f"must be a table, got {_show(raw_defaults)}")
 
         raw_jobs = doc.get("jobs", [])
+        raw_sweeps = doc.get("sweeps", [])
         if not isinstance(raw_jobs, list):
             self.problem(("jobs",), "jobs", "must be an array of tables ([[jobs]])")
             raw_jobs = None
-        elif not raw_jobs:
-            self.problem(("jobs",), "jobs", "no jobs: add at least one [[jobs]] table")
+        elif not raw_jobs and not raw_sweeps:
+            self.problem(("jobs",), "jobs", "no jobs: add at least one [[jobs]] or [[sweeps]] table")
+        if not isinstance(raw_sweeps, list):
+            self.problem(("sweeps",), "sweeps", "must be an array of tables ([[sweeps]])")
+            raw_sweeps = []
 
         jobs = []
-        first_use: dict[str, int] = {}  # name -> 1-based job number
+        first_use: dict[str, tuple] = {}  # name -> (its table's path, what it is called)
         for index, raw in enumerate(raw_jobs or []):
             path = ("jobs", index)
             label = f"jobs[#{index + 1}]"
@@ -535,7 +538,12 @@ class _Reader:
             job = self._job(name, defaults, layer, label)
             if job is not None:
                 jobs.append(job)
-        return tuple(jobs)
+        sweeps = []
+        for index, raw in enumerate(raw_sweeps):
+            sweep = self._sweep(raw, ("sweeps", index), defaults, first_use, index)
+            if sweep is not None:
+                sweeps.append(sweep)
+        return tuple(jobs), tuple(sweeps)
 
     def _name(self, raw: dict, path: tuple, label: str, first_use: dict, index: int) -> str | None:
         if _NAME_KEY not in raw:
@@ -547,23 +555,151 @@ class _Reader:
             self.problem(path + (_NAME_KEY,), f"{label}.name", str(invalid))
             return None
         if name in first_use:
-            first = first_use[name]
-            line = self._locator.line(("jobs", first - 1, _NAME_KEY))
+            where, what = first_use[name]
+            line = self._locator.line(where + (_NAME_KEY,))
             self.problem(
                 path + (_NAME_KEY,),
                 f"{label}.name",
-                f"duplicate name {_show(name)}, already used by job #{first} (line {line})",
+                f"duplicate name {_show(name)}, already used by {what} (line {line})",
             )
             return None
-        first_use[name] = index + 1
+        first_use[name] = (path, f"{'sweep' if path[0] == 'sweeps' else 'job'} #{index + 1}")
         return name
 
+    def _sweep(self, raw: object, path: tuple, defaults: _Layer, first_use: dict, index: int) -> Sweep | None:
+        """A [[sweeps]] table: its own keys checked here, the rest as a job's, merged over [defaults] into the
+        template every sample is made from; its prompt file scanned row by row."""
+        label = f"sweeps[#{index + 1}]"
+        if not isinstance(raw, dict):
+            self.problem(path, label, f"must be a table, got {_show(raw)}")
+            return None
+        name = self._name(raw, path, label, first_use, index)
+        if name is not None:
+            label = f"sweeps[{name}]"
+            if "." in name:
+                self.problem(path + (_NAME_KEY,), f"{label}.name", f"must have no '.' (its samples' keys in a shard "
+                             f"are NAME-0000000, and WebDataset splits a key at its first dot), got {_show(name)}")
+                name = None
+        own = {key: raw[key] for key in _SWEEP_KEYS if key in raw}
+        rest = {key: value for key, value in raw.items() if key not in _SWEEP_KEYS}
+        ok = name is not None
+        if "prompt" in rest:
+            self.problem(path + ("prompt",), f"{label}.prompt", "a sweep's prompts are `prompts = [...]` or "
+                         "`prompts_file` (one sample per prompt and seed)")
+            rest.pop("prompt")
+            ok = False
+        if "gigapixel" in rest:
+            self.problem(path + ("gigapixel",), f"{label}.gigapixel", "does not apply to a sweep: a gigapixel image "
+                         "is a [[jobs]] table of its own")
+            rest.pop("gigapixel")
+            ok = False
+        layer = self._layer(rest, path, label, "[[sweeps]]")
+        layer.settings["prompt"] = _Value("", path)
+        template = self._job(name or "sweep", defaults, layer, label)
+        source = self._prompts(own, path, label)
+        seeds, per_prompt = self._seeds(own, path, label)
+        checks = {"batch": _int_range(1, MAX_BATCH), "shard_size": _int_range(1, None),
+                  "output": _choice(SweepOutput)}
+        values = {key: self._check(path + (key,), f"{label}.{key}", check, own[key])
+                  for key, check in checks.items() if key in own}
+        if template is None or source is None or seeds is _BROKEN or per_prompt is _BROKEN or                 any(v.value is _BROKEN for v in values.values()) or not ok:
+            return None
+        batch = values["batch"].value if "batch" in values else 1
+        if batch > 1 and (template.init_image is not None or template.controlnets):
+            key = _INIT_IMAGE_KEY if template.init_image is not None else _CONTROLNET_KEY
+            self.problem(values["batch"].path, f"{label}.batch", f"must be 1 with {key}: its samples render one by "
+                         "one")
+            return None
+        parallel = {**defaults.parallel, **layer.parallel}
+        if "ranks_per_image" not in parallel:  # a sweep's samples render on one rank each unless told otherwise
+            template = dataclasses.replace(template, parallel=dataclasses.replace(template.parallel,
+                                                                                  ranks_per_image=1))
+        seed_given = "seed" in defaults.settings or "seed" in layer.settings
+        if not seed_given:
+            template = dataclasses.replace(template, seed=derive_seed(name))
+        return Sweep(name=name, template=template, source=source, seeds=seeds,
+                     images_per_prompt=per_prompt, seed_given=seed_given, batch=batch,
+                     shard_size=values["shard_size"].value if "shard_size" in values else 1000,
+                     output=values["output"].value if "output" in values else SweepOutput.SHARDS)
+
+    def _prompts(self, own: dict, path: tuple, label: str):
+        """The sweep's PromptSource from `prompts` or `prompts_file` (exactly one), None after a problem."""
+        if ("prompts" in own) == ("prompts_file" in own):
+            both = "prompts" in own
+            self.problem(path + ("prompts_file" if both else "prompts",), f"{label}.prompts",
+                         "give `prompts = [...]` or `prompts_file`, not both" if both else
+                         "missing: `prompts = [...]` or `prompts_file = \"FILE\"` (.txt, .csv or .jsonl)")
+            return None
+        if "prompts" in own:
+            value, at = own["prompts"], path + ("prompts",)
+            if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
+                self.problem(at, f"{label}.prompts", f"must be a non-empty list of strings, got {_show(value)}")
+                return None
+            return inline_source(tuple(value), f"{self._shown}:{self._locator.line(at)}")
+        value, at = own["prompts_file"], path + ("prompts_file",)
+        if not isinstance(value, str):
+            self.problem(at, f"{label}.prompts_file", f"must be a string, got {_show(value)}")
+            return None
+        file = Path(os.path.normpath(self._base_dir / Path(value).expanduser()))
+        shown = os.path.normpath(os.path.join(os.path.dirname(self._shown), os.path.expanduser(value)))
+        if not file.is_file():
+            self.problem(at, f"{label}.prompts_file", f"no such file: {file}")
+            return None
+        line = self._locator.line(at)
+        try:
+            source, problems = scan(file, shown)
+        except PromptFileError as error:
+            problems, source = error.problems, None
+        for message in problems:  # already FILE:LINE: column: problem; sorted with the key that named the file
+            self.problems.append((line, len(self.problems), message))
+        return None if problems else source
+
+    def _seeds(self, own: dict, path: tuple, label: str):
+        """(seeds, images_per_prompt): a list of seeds, or `{ start = S, count = N }`, or images_per_prompt alone."""
+        if "seeds" in own and "images_per_prompt" in own:
+            self.problem(path + ("images_per_prompt",), f"{label}.images_per_prompt", "give `seeds` or "
+                         "`images_per_prompt`, not both (each prompt gets one sample per seed)")
+            return _BROKEN, _BROKEN
+        if "images_per_prompt" in own:
+            n = self._check(path + ("images_per_prompt",), f"{label}.images_per_prompt", _int_range(1, None),
+                            own["images_per_prompt"])
+            return None, n.value
+        if "seeds" not in own:
+            return None, 1
+        value, at, where = own["seeds"], path + ("seeds",), f"{label}.seeds"
+        seed = _int_range(0, MAX_SEED)
+        if isinstance(value, list):
+            if not value:
+                self.problem(at, where, "must not be empty")
+                return _BROKEN, 1
+            checked = [self._check(at + (i,), f"{where}[{i}]", seed, v) for i, v in enumerate(value)]
+            if any(c.value is _BROKEN for c in checked):
+                return _BROKEN, 1
+            return tuple(c.value for c in checked), 1
+        if isinstance(value, dict):
+            unknown = [k for k in value if k not in ("start", "count")]
+            for k in unknown:
+                self.problem(at + (k,), f"{where}.{k}", _unknown(k, value[k], ("start", "count"), {}))
+            if "count" not in value:
+                self.problem(at, f"{where}.count", "missing (how many seeds from start)")
+                return _BROKEN, 1
+            start = self._check(at + ("start",), f"{where}.start", seed, value.get("start", 0))
+            count = self._check(at + ("count",), f"{where}.count", _int_range(1, None), value["count"])
+            if unknown or start.value is _BROKEN or count.value is _BROKEN:
+                return _BROKEN, 1
+            if start.value + count.value - 1 > MAX_SEED:
+                self.problem(at, where, f"start + count - 1 must be at most {MAX_SEED}")
+                return _BROKEN, 1
+            return range(start.value, start.value + count.value), 1
+        self.problem(at, where, f"must be a list of seeds or {{ start = 0, count = N }}, got {_show(value)}")
+        return _BROKEN, 1
+
     def _layer(self, raw: dict, path: tuple, label: str, where: str) -> _Layer:
-        is_job = path[0] == "jobs"
+        is_job = path[0] != "defaults"
         layer = _Layer(path)
         known = [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY, _LORAS_KEY, _CONTROLNET_KEY, *_TABLES] + \
             ([_NAME_KEY] if is_job else [])
-        table = path[0]  # "defaults" or "jobs": the prefix of their sub-table headers
+        table = path[0]  # "defaults", "jobs" or "sweeps": the prefix of their sub-table headers
         table_of = {key: f"[{table}.parallel]" for key in _PARALLEL}
         table_of.update({key: f"[{table}.gigapixel]" for key in _GIGAPIXEL})
         for key, value in raw.items():
@@ -728,12 +864,12 @@ class _Reader:
         if gigapixel is not None:
             self._check_gigapixel(settings, gigapixel, gigapixel_path, label)
             every = settings.pop("checkpoint_every", None)  # from [defaults]: for the ordinary images only
-            if every is not None and every.path[0] == "jobs":
+            if every is not None and every.path[0] != "defaults":
                 self.problem(every.path, f"{label}.checkpoint_every", "does not apply to a gigapixel job: its store "
                              "keeps every finished tile, and a rerun resumes from there")
                 broken = True
         if gigapixel is not None and controlnets is not None and controlnets.value:
-            if controlnets.path[0] == "jobs":
+            if controlnets.path[0] != "defaults":
                 self.problem(controlnets.path, f"{label}.controlnet", "does not apply to a gigapixel job (its tiles "
                              "are not conditioned on one image)")
                 broken = True
@@ -769,7 +905,7 @@ class _Reader:
         if image is None and strength is None:
             return True
         if image is None:
-            if strength.path[0] != "jobs":
+            if strength.path[0] == "defaults":
                 return True  # a default strength serves the jobs that give an init_image
             self.problem(strength.path, f"{label}.strength", "needs an init_image (img2img): without one every step "
                          "is run from noise")
@@ -879,10 +1015,31 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise ManifestError([_syntax_problem(shown, text, error)]) from None
 
     reader = _Reader(shown, text, Path(os.path.abspath(shown)).parent)
-    jobs = reader.read(doc)
+    jobs, sweeps = reader.read(doc)
     if reader.problems:
         raise ManifestError([message for _, _, message in sorted(reader.problems)])
-    return Manifest(path=Path(path), jobs=jobs)
+    jobs, sweeps = _folders(shown, reader, jobs, sweeps)
+    return Manifest(path=Path(path), jobs=jobs, sweeps=sweeps)
+
+
+def _folders(shown: str, reader: _Reader, jobs: tuple, sweeps: tuple) -> tuple[tuple, tuple]:
+    """Sweeps with `output = "folders"` as the jobs of their samples (each its own folder, as [[jobs]] are)."""
+    if not any(s.output is SweepOutput.FOLDERS for s in sweeps):
+        return jobs, sweeps
+    names = {job.name for job in jobs} | {s.name for s in sweeps}
+    jobs, kept = list(jobs), []
+    for index, sweep in enumerate(sweeps):
+        if sweep.output is SweepOutput.SHARDS:
+            kept.append(sweep)
+            continue
+        for job in sample_jobs(sweep, range(sweep.samples)):
+            if job.name in names or job.name in RESERVED_NAMES:
+                line = reader._locator.line(("sweeps", index, "output"))
+                raise ManifestError([f"{shown}:{line}: sweeps[{sweep.name}].output: sample {job.name!r} would be "
+                                     "the folder of another job or sweep"])
+            names.add(job.name)
+            jobs.append(job)
+    return tuple(jobs), tuple(kept)
 
 
 def _override(option: str, check: _Check, value: object):
@@ -901,21 +1058,31 @@ def apply_overrides(
     warmup_steps: int | None = None,
     steps: int | None = None,
 ) -> Manifest:
-    """The manifest as the command line narrows and overrides it; bad values raise BadInput."""
-    jobs = manifest.jobs
+    """The manifest as the command line narrows and overrides it; bad values raise BadInput.
+
+    --only names jobs, sweeps, or samples of a sweep (NAME-0000042, or a name from its file): a sample is rendered
+    as a job of its own, into its own folder."""
+    jobs, sweeps = manifest.jobs, manifest.sweeps
     if only:
-        names = [job.name for job in jobs]
-        missing = [name for name in dict.fromkeys(only) if name not in names]
+        names = [job.name for job in jobs] + [sweep.name for sweep in sweeps]
+        wanted = set(only)
+        rest = {name for name in wanted if name not in names}
+        samples = []
+        for sweep in sweeps:
+            found = find_samples(sweep, rest)
+            samples += [sample_jobs(sweep, range(i, i + 1))[0] for i in sorted(found.values())]
+            rest -= set(found)
+        missing = [name for name in dict.fromkeys(only) if name in rest]
         if missing:
             raise BadInput(
                 "--only: "
                 + "; ".join(
-                    f"no job named {_show(name)} in {manifest.path}{_did_you_mean(name, names)}"
+                    f"no job, sweep or sample named {_show(name)} in {manifest.path}{_did_you_mean(name, names)}"
                     for name in missing
                 )
             )
-        wanted = set(only)
-        jobs = tuple(job for job in jobs if job.name in wanted)  # manifest order, not --only order
+        jobs = tuple(job for job in jobs if job.name in wanted) + tuple(samples)  # manifest order, not --only's
+        sweeps = tuple(sweep for sweep in sweeps if sweep.name in wanted)
 
     parallel: dict[str, object] = {}
     if mode is not None:
@@ -928,11 +1095,13 @@ def apply_overrides(
     if steps is not None:
         top["steps"] = _override("--steps", _SETTINGS["steps"], steps)
 
-    jobs = tuple(
-        dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, **parallel), **top) for job in jobs
-    )
-    for job in jobs:
+    def overridden(job: Job) -> Job:
+        return dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, **parallel), **top)
+
+    jobs = tuple(overridden(job) for job in jobs)
+    sweeps = tuple(dataclasses.replace(sweep, template=overridden(sweep.template)) for sweep in sweeps)
+    for job in jobs + tuple(sweep.template for sweep in sweeps):
         problem = job.init_image is not None and _no_step_left(job.steps, job.init_image.strength)
         if problem:
             raise BadInput(f"--steps: jobs[{job.name}].strength {problem}")
-    return Manifest(path=manifest.path, jobs=jobs)
+    return Manifest(path=manifest.path, jobs=jobs, sweeps=sweeps)

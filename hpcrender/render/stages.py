@@ -354,8 +354,8 @@ def _loop(run: Render, model, cond: Conditioning, scheduler, latent: torch.Tenso
             for k in range(i * calls, min((i + 1) * calls, entries)):
                 residuals = _control_at(controls, control_handles, cond, k - skipped, entries - skipped, i - start,
                                         k % calls)
-                latent = _call(run, model, cond, scheduler, latent, scheduler.timesteps[k], batch, step_kwargs,
-                               noise, residuals)
+                latent = denoiser_step(run, model, cond, scheduler, latent, scheduler.timesteps[k], batch,
+                                       step_kwargs, noise, residuals)
             _sync(run.device)
             result.step_seconds.append(time.perf_counter() - t0)
             if run.on_step is not None:
@@ -389,8 +389,8 @@ def _control_at(controls: list[Control], handles: dict, cond: Conditioning, call
     return lambda model_in, t: control_residuals(controls, scales, before, model_in, t, cond.embeds, cond.added)
 
 
-def _call(run: Render, model, cond: Conditioning, scheduler, latent: torch.Tensor, t, batch: int, step_kwargs: dict,
-          noise: WholeStepNoise | None, residuals=None) -> torch.Tensor:
+def denoiser_step(run: Render, model, cond: Conditioning, scheduler, latent: torch.Tensor, t, batch: int,
+                  step_kwargs: dict, noise: WholeStepNoise | None, residuals=None) -> torch.Tensor:
     """One denoiser call and the sampler's step on it: the latent after timestep `t`. residuals(model_in, t): the
     ControlNets' residuals for the UNet, or None."""
     job, layout = run.job, run.layout

@@ -61,6 +61,7 @@ class JobPlan:
     gigapixel: object = None  # gigapixel.plan.GigaPlan of a gigapixel job: its levels and tiles
     sent: tuple[int, ...] | None = None  # bytes each rank of the group sends in a steady step
     base_costs: tuple[RankCost, ...] | None = None  # a gigapixel job's base render (costs: one of its tiles)
+    sweep: object = None  # config.Sweep of a sweep (job: its template): its units are shards, each sample as `job`
 
     @property
     def banded(self) -> bool:
@@ -142,32 +143,40 @@ def make_run_plan(manifest: Manifest, indices: tuple[int, ...], world_size: int,
     for its bands, split_cfg without guidance or an odd group, and with a memory `limit`
     (environment.MemoryLimit) a rank that cannot hold the job's weights, buffers and activations.
     """
+    # Jobs by their index; a sweep after them (len(jobs) + its index), as its template: a job array shares its
+    # shards, not the sweep.
+    entries = {i: manifest.jobs[i] for i in indices}
+    sweeps = {len(manifest.jobs) + s: sweep for s, sweep in enumerate(manifest.sweeps)}
+    entries.update((key, sweep.template) for key, sweep in sweeps.items())
     by_size: dict[int, list[int]] = {}
-    for i in indices:
-        by_size.setdefault(ranks_per_image(manifest.jobs[i], world_size), []).append(i)
+    for i, job in entries.items():
+        by_size.setdefault(ranks_per_image(job, world_size), []).append(i)
     problems, phases, jobs = [], [], {}
     for size, members in by_size.items():
         try:
             groups = rank_groups(world_size, size)
         except HpcrenderError as e:
-            problems.extend(f"{manifest.path}: jobs[{manifest.jobs[i].name}]: {e}" for i in members)
+            problems.extend(f"{manifest.path}: {_table(i in sweeps)}[{entries[i].name}]: {e}" for i in members)
             continue
         for i in members:
-            job = manifest.jobs[i]
+            job = entries[i]
             try:
-                jobs[i] = plan_job(i, job, size, _shape(shapes, job, size))
+                jobs[i] = plan_job(i, job, size, _shape(shapes, job, size), sweeps.get(i))
                 need = _largest_need(jobs[i]) if limit is not None else None
                 if need is not None and need.total > limit.bytes:
                     raise DoesNotFit(f"does not fit: a rank needs at least {describe_memory(need)} but "
                                      f"{limit.source} is {_size(limit.bytes)}")
             except HpcrenderError as e:
-                problems.append(f"{manifest.path}: jobs[{job.name}]: {e}")
-        order = queue_order([job_cost(manifest.jobs[i].width, manifest.jobs[i].height, manifest.jobs[i].steps)
-                             for i in members])
+                problems.append(f"{manifest.path}: {_table(i in sweeps)}[{job.name}]: {e}")
+        order = queue_order([jobs[i].estimate if i in jobs else 0.0 for i in members])
         phases.append(Phase(size=size, groups=groups, order=tuple(members[k] for k in order)))
     if problems:
         raise DoesNotFit("\n".join(problems))
-    return RunPlan(world_size=world_size, phases=tuple(phases), jobs={i: jobs[i] for i in indices})
+    return RunPlan(world_size=world_size, phases=tuple(phases), jobs={i: jobs[i] for i in entries})
+
+
+def _table(sweep: bool) -> str:
+    return "sweeps" if sweep else "jobs"
 
 
 def _shape(shapes: Callable[[str], object | None], job: Job, size: int):
@@ -182,9 +191,19 @@ def _shape(shapes: Callable[[str], object | None], job: Job, size: int):
         return None
 
 
-def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
-    """One job's layout on a group of `size`, from the model's shape (None: not known before loading)."""
+def plan_job(index: int, job: Job, size: int, shape, sweep=None) -> JobPlan:
+    """One job's layout on a group of `size`, from the model's shape (None: not known before loading); a sweep's
+    from its template, each of its samples laid out alike."""
+    plan = _plan_job(index, job, size, shape)
+    if sweep is None:
+        return plan
+    if sweep.batch > 1 and plan.patch_ranks > 1 and job.parallel.mode is not Mode.NONE:
+        raise DoesNotFit(f"batch = {sweep.batch} renders a batch on one rank: give the sweep ranks_per_image = 1 "
+                         f"(or batch = 1 for band-parallel samples on groups of {size})")
+    return dataclasses.replace(plan, sweep=sweep, estimate=plan.estimate * sweep.samples)
 
+
+def _plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
     check_layout(size, job.parallel.split_cfg, job.guidance_scale > 1.0)
     check_model_options(job)
     patch = size // (2 if job.parallel.split_cfg else 1)

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 
-from hpcrender.config import Job, Manifest
+from hpcrender.config import Manifest
 from hpcrender.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
 from hpcrender.gigapixel.kind import GigapixelKind
 from hpcrender.models.cache import ModelCache
@@ -21,10 +21,11 @@ from hpcrender.output.records import clear_groups, merge_status, record_group
 from hpcrender.parallel.groups import make_comms
 from hpcrender.run.image import ImageKind
 from hpcrender.run.kinds import RenderOptions, UnitContext
-from hpcrender.run.plan import RunPlan
+from hpcrender.run.plan import JobPlan, RunPlan
 from hpcrender.run.progress import Progress, setup_rank_logging
 from hpcrender.run.protocol import GroupProtocol, Outcome
 from hpcrender.run.queue import WorkQueue
+from hpcrender.run.sweep import SweepKind
 
 log = logging.getLogger("hpcrender")
 
@@ -52,9 +53,11 @@ def _part(part: tuple) -> str:
     return "@" + "/".join(str(p) for p in part) if part else ""
 
 
-def kind_of(job: Job) -> type:
-    """The kind (class) that renders `job`; the runner makes one of each per phase for the phase's jobs."""
-    return GigapixelKind if job.gigapixel is not None else ImageKind
+def kind_of(plan: JobPlan) -> type:
+    """The kind (class) that renders a job's plan; the runner makes one of each per phase for the phase's jobs."""
+    if plan.sweep is not None:
+        return SweepKind
+    return GigapixelKind if plan.job.gigapixel is not None else ImageKind
 
 
 def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions) -> int:
@@ -64,7 +67,7 @@ def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions)
     out.mkdir(parents=True, exist_ok=True)
     setup_rank_logging(out, env.rank, env.node, debug=options.debug,
                        array_task=options.array[0] if options.array is not None else None)
-    names = [manifest.jobs[i].name for i in plan.indices]
+    names = [plan.jobs[i].job.name for i in plan.indices]
     if env.rank == 0:
         clear_groups(out)
         merge_status(out, names)
@@ -87,7 +90,7 @@ def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions)
                               options=options, stop=stop)
         members: dict[type, list[int]] = {}
         for i in phase.order:
-            members.setdefault(kind_of(plan.jobs[i].job), []).append(i)
+            members.setdefault(kind_of(plan.jobs[i]), []).append(i)
         kinds = {cls: cls(plan, indices) for cls, indices in members.items()}
         busy, taken = 0.0, []
         for r in range(max(k.rounds for k in kinds.values())):
@@ -95,7 +98,7 @@ def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions)
             # round has its own queue, and every kind agrees on what the round holds before anyone takes.
             for kind in kinds.values():
                 kind.begin_round(r, context)
-            units = [u for i in phase.order for u in kinds[kind_of(plan.jobs[i].job)].units(plan.jobs[i], r)]
+            units = [u for i in phase.order for u in kinds[kind_of(plan.jobs[i])].units(plan.jobs[i], r)]
             queue = WorkQueue(world.comm, units)
             while not interrupted:
                 for kind in kinds.values():
@@ -110,7 +113,7 @@ def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions)
                 unit = units[index]
                 job_plan = plan.jobs[unit.job]
                 started = time.monotonic()
-                outcome = kinds[kind_of(job_plan.job)].render(unit, job_plan, context)
+                outcome = kinds[kind_of(job_plan)].render(unit, job_plan, context)
                 if outcome is not Outcome.SKIPPED:
                     busy += time.monotonic() - started
                     taken.append(job_plan.job.name + _part(unit.part))
