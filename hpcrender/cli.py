@@ -25,6 +25,7 @@ from hpcrender.models.shapes import model_shape
 from hpcrender.run.environment import World, guarded, max_memory_bytes, memory_limit, rank_memory_limit
 from hpcrender.run.kinds import RenderOptions
 from hpcrender.run.schedule import slurm_array_index
+from hpcrender.sweeps import sweep_words
 
 # What needs torch, diffusers or h5py (the run plan, the runner, measuring, the stores, records and exports) is
 # imported inside the commands that use it: `validate` loads none of them, `status` h5py alone (tests/test_imports.py).
@@ -141,7 +142,10 @@ def validate(manifest, ranks):
         gp = " gigapixel" if job.gigapixel else ""
         click.echo(f"{job.name}: {job.width}x{job.height}, {job.steps} steps, {job.model}, "
                    f"{job.parallel.mode.value}{gp}")
-    click.echo(f"{manifest}: {len(m.jobs)} job(s), OK")
+    for sweep in m.sweeps:
+        click.echo(f"{sweep.name}: sweep of {sweep_words(sweep)}")
+    sweeps = f", {len(m.sweeps)} sweep(s) of {sum(s.samples for s in m.sweeps)} sample(s)" if m.sweeps else ""
+    click.echo(f"{manifest}: {len(m.jobs)} job(s){sweeps}, OK")
 
 
 @cli.command()

@@ -66,8 +66,8 @@ def _show(value: object) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _seed(value: object) -> int:
-    if isinstance(value, str):  # a CSV cell
+def _seed(value: object, text: bool) -> int:
+    if text and isinstance(value, str):  # a CSV cell
         text = value.strip()
         if not re.fullmatch(r"[0-9]+", text):
             raise _Bad("seed", f"must be an integer from 0 to {MAX_SEED}, got {_show(value)}")
@@ -77,8 +77,8 @@ def _seed(value: object) -> int:
     return value
 
 
-def _guidance(value: object) -> float:
-    if isinstance(value, str):
+def _guidance(value: object, text: bool) -> float:
+    if text and isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
@@ -102,8 +102,9 @@ def _key(value: object) -> str:
     return name
 
 
-def make_row(cells: dict) -> Row:
-    """A row from its cells by column (CSV: strings, empty cells absent; JSONL: JSON values); raises _Bad."""
+def make_row(cells: dict, text: bool = False) -> Row:
+    """A row from its cells by column: CSV's (`text`: strings, a number written as one; empty cells absent) or
+    JSONL's (JSON values, a seed a JSON integer); raises _Bad."""
     unknown = [c for c in cells if c not in COLUMNS]
     if unknown:
         raise _Bad(unknown[0], f"unknown column (known: {', '.join(COLUMNS)})")
@@ -112,9 +113,9 @@ def make_row(cells: dict) -> Row:
     return Row(
         prompt=_text("prompt", cells["prompt"]),
         negative_prompt=_text("negative_prompt", cells["negative_prompt"]) if "negative_prompt" in cells else None,
-        seed=_seed(cells["seed"]) if "seed" in cells else None,
+        seed=_seed(cells["seed"], text) if "seed" in cells else None,
         name=_key(cells["name"]) if "name" in cells else None,
-        guidance_scale=_guidance(cells["guidance_scale"]) if "guidance_scale" in cells else None,
+        guidance_scale=_guidance(cells["guidance_scale"], text) if "guidance_scale" in cells else None,
     )
 
 
@@ -238,7 +239,7 @@ def scan(path: Path, shown: str, stride: int = STRIDE) -> tuple[PromptSource, li
                 problem = f"{shown}:{line}: row: {cells}"
             else:
                 try:
-                    row = make_row(cells)
+                    row = make_row(cells, fmt == "csv")
                 except _Bad as bad:
                     problem = f"{shown}:{line}: {bad.column}: {bad}"
                 else:
@@ -289,7 +290,7 @@ def read_rows(source: PromptSource, start: int, stop: int) -> list[Row]:
             if isinstance(cells, str):
                 raise ValueError(f"{source.shown}: changed since it was read ({cells})")
             try:
-                row = make_row(cells)
+                row = make_row(cells, source.format == "csv")
             except _Bad as bad:
                 raise ValueError(f"{source.shown}: changed since it was read ({bad.column}: {bad})") from None
             if index >= start:
@@ -319,7 +320,7 @@ def find_names(source: PromptSource, wanted: set[str]) -> dict[str, int]:
             if name in wanted:
                 found[name] = index
             try:
-                make_row(cells)
+                make_row(cells, source.format == "csv")
             except _Bad:
                 continue
             index += 1

@@ -137,3 +137,12 @@ def sweep_hash(sweep: Sweep) -> str:
                        "seed_given": sweep.seed_given, "batch": sweep.batch, "shard_size": sweep.shard_size},
                       sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def sweep_words(sweep: Sweep) -> str:
+    """What `validate` and `plan` say of a sweep: how many samples from what, in which shards."""
+    t = sweep.template
+    rows = f"{sweep.source.rows} prompt(s) x {sweep.per_prompt} seed(s)"
+    shards = shard_count(sweep.samples, sweep.shard_size)
+    return (f"{sweep.samples} sample(s) ({rows}) in {shards} shard(s) of {sweep.shard_size}, batch {sweep.batch}, "
+            f"{t.width}x{t.height}, {t.steps} steps, {t.scheduler.value}, {t.model}")

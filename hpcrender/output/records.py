@@ -20,6 +20,7 @@ from typing import Any
 import hpcrender
 from hpcrender.errors import BadInput
 from hpcrender.output import files
+from hpcrender.output.shards import done_shards
 from hpcrender.output.store import WRITER_GONE, WRITER_LIVE, writer_state
 
 STATE_DIR = ".state"
@@ -120,10 +121,37 @@ def read_status(out_dir: str | os.PathLike) -> dict:
     names = list(previous.get("jobs", {})) if isinstance(previous.get("jobs"), dict) else []
     status = _merge(out, names)
     for name, job in status["jobs"].items():
+        if "shards" in job:  # a sweep: its shards on disk are the record of what is done
+            job.update(sweep_progress(out / name, job, _now()))
+            continue
         marked = _marked_stores(out / name)
         if marked:
             job["open_stores"] = marked
     return status
+
+
+def sweep_progress(folder: Path, record: dict, now: float) -> dict:
+    """A sweep's samples and shards done, from the shards in its folder; while it runs, the rate since its last
+    start (sweep.json) and the ETA at that rate."""
+    shards, size, samples = int(record["shards"]), int(record.get("shard_size", 1)), int(record.get("samples", 0))
+    done = done_shards(folder) & set(range(shards))
+    samples_done = len(done) * size - (size * shards - samples if shards - 1 in done else 0)
+    progress = {"shards_done": len(done), "samples_done": samples_done}
+    started = (_read_json(folder / "sweep.json") or {}).get("started")
+    if record.get("state") == JobState.RUNNING.value and isinstance(started, (int, float)) and now > started:
+        since = [n for n in done if _mtime(folder / f"shard-{n:06d}.tar") >= started]
+        if since:
+            rate = len(since) * size / (now - started)
+            progress["samples_per_s"] = round(rate, 3)
+            progress["eta_s"] = round((samples - samples_done) / rate, 1)
+    return progress
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def format_status(status: dict) -> str:
@@ -137,6 +165,12 @@ def format_status(status: dict) -> str:
         state = job.get("state", "")
         if state == JobState.PENDING.value and job.get("checkpoint_step"):
             state += f" (checkpoint after step {job['checkpoint_step']}/{job.get('steps', '?')})"
+        elif job.get("shards") is not None and job.get("shards_done") is not None:  # a sweep
+            rate = job.get("samples_per_s")
+            pace = f"; {rate:.2f} samples/s, ETA {_clock(job['eta_s'])}" if rate and job.get("eta_s") is not None \
+                else ""
+            state += (f" (samples {job['samples_done']}/{job.get('samples', '?')}, shards "
+                      f"{job['shards_done']}/{job['shards']}{pace})")
         elif job.get("tiles"):  # a gigapixel job: tiles done of total per level, and while it runs rate and ETA
             levels = ", ".join(f"L{k} {done}/{total}" for k, (done, total) in enumerate(job["tiles"]))
             rate = job.get("tiles_per_s")

@@ -25,6 +25,7 @@ from hpcrender.parallel.layout import check_layout
 from hpcrender.parallel.plan import unet_activation_bytes, unet_compute, unet_layers
 from hpcrender.render.options import check_model_options
 from hpcrender.run.schedule import array_shard, assign_jobs, job_cost, queue_order, rank_groups
+from hpcrender.sweeps import sweep_words
 
 # Prompt tokens a step's cross-attention reads: CLIP's context length, to which SD and SDXL pipelines pad.
 TEXT_TOKENS = 77
@@ -365,6 +366,9 @@ def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_COR
             steps = f"{job.steps} steps" + (f" from step {job.first_step} (img2img)" if job.init_image else "")
             lines.append(f"  {job.name:<24} group {g} (rank {where})  {job.width}x{job.height}  {steps}  "
                          f"{job.parallel.mode.value}{cfg}  latent bands {bands}")
+            if p.sweep is not None:
+                lines.append(f"  {'':<24} sweep of {sweep_words(p.sweep)}: its shards are the queue's units, on "
+                             f"every group of {phase.size} rank(s); the estimates below are per sample")
             if p.costs is None:
                 if p.sent is not None:
                     lines.append(f"  {'':<24} sends per step: {_size(max(p.sent) * job.scheduler.calls_per_step)} "

@@ -107,6 +107,8 @@ class SweepKind:
             shards = shard_count(sweep.samples, sweep.shard_size)
             done = len(done_shards(folder) & set(range(shards)))
             if done == shards:
+                for torn in folder.glob(".shard-*.tmp"):  # a killed writer's; no writer is left to finish it
+                    torn.unlink(missing_ok=True)
                 write_index(folder / INDEX_FILE, index_lines(sweep))
                 record_job_state(out, sweep.name, JobState.DONE, samples=sweep.samples, shards=shards,
                                  shard_size=sweep.shard_size)
