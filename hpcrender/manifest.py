@@ -1073,11 +1073,12 @@ def apply_overrides(
             samples += [sample_jobs(sweep, range(i, i + 1))[0] for i in sorted(found.values())]
             rest -= set(found)
         missing = [name for name in dict.fromkeys(only) if name in rest]
+        what = "job, sweep or sample" if sweeps else "job"
         if missing:
             raise BadInput(
                 "--only: "
                 + "; ".join(
-                    f"no job, sweep or sample named {_show(name)} in {manifest.path}{_did_you_mean(name, names)}"
+                    f"no {what} named {_show(name)} in {manifest.path}{_did_you_mean(name, names)}"
                     for name in missing
                 )
             )
