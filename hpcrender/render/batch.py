@@ -30,6 +30,7 @@ SHARED = ("model", "width", "height", "steps", "scheduler", "timestep_spacing", 
 @dataclass
 class BatchResult:
     images: list[np.ndarray]      # uint8 (H, W, 3) per sample, in order
+    latents: np.ndarray           # float32 (B, C, h, w): the final latents
     denoise_seconds: float
     decode_seconds: float
     peak_memory_bytes: int
@@ -107,5 +108,5 @@ def render_batch(pipe, facts: ModelFacts, jobs: list[Job], comms: Comms, device)
         pixels = vae.decode(whole, return_dict=False)[0].float()
     pixels = (pixels / 2 + 0.5).clamp(0, 1)
     images = [(p.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8) for p in pixels]
-    return BatchResult(images=images, denoise_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1,
+    return BatchResult(images=images, latents=latent.float().cpu().numpy(), denoise_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1,
                        peak_memory_bytes=peak_memory(device))
