@@ -86,6 +86,9 @@ def test_srun_two_ranks_render_every_job_of_a_manifest(slurm: LocalSlurm, tmp_pa
 def test_job_array_tasks_render_their_own_shares_and_all_jobs_together(slurm: LocalSlurm, tmp_path):
     names = [f"job{i}" for i in range(5)]
     manifest = write_manifest(tmp_path / "tiny.toml", names)
+    # A sweep beside the jobs: its 5 shards of 2 samples are shared as the jobs are, shard n to task n % 3.
+    prompts = ", ".join(f'"sample {i}"' for i in range(10))
+    manifest.write_text(manifest.read_text() + f'[[sweeps]]\nname = "sw"\nprompts = [{prompts}]\nshard_size = 2\n')
     out, shares = tmp_path / "out", tmp_path / "shares"
     shares.mkdir()
     # jobs/array.sbatch's body, wrapped to record which images each task added. %1 runs one task at a
@@ -93,7 +96,7 @@ def test_job_array_tasks_render_their_own_shares_and_all_jobs_together(slurm: Lo
     script = tmp_path / "array-task.sh"
     script.write_text(f"""#!/bin/bash
 set -uo pipefail
-list() {{ (cd "{out}" 2>/dev/null && ls -d */image.png 2>/dev/null | cut -d/ -f1 | sort); }}
+list() {{ (cd "{out}" 2>/dev/null && {{ ls -d */image.png 2>/dev/null | cut -d/ -f1; ls sw/shard-*.tar 2>/dev/null; }} | sort); }}
 before=$(list)
 bash "{REPO}/jobs/array.sbatch" "{manifest}" "{out}"
 rc=$?
@@ -105,9 +108,14 @@ exit $rc
     task_logs = sorted(tmp_path.glob("task-*.out"))
     assert done.returncode == 0, done.stdout + done.stderr + logs_of(task_logs)
     rendered = {int(p.name): p.read_text().split() for p in shares.iterdir()}
-    # Task ids 1, 4, 7 are shard indices 0, 1, 2 = (ID - MIN) // STEP: job i belongs to shard i % 3.
-    assert rendered == {1: ["job0", "job3"], 4: ["job1", "job4"], 7: ["job2"]}, logs_of(task_logs)
-    assert job_states(out) == {name: "done" for name in names}
+    # Task ids 1, 4, 7 are shard indices 0, 1, 2 = (ID - MIN) // STEP: job i belongs to shard i % 3, and so does
+    # the sweep's shard i: disjoint, and together every shard.
+    assert rendered == {1: ["job0", "job3", "sw/shard-000000.tar", "sw/shard-000003.tar"],
+                        4: ["job1", "job4", "sw/shard-000001.tar", "sw/shard-000004.tar"],
+                        7: ["job2", "sw/shard-000002.tar"]}, logs_of(task_logs)
+    assert job_states(out) == {**{name: "done" for name in names}, "sw": "done"}
+    index = [json.loads(line)["key"] for line in (out / "sw" / "index.jsonl").read_text().splitlines()]
+    assert index == [f"sw-{i:07d}" for i in range(10)]
     # The template ran the venv's hpcrender (sbatch and srun passed PATH on).
     assert f"{HPCRENDER}:" in logs_of(task_logs)
 
