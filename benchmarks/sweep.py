@@ -4,7 +4,9 @@ Plain diffusers is what a user writes instead: the pipeline called once per prom
 batched, with a list of prompts and a list of generators) and each image saved as a PNG, in P processes of one thread
 each, the samples split between them. hpcrender renders the same prompts and seeds as a [[sweeps]] table into tar
 shards, on 1 and 2 ranks of one thread. Each side is timed at two sweep sizes and the per-image cost is the marginal
-one, (t(N2) - t(N1)) / (N2 - N1): the start-up (imports, building the model, the plan) is printed apart.
+one, (t(N2) - t(N1)) / (N2 - N1), where t is the time of the slowest process's loop (diffusers: after its pipeline
+was built; hpcrender: its busiest rank group's time on shards, OUT/.state/groups): the start-up of the processes
+(imports, building the model, the plan) varies by seconds between runs, so it is printed apart, from the walls.
 
     .venv/bin/python benchmarks/sweep.py --model builtin:tiny-sd --size 64 --steps 1 --samples 40,400 \\
         --ranks 1,2 --batch 1,4 --json out/sweep-bench.json
@@ -70,7 +72,8 @@ def plain(model: str, side: int, steps: int, batch: int, n: int, procs: int, fol
     return time.perf_counter() - started, max(loops)
 
 
-def hpcrender(model: str, side: int, steps: int, batch: int, n: int, ranks: int, folder: Path) -> float:
+def hpcrender(model: str, side: int, steps: int, batch: int, n: int, ranks: int, folder: Path) -> tuple[float, float]:
+    """(wall seconds of the whole run, seconds its busiest rank group spent on shards: OUT/.state/groups)."""
     prompts = folder / "prompts.txt"
     prompts.write_text("".join(f"a photograph of subject {r}\n" for r in range(n // 10)))
     manifest = folder / "sweep.toml"
@@ -84,7 +87,9 @@ def hpcrender(model: str, side: int, steps: int, batch: int, n: int, ranks: int,
     done = subprocess.run(cmd, capture_output=True, text=True, env=env())
     if done.returncode:
         raise SystemExit(done.stderr)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    groups = [json.loads(p.read_text()) for p in (folder / "out" / ".state" / "groups").glob("*.json")]
+    return wall, max(g["busy_seconds"] for g in groups)
 
 
 def main() -> None:
@@ -103,14 +108,15 @@ def main() -> None:
         for ranks in (int(r) for r in args.ranks.split(",")):
             timing = {}
             for side_name, run in (("diffusers", plain), ("hpcrender", hpcrender)):
-                walls = []
+                walls, loops = [], []
                 for n in (n1, n2):
                     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
-                        result = run(args.model, args.size, args.steps, batch, n, ranks, Path(tmp))
-                    walls.append(result[0] if isinstance(result, tuple) else result)
-                per_image = (walls[1] - walls[0]) / (n2 - n1)
-                timing[side_name] = {"wall_s": [round(w, 3) for w in walls], "per_image_s": per_image,
-                                     "start_s": walls[0] - n1 * per_image}
+                        wall, loop = run(args.model, args.size, args.steps, batch, n, ranks, Path(tmp))
+                    walls.append(wall)
+                    loops.append(loop)
+                per_image = (loops[1] - loops[0]) / (n2 - n1)
+                timing[side_name] = {"wall_s": [round(w, 3) for w in walls], "loop_s": [round(t, 3) for t in loops],
+                                     "per_image_s": per_image, "start_s": walls[0] - loops[0]}
             d, h = timing["diffusers"]["per_image_s"], timing["hpcrender"]["per_image_s"]
             row = {"batch": batch, "processes": ranks, "diffusers_img_per_s": 1 / d, "hpcrender_img_per_s": 1 / h,
                    "hpcrender_over_diffusers": h / d - 1, "timing": timing}
