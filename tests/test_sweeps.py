@@ -432,21 +432,31 @@ def test_sigkill_twice_then_the_same_command_gives_the_same_samples(run):
     assert sorted(got) == sorted(expected), moments
     assert all(got[k] == expected[k] for k in expected), moments
     assert not list((out / "cats").glob(".*.tmp"))  # what the kills left half-written is gone once all are done
+    # Other parameters over these shards: refused with the reason, nothing replaced.
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cats").glob("shard-*.tar")}
+    again = hpcrender("render", path, "--out", out, "--only", "cats", "--steps", "1")
+    assert again.returncode == 1, again.stderr
+    status = read_status(out)["jobs"]["cats"]
+    assert status["state"] == "failed" and "shards written for other parameters" in status["error"] \
+        and "--no-resume" in status["error"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cats").glob("shard-*.tar")} == before
 
 
 # --- batches against samples alone, in process ------------------------------------------------------------------
 
 # (model, sampler): a UNet with a stochastic sampler (each sample's step noise from its own generator), SDXL's added
 # inputs, and the three transformer families (PixArt's mask, SD3's pooled text, Flux's unbatched text ids).
-BATCHED = [("tiny-sd", "euler_a"), ("tiny-sdxl", "dpmpp_2m_sde"), ("tiny-pixart", "dpmpp_2m"), ("tiny-sd3", "euler"),
-           ("tiny-flux", "euler")]
+# SDXL twice: with some negative prompts empty its samples are encoded one by one (diffusers zeroes the negative
+# embeddings only when no negative prompt is given at all), without any in one call.
+BATCHED = [("tiny-sd", "euler_a", "fog"), ("tiny-sdxl", "dpmpp_2m_sde", "fog"), ("tiny-sdxl", "euler", ""),
+           ("tiny-pixart", "dpmpp_2m", "fog"), ("tiny-sd3", "euler", "fog"), ("tiny-flux", "euler", "fog")]
 # Final latents of a sample in a batch of 3 against the sample alone, relative to the latent's largest value: measured
 # at most 6e-7 here (float32, one thread; PixArt's latents reach 450, so 1.3e-4 there in absolute terms).
 LATENT_FLOOR = 1e-5
 
 
-@pytest.mark.parametrize("name, sampler", BATCHED)
-def test_a_batch_of_three_is_each_sample_alone_within_the_floor_whatever_its_batch_mates(name, sampler):
+@pytest.mark.parametrize("name, sampler, negative", BATCHED)
+def test_a_batch_of_three_is_each_sample_alone_within_the_floor_whatever_its_batch_mates(name, sampler, negative):
     import torch
 
     from hpcrender.config import Job, Mode, ParallelConfig, SchedulerName
@@ -466,7 +476,7 @@ def test_a_batch_of_three_is_each_sample_alone_within_the_floor_whatever_its_bat
                    scheduler=SchedulerName(sampler), guidance_scale=4.0, negative_prompt=negative,
                    parallel=ParallelConfig(mode=Mode.NONE))
 
-    jobs = [job(0, "a red fox", 1), job(1, "a blue bird", 2, "fog"), job(2, "a red fox", 3)]
+    jobs = [job(0, "a red fox", 1), job(1, "a blue bird", 2, negative), job(2, "a red fox", 3)]
     batch = render_batch(pipe, facts, jobs, comms, "cpu")
     alone = render_batch(pipe, facts, jobs[:1], comms, "cpu")
     single = render_image(pipe, jobs[0], GroupLayout(size=1, rank=0, mode=Mode.NONE), comms, "cpu", facts=facts)
@@ -476,6 +486,7 @@ def test_a_batch_of_three_is_each_sample_alone_within_the_floor_whatever_its_bat
         assert np.abs(batch.latents[k] - own.latent).max() <= LATENT_FLOOR * np.abs(own.latent).max()
         assert np.abs(batch.images[k].astype(int) - own.image.astype(int)).max() <= BATCH_PIXEL_FLOOR
     # Other batch mates of the same batch size: the same bits (the rounding is the batch shape's, not theirs).
-    mates = render_batch(pipe, facts, [jobs[0], job(3, "a green hill", 9, "rain"), job(4, "", 4)], comms, "cpu")
+    mates = render_batch(pipe, facts, [jobs[0], job(3, "a green hill", 9, negative and "rain"), job(4, "", 4)], comms,
+                         "cpu")
     assert np.array_equal(mates.latents[0], batch.latents[0])
     assert np.abs(batch.latents[0] - batch.latents[2]).max() > 0.1  # the same prompt, other seeds: other samples

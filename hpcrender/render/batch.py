@@ -20,7 +20,7 @@ from hpcrender.models.facts import ModelFacts
 from hpcrender.parallel.layout import Comms, GroupLayout
 from hpcrender.render.latents import from_latent_space, initial_noise, job_generator
 from hpcrender.render.options import check_size
-from hpcrender.render.prompt import encode_prompt
+from hpcrender.render.prompt import encode_prompt, encode_prompts
 from hpcrender.render.stages import Conditioning, Render, denoiser, denoiser_step, peak_memory, timesteps
 
 # What every sample of one batch must share: one schedule, one shape, one guidance arithmetic.
@@ -59,8 +59,16 @@ def _batched(per_sample: list[torch.Tensor], guided: bool) -> torch.Tensor:
 
 
 def batch_conditioning(run: Render, jobs: list[Job]) -> Conditioning:
-    encoded = []
+    """The batch's text conditioning in one call of each text encoder where that encodes what each sample alone
+    would get (render.prompt.encode_prompts), else sample by sample."""
     with torch.no_grad():
+        together = encode_prompts(run.pipe, run.facts.family, jobs, run.device, run.guidance)
+        if together is not None:
+            embeds, added = together
+            if added is not None:
+                added = {k: v.to(run.dtype) if v.is_floating_point() else v for k, v in added.items()}
+            return Conditioning(embeds.to(run.dtype), added)
+        encoded = []
         for job in jobs:
             embeds, added = encode_prompt(run.pipe, run.facts.family, job, run.device, run.guidance)
             encoded.append((embeds.to(run.dtype), added))

@@ -60,3 +60,53 @@ def encode_prompt(pipe, fam: Family, job: Job, device, guidance: bool) -> tuple[
     if guidance:
         embeds = torch.cat([neg, embeds])
     return embeds, None
+
+
+def encode_prompts(pipe, fam: Family, jobs, device, guidance: bool) -> tuple[torch.Tensor, dict | None] | None:
+    """encode_prompt for a batch of jobs in one call of each text encoder, as diffusers' pipelines encode a list of
+    prompts: the batch [uncond x B, cond x B] (or [cond x B]) and the extra inputs laid out alike. None where one call
+    would not encode what encode_prompt does for each job alone: SDXL zeroes the negative embeddings of an empty
+    negative prompt (force_zeros_for_empty_prompt) only when no negative prompt is given at all."""
+    prompts = [job.prompt for job in jobs]
+    negatives = [job.negative_prompt for job in jobs]
+    any_negative = any(negatives)
+    first = jobs[0]
+    if fam is Family.PIXART:
+        embeds, mask, neg, neg_mask = pipe.encode_prompt(
+            prompts, guidance, negative_prompt=negatives, num_images_per_prompt=1, device=device,
+            clean_caption=False, max_sequence_length=t5_tokens(pipe, fam))
+        if guidance:
+            embeds, mask = torch.cat([neg, embeds]), torch.cat([neg_mask, mask])
+        return embeds, {"encoder_attention_mask": mask}
+    if fam is Family.SD3:
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, negative_prompt=negatives if any_negative else None,
+            do_classifier_free_guidance=guidance, device=device, num_images_per_prompt=1,
+            max_sequence_length=t5_tokens(pipe, fam))
+        if guidance:
+            embeds, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
+        return embeds, {"pooled_projections": pooled}
+    if fam is Family.FLUX:
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                                      num_images_per_prompt=1, max_sequence_length=t5_tokens(pipe, fam))
+        return embeds, {"pooled_projections": pooled, "txt_ids": text_ids}
+    if fam is Family.SDXL:
+        if any_negative and not all(negatives) and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            return None
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
+            negative_prompt=negatives if any_negative else None)
+        proj_dim = (pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None
+                    else int(pooled.shape[-1]))
+        time_ids = pipe._get_add_time_ids((first.height, first.width), (0, 0), (first.height, first.width),
+                                          dtype=embeds.dtype, text_encoder_projection_dim=proj_dim).to(device)
+        time_ids = time_ids.repeat(len(jobs), 1)
+        if guidance:
+            embeds = torch.cat([neg, embeds])
+            pooled = torch.cat([neg_pooled, pooled])
+            time_ids = torch.cat([time_ids, time_ids])
+        return embeds, {"text_embeds": pooled, "time_ids": time_ids}
+    embeds, neg = pipe.encode_prompt(prompts, device, 1, guidance, negatives if any_negative else None)
+    if guidance:
+        embeds = torch.cat([neg, embeds])
+    return embeds, None

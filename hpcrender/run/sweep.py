@@ -44,12 +44,12 @@ class SweepKind:
     """A sweep's shards as units of the work queue; the hooks keep the sweep's records on rank 0."""
 
     rounds = 1
-    failed_jobs = 0  # a failed shard is its unit's outcome, counted by the runner
 
     def __init__(self, plan, indices=()):
         self._plans = [plan.jobs[i] for i in indices]
         self._refused: dict[str, str] = {}  # sweep -> why its shards are not rendered (written for other params)
         self._failed: set[str] = set()      # sweeps of which a shard failed on this rank's group
+        self.failed_jobs = 0  # sweeps refused before a shard was rendered; a failed shard is its unit's outcome
 
     def units(self, plan, r: int = 0) -> tuple[Unit, ...]:
         if r or plan.job.name in self._refused:
@@ -68,6 +68,7 @@ class SweepKind:
             for plan in self._plans:
                 refused.update(self._prepare(plan.sweep, ctx.options, started))
         self._refused = ctx.world.bcast(refused)
+        self.failed_jobs = len(self._refused)
 
     def _prepare(self, sweep: Sweep, options, started: float) -> dict[str, str]:
         folder = sweep_folder(options.out, sweep)
