@@ -224,18 +224,45 @@ def _transformer_sent(job: Job, size: int, bands: tuple, shape) -> tuple[int, ..
         return (0,) * size
     guided = job.guidance_scale > 1.0 and not is_flux_config(shape.transformer)
     batch = 2 if guided and not job.parallel.split_cfg else 1
-    width = job.width // shape.facts.vae_scale
-    return tuple(transformer_step_bytes(shape.transformer, bands, rank % len(bands), width, batch,
-                                        _element_size(job.dtype.value)) for rank in range(size))
+    return _transformer_sent_of(shape, size, bands, job.width // shape.facts.vae_scale, batch,
+                                _element_size(job.dtype.value))
+
+
+@functools.lru_cache(maxsize=4096)
+def _transformer_sent_of(shape, size: int, bands: tuple, width: int, batch: int, element: int) -> tuple[int, ...]:
+    """Bytes each rank sends per step; cached by everything they depend on, so that a manifest's many alike jobs
+    share one count."""
+    return tuple(transformer_step_bytes(shape.transformer, bands, rank % len(bands), width, batch, element)
+                 for rank in range(size))
 
 
 def _rank_costs(job: Job, size: int, patch: int, bands: tuple, shape) -> tuple[RankCost, ...]:
-    """RankCost of every rank of the group (split_cfg: both halves alike)."""
+    """RankCost of every rank of the group (split_cfg: both halves alike), from cost_key's fields only."""
+    return _cached_costs(*cost_key(job, size, bands, shape))
+
+
+def cost_key(job: Job, size: int, bands: tuple, shape) -> tuple:
+    """All that a job's RankCosts depend on: (shape, size, bands, latent rows, latent width, batch, element size,
+    exchanging, buffer sets). Jobs with equal keys have equal costs (prompt, seed, steps and name do not count)."""
     exchanging = bool(bands) and job.parallel.mode in (Mode.SYNC, Mode.DISPLACED)
     rows, width = job.height // shape.facts.vae_scale, job.width // shape.facts.vae_scale
-    whole = bands or (Band(0, rows),)
     batch = 2 if job.guidance_scale > 1.0 and not job.parallel.split_cfg else 1
-    element = _element_size(job.dtype.value)
+    return (shape, size, tuple(bands), rows, width, batch, _element_size(job.dtype.value), exchanging,
+            _buffer_sets(job))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_costs(shape, size: int, bands: tuple, rows: int, width: int, batch: int, element: int,
+                  exchanging: bool, buffer_sets: int) -> tuple[RankCost, ...]:
+    """compute_rank_costs once per distinct key: planning 100,000 alike jobs would otherwise count every layer's
+    multiply-accumulates 100,000 times."""
+    return compute_rank_costs(shape, size, bands, rows, width, batch, element, exchanging, buffer_sets)
+
+
+def compute_rank_costs(shape, size: int, bands: tuple, rows: int, width: int, batch: int, element: int,
+                       exchanging: bool, buffer_sets: int) -> tuple[RankCost, ...]:
+    """RankCost of every rank of a group of `size` (pure; the expensive part of a plan)."""
+    whole = bands or (Band(0, rows),)
     layers, compute = _layers(shape, width), _compute(shape, width)
     costs = []
     for rank in range(size):
@@ -246,7 +273,7 @@ def _rank_costs(job: Job, size: int, patch: int, bands: tuple, shape) -> tuple[R
             extra = gathered_keys_values(layers, whole, band, batch, element) if exchanging else 0
             activations = own * element // 4 + extra  # the meta model is float32
         memory = memory_estimate(layers, shape.parameters, whole if exchanging else (), batch, element, activations,
-                                 buffer_sets=_buffer_sets(job))
+                                 buffer_sets=buffer_sets)
         macs = step_macs(compute, whole, band, batch, TEXT_TOKENS, exchanging, text_kv_cached=bool(bands))
         sent = expected_bytes(layers, whole, band, batch, element) if exchanging else 0
         costs.append(RankCost(rank, macs, sent, memory))
