@@ -23,7 +23,7 @@ from hpcrender.parallel.bands import (
 )
 from hpcrender.parallel.layout import check_layout
 from hpcrender.parallel.plan import unet_activation_bytes, unet_compute, unet_layers
-from hpcrender.render.options import check_model_options
+from hpcrender.render.options import check_model_options, model_options_key
 from hpcrender.run.schedule import array_shard, assign_jobs, job_cost, queue_order, rank_groups
 
 # Prompt tokens a step's cross-attention reads: CLIP's context length, to which SD and SDXL pipelines pad.
@@ -146,6 +146,7 @@ def make_run_plan(manifest: Manifest, indices: tuple[int, ...], world_size: int,
     for i in indices:
         by_size.setdefault(ranks_per_image(manifest.jobs[i], world_size), []).append(i)
     problems, phases, jobs = [], [], {}
+    checked: dict = {}  # model_options_key -> the problem check_model_options found (None: none), for this plan
     for size, members in by_size.items():
         try:
             groups = rank_groups(world_size, size)
@@ -155,7 +156,7 @@ def make_run_plan(manifest: Manifest, indices: tuple[int, ...], world_size: int,
         for i in members:
             job = manifest.jobs[i]
             try:
-                jobs[i] = plan_job(i, job, size, _shape(shapes, job, size))
+                jobs[i] = plan_job(i, job, size, _shape(shapes, job, size), checked)
                 need = _largest_need(jobs[i]) if limit is not None else None
                 if need is not None and need.total > limit.bytes:
                     raise DoesNotFit(f"does not fit: a rank needs at least {describe_memory(need)} but "
@@ -182,11 +183,12 @@ def _shape(shapes: Callable[[str], object | None], job: Job, size: int):
         return None
 
 
-def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
-    """One job's layout on a group of `size`, from the model's shape (None: not known before loading)."""
+def plan_job(index: int, job: Job, size: int, shape, checked: dict | None = None) -> JobPlan:
+    """One job's layout on a group of `size`, from the model's shape (None: not known before loading); `checked`
+    remembers the model option checks of a plan's earlier jobs."""
 
     check_layout(size, job.parallel.split_cfg, job.guidance_scale > 1.0)
-    check_model_options(job)
+    _check_model_options(job, checked)
     patch = size // (2 if job.parallel.split_cfg else 1)
     estimate = job_cost(job.width, job.height, job.steps)
     banded = job.parallel.mode is not Mode.NONE and patch > 1
@@ -217,6 +219,23 @@ def plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
                        sent=_transformer_sent(job, size, bands, shape))
     costs = _rank_costs(job, size, patch, bands, shape)
     return JobPlan(index, job, size, patch, bands, costs, estimate, sent=tuple(c.bytes_sent for c in costs))
+
+
+def _check_model_options(job: Job, checked: dict | None) -> None:
+    """check_model_options once per model_options_key in one plan: each check reads the model's configs."""
+    if checked is None:
+        check_model_options(job)
+        return
+    key = model_options_key(job)
+    if key not in checked:
+        try:
+            check_model_options(job)
+            checked[key] = None
+        except HpcrenderError as e:
+            checked[key] = (type(e), e.args)
+    if checked[key] is not None:
+        kind, args = checked[key]
+        raise kind(*args)
 
 
 def _transformer_sent(job: Job, size: int, bands: tuple, shape) -> tuple[int, ...]:
@@ -355,12 +374,16 @@ def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_COR
     `tile_seconds` per tile on one group, which covers what the MAC count leaves out (VAE, colour fix, I/O)."""
     lines = [f"{manifest.path}: {len(plan.jobs)} job(s) on {plan.world_size} rank(s); estimated times at "
              f"{macs_per_s / 1e9:.0f} GMAC/s per rank"]
+    # The words of a RankCost tuple, once per tuple: a manifest's many alike jobs share one (_cached_costs).
+    memory_words: dict[int, str] = {}
+    cost_words: dict[int, str] = {}
     for phase in plan.phases:
         seconds = [plan.jobs[i].seconds(macs_per_s) for i in phase.order]
         known = [s for s in seconds if s is not None]
         fallback = max(known) if known else 1.0
         shares = assign_jobs([s if s is not None else fallback for s in seconds], len(phase.groups))
         group_of = {phase.order[k]: g for g, share in enumerate(shares) for k in share}
+        seconds_of = dict(zip(phase.order, seconds))
         lines.append(f"{len(phase.groups)} group(s) of {phase.size} rank(s), jobs handed out by a work queue "
                      "(predicted groups):")
         for i in phase.order:
@@ -403,12 +426,15 @@ def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_COR
                 continue
             calls = job.scheduler.calls_per_step
             lines.append(f"  {'':<24} sends per step: {_size(sent * calls)} per rank at most; estimated "
-                         f"{_duration(p.seconds(macs_per_s))} for {p.steps_run} steps"
+                         f"{_duration(seconds_of[i])} for {p.steps_run} steps"
                          + (f" ({job.scheduler.denoiser_calls(p.steps_run)} UNet calls)" if calls > 1 else ""))
             if p.synchronous_throughout:
                 lines.append(f"  {'':<24} displaced, but the warm-up covers all {p.steps_run} step(s): "
                              "synchronous throughout")
-            lines.append(f"  {'':<24} memory per rank: at least {describe_memory(need)}")
+            if id(p.costs) not in memory_words:
+                memory_words[id(p.costs)] = describe_memory(need)
+                cost_words[id(p.costs)] = describe_costs(p.costs)
+            lines.append(f"  {'':<24} memory per rank: at least {memory_words[id(p.costs)]}")
             per = "UNet call" if calls > 1 else "step"
-            lines.append(f"  {'':<24} per {per}, compute + activations: {describe_costs(p.costs)}")
+            lines.append(f"  {'':<24} per {per}, compute + activations: {cost_words[id(p.costs)]}")
     return "\n".join(lines)
