@@ -82,7 +82,7 @@ def timed(args: list[str], pythonpath: str | None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, action="append", help="Jobs in the manifest (repeatable).")
-    parser.add_argument("--ranks", type=int, default=1, help="World size that validate and plan check.")
+    parser.add_argument("--ranks", type=int, default=1, help="World size that plan plans for.")
     parser.add_argument("--before", metavar="DIR", help="Also time the code under DIR (PYTHONPATH=DIR).")
     parser.add_argument("--only", action="append", choices=("validate", "plan", "status"),
                         help="Commands to time (repeatable; default all).")
@@ -95,7 +95,7 @@ def main() -> None:
         for count in args.jobs or [5000]:
             manifest = write_manifest(Path(tmp) / f"jobs-{count}.toml", count)
             out = write_done_out(Path(tmp) / f"out-{count}", count) if "status" in wanted else None
-            commands = {"validate": ["validate", str(manifest), "--ranks", str(args.ranks)],
+            commands = {"validate": ["validate", str(manifest)],
                         "plan": ["plan", str(manifest), "--ranks", str(args.ranks)],
                         "status": ["status", str(out)]}
             for what in wanted:
