@@ -491,10 +491,19 @@ class _Reader:
 
     def __init__(self, shown: str, text: str, base_dir: Path):
         self._shown = shown
-        self._locator = _Locator(text)
+        self._text = text
+        self._lines: _Locator | None = None
         self._base_dir = base_dir
         self.problems: list[tuple[int, int, str]] = []  # (line, order, message) for sorting
         self._lora_files: dict[Path, str] = {}  # content hashes of the LoRA files read so far
+
+    @property
+    def _locator(self) -> _Locator:
+        """Built on first use: a manifest without problems (or LoRAs) never needs its lines, and scanning 100,000
+        tables for them costs as much as parsing them."""
+        if self._lines is None:
+            self._lines = _Locator(self._text)
+        return self._lines
 
     def problem(self, path: tuple, label: str, message: str) -> None:
         line = self._locator.line(path)
@@ -697,11 +706,6 @@ class _Reader:
     def _layer(self, raw: dict, path: tuple, label: str, where: str) -> _Layer:
         is_job = path[0] != "defaults"
         layer = _Layer(path)
-        known = [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY, _LORAS_KEY, _CONTROLNET_KEY, *_TABLES] + \
-            ([_NAME_KEY] if is_job else [])
-        table = path[0]  # "defaults", "jobs" or "sweeps": the prefix of their sub-table headers
-        table_of = {key: f"[{table}.parallel]" for key in _PARALLEL}
-        table_of.update({key: f"[{table}.gigapixel]" for key in _GIGAPIXEL})
         for key, value in raw.items():
             key_path, key_label = path + (key,), f"{label}.{key}"
             if key == _NAME_KEY:
@@ -731,7 +735,7 @@ class _Reader:
                 else:
                     layer.gigapixel, layer.gigapixel_path = values, key_path
             else:
-                self.problem(key_path, key_label, _unknown(key, value, known, table_of))
+                self.problem(key_path, key_label, _unknown_in_layer(key, value, path[0], is_job))
         return layer
 
     def _loras(self, raw: object, path: tuple, label: str):
@@ -885,7 +889,8 @@ class _Reader:
             fields[_INIT_IMAGE_KEY] = InitImage(path=image.path, sha256=image.sha256, strength=strength)
         fields.setdefault("width", DEFAULT_SIDE)
         fields.setdefault("height", DEFAULT_SIDE)
-        fields.setdefault("seed", derive_seed(name))
+        if "seed" not in fields:
+            fields["seed"] = derive_seed(name)
         if controlnets is not None:
             fields["controlnets"] = controlnets.value
         return Job(
@@ -973,6 +978,15 @@ def _no_step_left(steps: int, strength: float) -> str | None:
         return None
     return (f"{_show(strength)} with {steps} steps runs no denoising step: make it at least {math.ceil(1000 / steps) / 1000:g} "
             "or give the job more steps")
+
+
+def _unknown_in_layer(key: str, value: object, table: str, is_job: bool) -> str:
+    """_unknown for a key of [defaults] or a [[jobs]] table (`table`: the prefix of their sub-table headers)."""
+    known = [*_SETTINGS, _MODEL_KEY, _INIT_IMAGE_KEY, _LORAS_KEY, _CONTROLNET_KEY, *_TABLES] + \
+        ([_NAME_KEY] if is_job else [])
+    table_of = {key: f"[{table}.parallel]" for key in _PARALLEL}
+    table_of.update({key: f"[{table}.gigapixel]" for key in _GIGAPIXEL})
+    return _unknown(key, value, known, table_of)
 
 
 def _unknown(key: str, value: object, known: Sequence[str], table_of: Mapping[str, str]) -> str:
@@ -1096,11 +1110,15 @@ def apply_overrides(
     if steps is not None:
         top["steps"] = _override("--steps", _SETTINGS["steps"], steps)
 
-    def overridden(job: Job) -> Job:
-        return dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, **parallel), **top)
+    if parallel or top:  # a copy of each of 100,000 jobs costs seconds; without overrides they stay as they are
+        replaced: dict[ParallelConfig, ParallelConfig] = {}  # the many jobs that share a parallel table share its copy
 
-    jobs = tuple(overridden(job) for job in jobs)
-    sweeps = tuple(dataclasses.replace(sweep, template=overridden(sweep.template)) for sweep in sweeps)
+        def overridden(job: Job) -> Job:
+            return dataclasses.replace(job, parallel=replaced.get(job.parallel) or replaced.setdefault(
+                job.parallel, dataclasses.replace(job.parallel, **parallel)), **top)
+
+        jobs = tuple(overridden(job) for job in jobs)
+        sweeps = tuple(dataclasses.replace(sweep, template=overridden(sweep.template)) for sweep in sweeps)
     for job in jobs + tuple(sweep.template for sweep in sweeps):
         problem = job.init_image is not None and _no_step_left(job.steps, job.init_image.strength)
         if problem:

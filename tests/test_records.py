@@ -188,3 +188,86 @@ def test_meta_json_serialises_paths_enums_and_numpy(tmp_path):
     write_meta(tmp_path / "job", {"out": Path("/x/y"), "mode": _Colour.RED, "peak": np.int64(7), "t": np.arange(3.0)})
     meta = json.loads((tmp_path / "job" / "meta.json").read_text())
     assert meta == {"out": "/x/y", "mode": "red", "peak": 7, "t": [0.0, 1.0, 2.0]}
+
+
+# --- StatusMerger: rank 0's merge, incremental ---------------------------------------------------------------------
+
+def _without_time(status: dict) -> dict:
+    return {k: v for k, v in status.items() if k != "updated"}
+
+
+def test_status_merger_equals_a_full_rebuild_after_arbitrary_state_file_changes(tmp_path, monkeypatch):
+    import os
+    import random
+
+    names = [f"j{i}" for i in range(12)]
+    merger = records.StatusMerger(tmp_path, names[:9])  # j9.. only have state files: they follow, by name
+    reads = []
+    read = records._read_json
+    monkeypatch.setattr(records, "_read_json", lambda path: reads.append(path.name) or read(path))
+    rng = random.Random(7)
+    stamp = [1_000_000_000]  # file times long before any scan, a second apart: a changed file always looks changed
+
+    def age(name):
+        path = state_path(tmp_path, name)
+        if path.exists():
+            stamp[0] += 1
+            os.utime(path, ns=(stamp[0] * 10**9, stamp[0] * 10**9))
+
+    for _ in range(60):
+        name, action = rng.choice(names), rng.randrange(6)
+        if action == 0:
+            record_job_state(tmp_path, name, JobState.RUNNING, rank=rng.randrange(2))
+        elif action == 1:
+            record_job_state(tmp_path, name, rng.choice([JobState.DONE, JobState.FAILED]), error="boom")
+        elif action == 2:
+            record_progress(tmp_path, name, rng.randrange(1, 9), 8)
+        elif action == 3:
+            state_path(tmp_path, name).unlink(missing_ok=True)
+        elif action == 4:
+            state_path(tmp_path, name).parent.mkdir(parents=True, exist_ok=True)
+            state_path(tmp_path, name).write_text("{ torn")
+        else:
+            records.record_group(tmp_path, 0, rng.randrange(2), [0], 1, 1.0, [name])
+        age(name)
+        reads.clear()
+        incremental = merger.refresh()
+        touched = set(reads)
+        assert _without_time(incremental) == _without_time(records._merge(tmp_path, names[:9]))
+        # only the file just changed (and the group records) were read again
+        assert {r for r in touched if not r[0].isdigit()} <= {f"{name}.json"}
+
+
+def test_status_merger_writes_when_due_and_exactly_at_flush(tmp_path):
+    now = [0.0]
+    merger = records.StatusMerger(tmp_path, ["a", "b"], min_interval=5.0, clock=lambda: now[0])
+    assert merger.flush()["counts"]["pending"] == 2
+    record_job_state(tmp_path, "a", JobState.DONE)
+    now[0] = 1.0
+    assert merger.update() is None  # not due: status.json still says pending
+    assert json.loads((tmp_path / "status.json").read_text())["jobs"]["a"]["state"] == "pending"
+    now[0] = 6.0
+    assert merger.update()["jobs"]["a"]["state"] == "done"
+    record_job_state(tmp_path, "b", JobState.FAILED, error="x")
+    status = merger.flush()
+    assert _without_time(status) == _without_time(records._merge(tmp_path, ["a", "b"]))
+    assert json.loads((tmp_path / "status.json").read_text()) == status
+
+
+def test_read_status_of_a_quiet_folder_reads_status_json_alone_and_agrees_with_a_full_merge(tmp_path, monkeypatch):
+    import os
+
+    for name, state in (("a", JobState.DONE), ("b", JobState.FAILED), ("extra", JobState.DONE)):
+        record_job_state(tmp_path, name, state, error="boom" if state is JobState.FAILED else None)
+    old = 1_000_000_000 * 10**9  # every state file, and the folder, written long before status.json's merge
+    for path in (tmp_path / ".state").iterdir():
+        os.utime(path, ns=(old, old))
+    os.utime(tmp_path / ".state", ns=(old, old))
+    merged = merge_status(tmp_path, ["a", "b", "c"])
+    reads = []
+    read = records._read_json
+    monkeypatch.setattr(records, "_read_json", lambda path: reads.append(path.name) or read(path))
+    assert _without_time(read_status(tmp_path)) == _without_time(merged)
+    assert reads == ["status.json"]
+    record_job_state(tmp_path, "c", JobState.RUNNING)  # the folder changes: the state files are looked at again
+    assert read_status(tmp_path)["jobs"]["c"]["state"] == "running"

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 from pathlib import Path
 
 import pytest
 
-from hpcrender.config import GigapixelConfig, Job, Manifest, Mode, ParallelConfig, SchedulerName
+from hpcrender.config import DType, GigapixelConfig, Job, Manifest, Mode, ParallelConfig, SchedulerName
 from hpcrender.errors import DoesNotFit, ModelNotFound
 from hpcrender.models.shapes import model_shape
-from hpcrender.parallel.bands import image_bands, latent_bands
+from hpcrender.manifest import load_manifest
+from hpcrender.parallel.bands import (
+    Band, expected_bytes, gathered_keys_values, image_bands, latent_bands, memory_estimate, step_macs,
+)
+from hpcrender.run import plan as run_plan
 from hpcrender.run.environment import MemoryLimit
-from hpcrender.run.plan import CPU_CORE_MACS_PER_S, describe_plan, make_run_plan, plan_job
+from hpcrender.run.plan import CPU_CORE_MACS_PER_S, TEXT_TOKENS, RankCost, describe_plan, make_run_plan, plan_job
 from hpcrender.run.schedule import job_cost, queue_order
 
 TINY = "builtin:tiny-sd"
@@ -202,3 +207,108 @@ def test_a_displaced_job_whose_warm_up_covers_every_step_is_planned_as_synchrono
     assert not alone.jobs[0].synchronous_throughout
     text = describe_plan(manifest(few), plan_of(manifest(few), 2))
     assert "displaced, but the warm-up covers all 4 step(s): synchronous throughout" in text
+
+
+# --- the cost cache: alike jobs share one computation --------------------------------------------------------------
+
+def _bookkeeping():
+    """benchmarks/bookkeeping.py, whose manifest generator the benchmark and these tests share."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bookkeeping.py"
+    spec = importlib.util.spec_from_file_location("bookkeeping", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_costs(j: Job, size: int, bands: tuple, shape) -> tuple[RankCost, ...]:
+    """The per-job computation as it was before the cache, from the job itself."""
+    exchanging = bool(bands) and j.parallel.mode in (Mode.SYNC, Mode.DISPLACED)
+    rows, width = j.height // shape.facts.vae_scale, j.width // shape.facts.vae_scale
+    whole = bands or (Band(0, rows),)
+    batch = 2 if j.guidance_scale > 1.0 and not j.parallel.split_cfg else 1
+    element = {"float32": 4, "float16": 2, "bfloat16": 2}[j.dtype.value]
+    # The plan's own caches of the per-layer tables (there before the cost cache): a meta forward takes a second.
+    layers, compute = run_plan._layers(shape, width), run_plan._compute(shape, width)
+    sets = j.scheduler.calls_per_step if j.parallel.mode is Mode.DISPLACED else 1
+    costs = []
+    for rank in range(size):
+        band = rank % len(whole)
+        own = run_plan._band_activations(shape, batch, whole[band].size, width)
+        activations = 0
+        if own is not None:
+            extra = gathered_keys_values(layers, whole, band, batch, element) if exchanging else 0
+            activations = own * element // 4 + extra
+        memory = memory_estimate(layers, shape.parameters, whole if exchanging else (), batch, element, activations,
+                                 buffer_sets=sets)
+        macs = step_macs(compute, whole, band, batch, TEXT_TOKENS, exchanging, text_kv_cached=bool(bands))
+        sent = expected_bytes(layers, whole, band, batch, element) if exchanging else 0
+        costs.append(RankCost(rank, macs, sent, memory))
+    return tuple(costs)
+
+
+BASE = job("base", Mode.DISPLACED, 64, 128)
+# One variant per field the costs depend on (size 2 unless given): each must miss the others' cache entries.
+VARIANTS = {
+    "base": (BASE, 2),
+    "width": (dataclasses.replace(BASE, width=128), 2),
+    "height": (dataclasses.replace(BASE, height=256), 2),
+    "no guidance": (dataclasses.replace(BASE, guidance_scale=1.0), 2),
+    "split_cfg": (dataclasses.replace(BASE, parallel=dataclasses.replace(BASE.parallel, split_cfg=True)), 2),
+    "group size": (BASE, 1),
+    "mode sync": (dataclasses.replace(BASE, parallel=dataclasses.replace(BASE.parallel, mode=Mode.SYNC)), 2),
+    "mode naive": (dataclasses.replace(BASE, parallel=dataclasses.replace(BASE.parallel, mode=Mode.NAIVE)), 2),
+    "mode none": (dataclasses.replace(BASE, parallel=dataclasses.replace(BASE.parallel, mode=Mode.NONE)), 1),
+    "dtype": (dataclasses.replace(BASE, dtype=DType.FLOAT16), 2),
+    "heun": (dataclasses.replace(BASE, scheduler=SchedulerName.HEUN), 2),
+    "model": (dataclasses.replace(BASE, model="another-model"), 2),
+}
+
+
+def shape_of(ref: str):
+    """tiny-sd's shape, and for "another-model" one that differs in its weights only (no second meta UNet)."""
+    tiny = model_shape(TINY)
+    return _OTHER.setdefault("shape", dataclasses.replace(tiny, ref=ref, parameters=2 * tiny.parameters)) \
+        if ref == "another-model" else tiny
+
+
+_OTHER: dict = {}
+
+
+def test_a_cost_cache_hit_equals_a_fresh_computation_for_jobs_differing_in_each_field_that_matters():
+    run_plan._cached_costs.cache_clear()
+    planned = {name: plan_job(0, j, size, shape_of(j.model)) for name, (j, size) in VARIANTS.items()}
+    again = {name: plan_job(0, j, size, shape_of(j.model)) for name, (j, size) in VARIANTS.items()}
+    assert run_plan._cached_costs.cache_info().hits >= len(VARIANTS)
+    for name, (j, size) in VARIANTS.items():
+        fresh = reference_costs(j, size, planned[name].bands, shape_of(j.model))
+        assert planned[name].costs == fresh, name
+        assert again[name].costs is planned[name].costs, name  # the second time from the cache
+    keys = {name: run_plan.cost_key(j, size, planned[name].bands, shape_of(j.model))
+            for name, (j, size) in VARIANTS.items()}
+    # sync and displaced exchange the same bytes with one call a step: alike costs, one key (heun tells them apart)
+    assert [name for name, key in keys.items() if key == keys["base"]] == ["base", "mode sync"]
+
+
+def test_jobs_differing_in_name_prompt_seed_steps_and_warmup_share_one_cost_tuple():
+    other = dataclasses.replace(BASE, name="other", prompt="another prompt", seed=99, steps=30,
+                                negative_prompt="blurry", parallel=dataclasses.replace(BASE.parallel, warmup_steps=1))
+    one, two = plan_job(0, BASE, 2, model_shape(TINY)), plan_job(1, other, 2, model_shape(TINY))
+    assert one.costs is two.costs and one.sent == two.sent
+    assert one.costs == reference_costs(other, 2, two.bands, model_shape(TINY))
+
+
+def test_a_plan_of_20000_jobs_computes_the_costs_once_per_distinct_key(tmp_path, monkeypatch):
+    bookkeeping = _bookkeeping()
+    m = load_manifest(bookkeeping.write_manifest(tmp_path / "jobs.toml", 20_000))
+    calls, checks = [], []
+    compute, check = run_plan.compute_rank_costs, run_plan.check_model_options
+    monkeypatch.setattr(run_plan, "compute_rank_costs", lambda *key: calls.append(key) or compute(*key))
+    monkeypatch.setattr(run_plan, "check_model_options", lambda j: checks.append(j.name) or check(j))
+    run_plan._cached_costs.cache_clear()
+    plan = plan_of(m, 1)
+    assert len(plan.jobs) == 20_000
+    sizes = set(bookkeeping.SIZES)
+    assert len(calls) == len(set(calls)) == len(sizes)  # one computation per (width, height): nothing else differs
+    assert len(checks) == len(sizes)  # the model option checks too
+    by_size = {(p.job.width, p.job.height): p.costs for p in plan.jobs.values()}
+    assert all(p.costs is by_size[(p.job.width, p.job.height)] for p in plan.jobs.values())

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
 import json
 import os
+import math
 import shlex
+import stat
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -108,6 +111,56 @@ def merge_status(out_dir: str | os.PathLike, job_names: Sequence[str]) -> dict:
     return status
 
 
+# A state file modified less than this before a scan began is read again by the next scan whatever its stat says:
+# file times are coarse (a few ms locally, a second or two on some shared file systems) and another node's clock may
+# be a little off.
+RESCAN_MARGIN_S = 5.0
+
+
+class StatusMerger:
+    """merge_status for rank 0 of a render, in O(jobs) for the whole run rather than per unit: the records are kept
+    in memory and a state file is read again only when its stat changed (or it changed just before the last scan);
+    status.json is rewritten by `update` only when `min_interval` seconds have passed and at most `share` of the
+    time goes to it, and by `flush` (a full rebuild: the final status.json is exact)."""
+
+    def __init__(self, out_dir: str | os.PathLike, job_names: Sequence[str], *, min_interval: float = 5.0,
+                 share: float = 0.05, clock=time.monotonic):
+        self._out = Path(out_dir)
+        self._names = list(job_names)
+        self._min_interval, self._share, self._clock = min_interval, share, clock
+        self._files: dict[str, tuple] = {}  # stem -> (stat fingerprint, status entry or None)
+        self._scanned: float | None = None  # wall time the last scan began
+        self._due = -math.inf              # clock time from which update writes again
+
+    def refresh(self) -> dict:
+        """The status as merge_status would build it now (not written)."""
+        started = _now()
+        since = None if self._scanned is None else self._scanned - RESCAN_MARGIN_S
+        self._files = _scan_states(self._out / STATE_DIR, self._files, since)
+        self._scanned = started
+        return _assemble(self._out, self._names, {stem: entry for stem, (_, entry) in self._files.items()},
+                         started)
+
+    def update(self) -> dict | None:
+        """Rewrite status.json if it is due; the status written, or None."""
+        if self._clock() < self._due:
+            return None
+        began = self._clock()
+        status = self.refresh()
+        write_json_atomic(self._out / STATUS_FILE, status)
+        spent = self._clock() - began
+        self._due = self._clock() + max(self._min_interval, spent / self._share)
+        return status
+
+    def flush(self) -> dict:
+        """Read every state file again and write status.json now: what merge_status would."""
+        self._files, self._scanned = {}, None
+        status = self.refresh()
+        write_json_atomic(self._out / STATUS_FILE, status)
+        self._due = self._clock() + self._min_interval
+        return status
+
+
 def read_status(out_dir: str | os.PathLike) -> dict:
     """The status of OUT for `hpcrender status`: status.json's jobs refreshed from the state files.
 
@@ -118,13 +171,25 @@ def read_status(out_dir: str | os.PathLike) -> dict:
     if not out.is_dir():
         raise BadInput(f"{out}: no such output directory")
     previous = _read_json(out / STATUS_FILE) or {}
-    names = list(previous.get("jobs", {})) if isinstance(previous.get("jobs"), dict) else []
-    status = _merge(out, names)
+    jobs = previous.get("jobs") if isinstance(previous.get("jobs"), dict) else {}
+    names = list(jobs)
+    started = _now()
+    # status.json's entries stand for the state files not modified since its merge began (less a margin); the
+    # others are read, so that a status of 100,000 finished jobs does not open 100,000 files.
+    since = _parse_iso(previous.get("updated"))
+    since = None if since is None else since - RESCAN_MARGIN_S
+    cached = {name: (None, entry) for name, entry in jobs.items() if isinstance(entry, dict)}
+    if since is not None and _unchanged_since(out / STATE_DIR, since):
+        files = cached  # no state file written, added or removed since (they are only ever renamed into place)
+    else:
+        files = _scan_states(out / STATE_DIR, cached, since)
+    status = _assemble(out, names, {stem: entry for stem, (_, entry) in files.items()}, started)
+    folders = _folders(out)
     for name, job in status["jobs"].items():
         if "shards" in job:  # a sweep: its shards on disk are the record of what is done
             job.update(sweep_progress(out / name, job, _now()))
             continue
-        marked = _marked_stores(out / name)
+        marked = _marked_stores(out / name) if name in folders else []
         if marked:
             job["open_stores"] = marked
     return status
@@ -158,12 +223,13 @@ def format_status(status: dict) -> str:
     """A table, one line per job (job, state, seconds, error), then a line of counts."""
     jobs: dict = status.get("jobs", {})
     rows = [("job", "state", "seconds", "error")]
+    pending, running = JobState.PENDING.value, JobState.RUNNING.value  # an enum's .value costs, 100,000 times
     for name, job in jobs.items():
         seconds = job.get("seconds")
         error = (job.get("error") or "").strip().splitlines()
         seconds_text = "" if seconds is None else f"{float(seconds):.1f}"
         state = job.get("state", "")
-        if state == JobState.PENDING.value and job.get("checkpoint_step"):
+        if state == pending and job.get("checkpoint_step"):
             state += f" (checkpoint after step {job['checkpoint_step']}/{job.get('steps', '?')})"
         elif job.get("shards") is not None and job.get("shards_done") is not None:  # a sweep
             rate = job.get("samples_per_s")
@@ -175,9 +241,9 @@ def format_status(status: dict) -> str:
             levels = ", ".join(f"L{k} {done}/{total}" for k, (done, total) in enumerate(job["tiles"]))
             rate = job.get("tiles_per_s")
             pace = f"; {rate:.2f} tile/s, ETA {_clock(job['eta_s'])}" if rate and job.get("eta_s") is not None \
-                and state == JobState.RUNNING.value else ""
+                and state == running else ""
             state += f" (tiles {levels}{pace})"
-        elif state == JobState.RUNNING.value and job.get("step") is not None:
+        elif state == running and job.get("step") is not None:
             # After a kill the state stays "running": the periodic checkpoint tells where the next run starts.
             again = f"; checkpoint after step {job['checkpoint_step']}" if job.get("checkpoint_step") else ""
             state += f" (step {job['step']}/{job.get('steps', '?')}{again})"
@@ -262,18 +328,53 @@ def write_meta(job_dir: str | os.PathLike, meta: dict) -> None:
 
 
 def _merge(out: Path, job_names: Sequence[str]) -> dict:
-    recorded: dict[str, dict] = {}
-    state_dir = out / STATE_DIR
-    if state_dir.is_dir():
-        for path in sorted(state_dir.glob("*.json")):
-            record = _read_json(path)
-            if isinstance(record, dict):
-                recorded[path.stem] = record
+    started = _now()
+    files = _scan_states(out / STATE_DIR, {}, None)
+    return _assemble(out, job_names, {stem: entry for stem, (_, entry) in files.items()}, started)
+
+
+def _scan_states(state_dir: Path, cached: dict[str, tuple], since: float | None) -> dict[str, tuple]:
+    """stem -> (stat fingerprint, status entry of its record or None) of every state file. A `cached` entry stands
+    when its file was last modified before `since` (a wall time; None: read every file) and its fingerprint, if
+    known, is unchanged; the other files are read."""
+    found: dict[str, tuple] = {}
+    try:
+        entries = os.scandir(state_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    since_ns = None if since is None else int(since * 1e9)
+    with entries:
+        for entry in entries:
+            if not entry.name.endswith(".json"):
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:  # removed since it was listed
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            stem = entry.name[: -len(".json")]
+            fingerprint = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            known = cached.get(stem)
+            if known is not None and since_ns is not None and st.st_mtime_ns < since_ns and \
+                    known[0] in (None, fingerprint):
+                found[stem] = (fingerprint, known[1])
+                continue
+            record = _read_json(Path(entry.path))
+            found[stem] = (fingerprint, _entry(record) if isinstance(record, dict) else None)
+    return found
+
+
+def _assemble(out: Path, job_names: Sequence[str], entries: dict[str, dict | None], updated: float) -> dict:
+    """The status from the state files' entries (None: unreadable, as if missing), jobs in `job_names` first."""
+    recorded = {stem: entry for stem, entry in entries.items() if entry is not None}
     jobs: dict[str, dict] = {}
     for name in job_names:
-        jobs[name] = _entry(recorded.pop(name, None))
+        entry = recorded.pop(name, None)
+        jobs[name] = _entry(None) if entry is None else entry
     for name in sorted(recorded):
-        jobs[name] = _entry(recorded[name])
+        jobs[name] = recorded[name]
+    state_dir = out / STATE_DIR
     groups = []
     if (state_dir / GROUPS_DIR).is_dir():
         for path in (state_dir / GROUPS_DIR).glob("*.json"):
@@ -281,13 +382,32 @@ def _merge(out: Path, job_names: Sequence[str]) -> dict:
             if isinstance(record, dict):
                 groups.append(record)
     groups.sort(key=lambda g: (g.get("phase", 0), g.get("group", 0)))
-    return {"updated": _iso(_now()), "counts": _counts(jobs), "jobs": jobs, "groups": groups}
+    return {"updated": _iso(updated), "counts": _counts(jobs), "jobs": jobs, "groups": groups}
+
+
+def _unchanged_since(folder: Path, since: float) -> bool:
+    """Whether no entry of `folder` was created, renamed or removed since the wall time `since`: its own mtime."""
+    try:
+        return os.stat(folder).st_mtime_ns < int(since * 1e9)
+    except OSError:
+        return False
+
+
+def _folders(out: Path) -> set[str]:
+    """Names of OUT's folders: one listing, rather than a look into each of 100,000 jobs' folders."""
+    with os.scandir(out) as entries:
+        return {entry.name for entry in entries if entry.is_dir()}
 
 
 def _marked_stores(job_dir: Path) -> list[dict]:
     """The job's stores whose superblock says "open for writing", each with whose mark it is."""
     marked = []
-    for path in sorted(job_dir.glob(STORES)):
+    try:
+        with os.scandir(job_dir) as entries:
+            paths = sorted(Path(entry.path) for entry in entries if fnmatch.fnmatchcase(entry.name, STORES))
+    except (FileNotFoundError, NotADirectoryError):
+        return marked
+    for path in paths:
         writer = writer_state(path) if path.is_file() else None
         if writer is not None:
             marked.append({"path": str(path), "writer": writer})
@@ -304,8 +424,9 @@ def _entry(record: dict | None) -> dict:
 
 def _counts(jobs: dict) -> dict:
     counts = {s.value: 0 for s in JobState}
+    pending = JobState.PENDING.value
     for job in jobs.values():
-        state = job.get("state", JobState.PENDING.value)
+        state = job.get("state", pending)
         counts[state] = counts.get(state, 0) + 1
     counts["total"] = len(jobs)
     return counts

@@ -36,6 +36,13 @@ def check_model_options(job: Job) -> None:
     _check_patches(job, 8 * transformer_alignment(denoiser))
 
 
+def model_options_key(job: Job) -> tuple:
+    """Everything of `job` that check_model_options reads: jobs with equal keys pass or fail it alike, so that a plan
+    checks a manifest's many alike jobs once."""
+    return (job.model, job.scheduler, job.timestep_spacing, job.steps, job.parallel.split_cfg, job.width, job.height,
+            tuple(c.model for c in job.controlnets), None if job.gigapixel is None else job.gigapixel.controlnet)
+
+
 # What a ControlNet must share with the UNet it conditions: its residuals are added to the UNet's, block by block, and
 # it reads the same latent, text states and SDXL's added inputs.
 CONTROLNET_MATCHES = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",

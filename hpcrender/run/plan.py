@@ -23,7 +23,7 @@ from hpcrender.parallel.bands import (
 )
 from hpcrender.parallel.layout import check_layout
 from hpcrender.parallel.plan import unet_activation_bytes, unet_compute, unet_layers
-from hpcrender.render.options import check_model_options
+from hpcrender.render.options import check_model_options, model_options_key
 from hpcrender.run.schedule import array_shard, assign_jobs, job_cost, queue_order, rank_groups
 from hpcrender.sweeps import sweep_words
 
@@ -153,6 +153,7 @@ def make_run_plan(manifest: Manifest, indices: tuple[int, ...], world_size: int,
     for i, job in entries.items():
         by_size.setdefault(ranks_per_image(job, world_size), []).append(i)
     problems, phases, jobs = [], [], {}
+    checked: dict = {}  # model_options_key -> the problem check_model_options found (None: none), for this plan
     for size, members in by_size.items():
         try:
             groups = rank_groups(world_size, size)
@@ -162,7 +163,7 @@ def make_run_plan(manifest: Manifest, indices: tuple[int, ...], world_size: int,
         for i in members:
             job = entries[i]
             try:
-                jobs[i] = plan_job(i, job, size, _shape(shapes, job, size), sweeps.get(i))
+                jobs[i] = plan_job(i, job, size, _shape(shapes, job, size), checked, sweeps.get(i))
                 need = _largest_need(jobs[i]) if limit is not None else None
                 if need is not None and need.total > limit.bytes:
                     raise DoesNotFit(f"does not fit: a rank needs at least {describe_memory(need)} but "
@@ -192,10 +193,11 @@ def _shape(shapes: Callable[[str], object | None], job: Job, size: int):
         return None
 
 
-def plan_job(index: int, job: Job, size: int, shape, sweep=None) -> JobPlan:
-    """One job's layout on a group of `size`, from the model's shape (None: not known before loading); a sweep's
-    from its template, each of its samples laid out alike."""
-    plan = _plan_job(index, job, size, shape)
+def plan_job(index: int, job: Job, size: int, shape, checked: dict | None = None, sweep=None) -> JobPlan:
+    """One job's layout on a group of `size`, from the model's shape (None: not known before loading); `checked`
+    remembers the model option checks of a plan's earlier jobs. A sweep is planned from its template, each of its
+    samples laid out alike."""
+    plan = _plan_job(index, job, size, shape, checked)
     if sweep is None:
         return plan
     if sweep.batch > 1 and plan.patch_ranks > 1 and job.parallel.mode is not Mode.NONE:
@@ -204,9 +206,9 @@ def plan_job(index: int, job: Job, size: int, shape, sweep=None) -> JobPlan:
     return dataclasses.replace(plan, sweep=sweep, estimate=plan.estimate * sweep.samples)
 
 
-def _plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
+def _plan_job(index: int, job: Job, size: int, shape, checked: dict | None) -> JobPlan:
     check_layout(size, job.parallel.split_cfg, job.guidance_scale > 1.0)
-    check_model_options(job)
+    _check_model_options(job, checked)
     patch = size // (2 if job.parallel.split_cfg else 1)
     estimate = job_cost(job.width, job.height, job.steps)
     banded = job.parallel.mode is not Mode.NONE and patch > 1
@@ -239,23 +241,67 @@ def _plan_job(index: int, job: Job, size: int, shape) -> JobPlan:
     return JobPlan(index, job, size, patch, bands, costs, estimate, sent=tuple(c.bytes_sent for c in costs))
 
 
+def _check_model_options(job: Job, checked: dict | None) -> None:
+    """check_model_options once per model_options_key in one plan: each check reads the model's configs."""
+    if checked is None:
+        check_model_options(job)
+        return
+    key = model_options_key(job)
+    if key not in checked:
+        try:
+            check_model_options(job)
+            checked[key] = None
+        except HpcrenderError as e:
+            checked[key] = (type(e), e.args)
+    if checked[key] is not None:
+        kind, args = checked[key]
+        raise kind(*args)
+
+
 def _transformer_sent(job: Job, size: int, bands: tuple, shape) -> tuple[int, ...]:
     if not bands or job.parallel.mode not in (Mode.SYNC, Mode.DISPLACED):
         return (0,) * size
     guided = job.guidance_scale > 1.0 and not is_flux_config(shape.transformer)
     batch = 2 if guided and not job.parallel.split_cfg else 1
-    width = job.width // shape.facts.vae_scale
-    return tuple(transformer_step_bytes(shape.transformer, bands, rank % len(bands), width, batch,
-                                        _element_size(job.dtype.value)) for rank in range(size))
+    return _transformer_sent_of(shape, size, bands, job.width // shape.facts.vae_scale, batch,
+                                _element_size(job.dtype.value))
+
+
+@functools.lru_cache(maxsize=4096)
+def _transformer_sent_of(shape, size: int, bands: tuple, width: int, batch: int, element: int) -> tuple[int, ...]:
+    """Bytes each rank sends per step; cached by everything they depend on, so that a manifest's many alike jobs
+    share one count."""
+    return tuple(transformer_step_bytes(shape.transformer, bands, rank % len(bands), width, batch, element)
+                 for rank in range(size))
 
 
 def _rank_costs(job: Job, size: int, patch: int, bands: tuple, shape) -> tuple[RankCost, ...]:
-    """RankCost of every rank of the group (split_cfg: both halves alike)."""
+    """RankCost of every rank of the group (split_cfg: both halves alike), from cost_key's fields only."""
+    return _cached_costs(*cost_key(job, size, bands, shape))
+
+
+def cost_key(job: Job, size: int, bands: tuple, shape) -> tuple:
+    """All that a job's RankCosts depend on: (shape, size, bands, latent rows, latent width, batch, element size,
+    exchanging, buffer sets). Jobs with equal keys have equal costs (prompt, seed, steps and name do not count)."""
     exchanging = bool(bands) and job.parallel.mode in (Mode.SYNC, Mode.DISPLACED)
     rows, width = job.height // shape.facts.vae_scale, job.width // shape.facts.vae_scale
-    whole = bands or (Band(0, rows),)
     batch = 2 if job.guidance_scale > 1.0 and not job.parallel.split_cfg else 1
-    element = _element_size(job.dtype.value)
+    return (shape, size, tuple(bands), rows, width, batch, _element_size(job.dtype.value), exchanging,
+            _buffer_sets(job))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_costs(shape, size: int, bands: tuple, rows: int, width: int, batch: int, element: int,
+                  exchanging: bool, buffer_sets: int) -> tuple[RankCost, ...]:
+    """compute_rank_costs once per distinct key: planning 100,000 alike jobs would otherwise count every layer's
+    multiply-accumulates 100,000 times."""
+    return compute_rank_costs(shape, size, bands, rows, width, batch, element, exchanging, buffer_sets)
+
+
+def compute_rank_costs(shape, size: int, bands: tuple, rows: int, width: int, batch: int, element: int,
+                       exchanging: bool, buffer_sets: int) -> tuple[RankCost, ...]:
+    """RankCost of every rank of a group of `size` (pure; the expensive part of a plan)."""
+    whole = bands or (Band(0, rows),)
     layers, compute = _layers(shape, width), _compute(shape, width)
     costs = []
     for rank in range(size):
@@ -266,7 +312,7 @@ def _rank_costs(job: Job, size: int, patch: int, bands: tuple, shape) -> tuple[R
             extra = gathered_keys_values(layers, whole, band, batch, element) if exchanging else 0
             activations = own * element // 4 + extra  # the meta model is float32
         memory = memory_estimate(layers, shape.parameters, whole if exchanging else (), batch, element, activations,
-                                 buffer_sets=_buffer_sets(job))
+                                 buffer_sets=buffer_sets)
         macs = step_macs(compute, whole, band, batch, TEXT_TOKENS, exchanging, text_kv_cached=bool(bands))
         sent = expected_bytes(layers, whole, band, batch, element) if exchanging else 0
         costs.append(RankCost(rank, macs, sent, memory))
@@ -348,12 +394,16 @@ def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_COR
     `tile_seconds` per tile on one group, which covers what the MAC count leaves out (VAE, colour fix, I/O)."""
     lines = [f"{manifest.path}: {len(plan.jobs)} job(s) on {plan.world_size} rank(s); estimated times at "
              f"{macs_per_s / 1e9:.0f} GMAC/s per rank"]
+    # The words of a RankCost tuple, once per tuple: a manifest's many alike jobs share one (_cached_costs).
+    memory_words: dict[int, str] = {}
+    cost_words: dict[int, str] = {}
     for phase in plan.phases:
         seconds = [plan.jobs[i].seconds(macs_per_s) for i in phase.order]
         known = [s for s in seconds if s is not None]
         fallback = max(known) if known else 1.0
         shares = assign_jobs([s if s is not None else fallback for s in seconds], len(phase.groups))
         group_of = {phase.order[k]: g for g, share in enumerate(shares) for k in share}
+        seconds_of = dict(zip(phase.order, seconds))
         lines.append(f"{len(phase.groups)} group(s) of {phase.size} rank(s), jobs handed out by a work queue "
                      "(predicted groups):")
         for i in phase.order:
@@ -399,12 +449,15 @@ def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_COR
                 continue
             calls = job.scheduler.calls_per_step
             lines.append(f"  {'':<24} sends per step: {_size(sent * calls)} per rank at most; estimated "
-                         f"{_duration(p.seconds(macs_per_s))} for {p.steps_run} steps"
+                         f"{_duration(seconds_of[i])} for {p.steps_run} steps"
                          + (f" ({job.scheduler.denoiser_calls(p.steps_run)} UNet calls)" if calls > 1 else ""))
             if p.synchronous_throughout:
                 lines.append(f"  {'':<24} displaced, but the warm-up covers all {p.steps_run} step(s): "
                              "synchronous throughout")
-            lines.append(f"  {'':<24} memory per rank: at least {describe_memory(need)}")
+            if id(p.costs) not in memory_words:
+                memory_words[id(p.costs)] = describe_memory(need)
+                cost_words[id(p.costs)] = describe_costs(p.costs)
+            lines.append(f"  {'':<24} memory per rank: at least {memory_words[id(p.costs)]}")
             per = "UNet call" if calls > 1 else "step"
-            lines.append(f"  {'':<24} per {per}, compute + activations: {describe_costs(p.costs)}")
+            lines.append(f"  {'':<24} per {per}, compute + activations: {cost_words[id(p.costs)]}")
     return "\n".join(lines)

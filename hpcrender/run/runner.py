@@ -17,7 +17,7 @@ from hpcrender.config import Manifest
 from hpcrender.errors import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK
 from hpcrender.gigapixel.kind import GigapixelKind
 from hpcrender.models.cache import ModelCache
-from hpcrender.output.records import clear_groups, merge_status, record_group
+from hpcrender.output.records import StatusMerger, clear_groups, record_group
 from hpcrender.parallel.groups import make_comms
 from hpcrender.run.image import ImageKind
 from hpcrender.run.kinds import RenderOptions, UnitContext
@@ -68,9 +68,10 @@ def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions)
     setup_rank_logging(out, env.rank, env.node, debug=options.debug,
                        array_task=options.array[0] if options.array is not None else None)
     names = [plan.jobs[i].job.name for i in plan.indices]
+    merger = StatusMerger(out, names) if env.rank == 0 else None  # status.json, O(jobs) for the whole run
     if env.rank == 0:
         clear_groups(out)
-        merge_status(out, names)
+        merger.flush()
     stop = StopFlag()
     stop.install()
     world.init_torch_distributed()  # collective: the group records above are cleared before any group writes
@@ -122,7 +123,7 @@ def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions)
                 if group.leader:
                     record_group(out, number, g, phase.groups[g], size, busy, taken)
                 if env.rank == 0:  # the other groups' jobs show up too: they keep their own state files current
-                    merge_status(out, names)
+                    merger.update()
             # Every rank goes through every round of every phase: the world-wide collectives stay matched.
             queue.free()
             for kind in kinds.values():
@@ -136,7 +137,7 @@ def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions)
         group.free()
     world.barrier()
     if env.rank == 0:
-        status = merge_status(out, names)
+        status = merger.flush()
         counts = {s: sum(1 for j in status["jobs"].values() if j["state"] == s)
                   for s in ("done", "failed", "pending", "running")}
         print(f"hpcrender: {counts['done']} done, {counts['failed']} failed, "
