@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
+# Samples per shard: small, so that the ranks' last shards end close together (the run's rate is its slowest rank's).
+SHARD = 10
 PLAIN = """
 import sys, time, torch
 from pathlib import Path
@@ -79,7 +81,7 @@ def hpcrender(model: str, side: int, steps: int, batch: int, n: int, ranks: int,
     manifest = folder / "sweep.toml"
     manifest.write_text(f'[defaults]\nmodel = "{model}"\nsteps = {steps}\nwidth = {side}\nheight = {side}\n'
                         f'guidance_scale = 5.0\n\n[[sweeps]]\nname = "s"\nprompts_file = "prompts.txt"\n'
-                        f'seeds = {{ start = 0, count = 10 }}\nbatch = {batch}\nshard_size = 20\n')
+                        f'seeds = {{ start = 0, count = 10 }}\nbatch = {batch}\nshard_size = {SHARD}\n')
     cmd = [str(VENV_BIN / "hpcrender"), "render", str(manifest), "--out", str(folder / "out")]
     if ranks > 1:
         cmd = [str(VENV_BIN / "mpiexec"), "-n", str(ranks), *cmd]
@@ -97,7 +99,7 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:tiny-sd")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=1)
-    ap.add_argument("--samples", default="40,400", help="N1,N2: two sweep sizes, multiples of 20")
+    ap.add_argument("--samples", default="40,400", help=f"N1,N2: two sweep sizes, multiples of {SHARD}")
     ap.add_argument("--ranks", default="1,2")
     ap.add_argument("--batch", default="1,4")
     ap.add_argument("--json", type=Path)

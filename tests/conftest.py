@@ -38,8 +38,8 @@ def small_disk(tmp_path):
 
 # The longest files first, so that no worker is left alone with one at the end.
 LONGEST_FIRST = ("test_verify", "test_render", "test_slurm", "test_gigapixel_queue", "test_gigapixel_render",
-                 "test_img2img", "test_controlnet", "test_lora", "test_queue", "test_fidelity", "test_parallel",
-                 "test_dit", "test_checkpoint")
+                 "test_img2img", "test_controlnet", "test_sweeps", "test_lora", "test_queue", "test_fidelity",
+                 "test_parallel", "test_dit", "test_checkpoint")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -490,3 +490,26 @@ def test_a_batch_of_three_is_each_sample_alone_within_the_floor_whatever_its_bat
                          "cpu")
     assert np.array_equal(mates.latents[0], batch.latents[0])
     assert np.abs(batch.latents[0] - batch.latents[2]).max() > 0.1  # the same prompt, other seeds: other samples
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
+def test_a_batch_equals_diffusers_own_call_with_lists_of_prompts_and_generators(name):
+    import torch
+
+    from hpcrender.config import Job, Mode, ParallelConfig, SchedulerName
+    from hpcrender.models import load_pipeline
+    from hpcrender.models.facts import facts_of
+    from hpcrender.parallel.layout import Comms
+    from hpcrender.render.batch import render_batch
+    from hpcrender.render.samplers import make_scheduler
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline(f"builtin:{name}")
+    jobs = [Job(name=f"s{i}", prompt=f"a photograph of subject {i}", width=64, height=48, seed=10 + i,
+                model=f"builtin:{name}", steps=3, parallel=ParallelConfig(mode=Mode.NONE)) for i in range(4)]
+    ours = render_batch(pipe, facts_of(pipe), jobs, Comms(None, None, (0,)), "cpu")
+    pipe.scheduler = make_scheduler(SchedulerName.EULER, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt=[j.prompt for j in jobs], height=48, width=64, num_inference_steps=3, guidance_scale=5.0,
+                  generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs], output_type="latent").images
+    assert np.array_equal(ours.latents, theirs.float().numpy())
