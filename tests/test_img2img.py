@@ -407,6 +407,19 @@ name = "lcm-long"
 model = "builtin:tiny-sd"
 scheduler = "lcm"
 steps = 60
+
+[[jobs]]
+name = "dpmpp-1000"
+model = "builtin:tiny-sd"
+scheduler = "dpmpp_2m"
+steps = 1000
+
+[[jobs]]
+name = "dpmpp-1000-trailing"
+model = "builtin:tiny-sd"
+scheduler = "dpmpp_2m"
+timestep_spacing = "trailing"
+steps = 1000
 """
 
 
@@ -432,7 +445,10 @@ def test_bad_sampler_keys_exit_2_with_one_line_each_naming_the_key_and_nothing_r
                     "'euler' or 'heun'",
                     "jobs[heun-flux]: scheduler 'heun' does not apply to Flux",
                     "jobs[spaced-sd3]: timestep_spacing 'trailing' does not apply to a flow-matching model",
-                    "jobs[lcm-long]: scheduler 'lcm' takes at most 50 steps (its original_inference_steps), got 60"]
+                    "jobs[lcm-long]: scheduler 'lcm' takes at most 50 steps (its original_inference_steps), got 60",
+                    "jobs[dpmpp-1000]: scheduler 'dpmpp_2m' with 'leading' timestep spacing gives all 1000 steps the "
+                    "same timestep (diffusers spaces them 1000 // (steps + 1) = 0 apart): use at most 999 steps, or "
+                    'timestep_spacing = "trailing"']
         assert len(lines) == len(expected), done.stderr
         for line, fragment in zip(lines, expected):
             assert f"model.toml: {fragment}" in line, done.stderr

@@ -39,6 +39,9 @@ FLOW_SAMPLERS: dict[SchedulerName, tuple[str, dict]] = {
     SchedulerName.EULER: ("FlowMatchEulerDiscreteScheduler", {}),
     SchedulerName.HEUN: ("FlowMatchHeunDiscreteScheduler", {}),
 }
+# Samplers whose 'leading' timesteps diffusers spaces num_train_timesteps // (steps + 1) apart (DPM-Solver++ without
+# Karras sigmas, UniPC): from num_train_timesteps steps on, every step gets the same timestep.
+LEADING_STEP_RATIO = (SchedulerName.DPMPP_2M, SchedulerName.DPMPP_2M_SDE, SchedulerName.UNIPC)
 # LCM's timesteps are its own (evenly spaced over `original_inference_steps` of its distillation schedule).
 LCM_ORIGINAL_STEPS = 50
 
@@ -69,6 +72,13 @@ def sampler_problem(name: SchedulerName, spacing: TimestepSpacing | None, config
         limit = int(config.get("original_inference_steps", LCM_ORIGINAL_STEPS))
         if steps is not None and steps > limit:
             return f"scheduler 'lcm' takes at most {limit} steps (its original_inference_steps), got {steps}"
+    if name in LEADING_STEP_RATIO and steps is not None:
+        train = int(config.get("num_train_timesteps", 1000))
+        used = spacing.value if spacing is not None else config.get("timestep_spacing", "linspace")
+        if used == TimestepSpacing.LEADING.value and train // (steps + 1) == 0:
+            return (f"scheduler {name.value!r} with 'leading' timestep spacing gives all {steps} steps the same "
+                    f"timestep (diffusers spaces them {train} // (steps + 1) = 0 apart): use at most {train - 1} "
+                    "steps, or timestep_spacing = \"trailing\"")
     return None
 
 

@@ -8,6 +8,7 @@ failed job is recorded without stopping the others.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -20,7 +21,7 @@ from hpcrender.models.cache import ModelCache
 from hpcrender.output.records import StatusMerger, clear_groups, record_group
 from hpcrender.parallel.groups import make_comms
 from hpcrender.run.image import ImageKind
-from hpcrender.run.kinds import RenderOptions, UnitContext
+from hpcrender.run.kinds import PROGRESS_RECORD_S, RenderOptions, UnitContext
 from hpcrender.run.plan import JobPlan, RunPlan
 from hpcrender.run.progress import Progress, setup_rank_logging
 from hpcrender.run.protocol import GroupProtocol, Outcome
@@ -94,6 +95,9 @@ def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions)
             members.setdefault(kind_of(plan.jobs[i]), []).append(i)
         kinds = {cls: cls(plan, indices) for cls, indices in members.items()}
         busy, taken = 0.0, []
+        # The group's record lists every unit it took: rewritten after each one it would cost O(units^2) in all, so
+        # it is written at most every PROGRESS_RECORD_S and when the group takes no more.
+        recorded, written = -math.inf, -1
         for r in range(max(k.rounds for k in kinds.values())):
             # A round's units may need the previous round's results (a gigapixel level the one before): each
             # round has its own queue, and every kind agrees on what the round holds before anyone takes.
@@ -120,10 +124,14 @@ def run_render(world, manifest: Manifest, plan: RunPlan, options: RenderOptions)
                     taken.append(job_plan.job.name + _part(unit.part))
                 failed += outcome is Outcome.FAILED
                 interrupted = outcome is Outcome.STOPPED
-                if group.leader:
+                if group.leader and time.monotonic() - recorded >= PROGRESS_RECORD_S:
                     record_group(out, number, g, phase.groups[g], size, busy, taken)
+                    recorded, written = time.monotonic(), len(taken)
                 if env.rank == 0:  # the other groups' jobs show up too: they keep their own state files current
                     merger.update()
+            if group.leader and written != len(taken):  # the group's record is whole once it takes no more
+                record_group(out, number, g, phase.groups[g], size, busy, taken)
+                recorded, written = time.monotonic(), len(taken)
             # Every rank goes through every round of every phase: the world-wide collectives stay matched.
             queue.free()
             for kind in kinds.values():
