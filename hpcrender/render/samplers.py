@@ -6,10 +6,6 @@ diffusers is imported inside the functions: the run plan's checks (`validate`, `
 
 from __future__ import annotations
 
-import copy
-import functools
-import json
-
 import numpy as np
 
 from hpcrender.config import SchedulerName, TimestepSpacing
@@ -98,30 +94,9 @@ def make_scheduler(name: SchedulerName, config, spacing: TimestepSpacing | None 
     class_name, init = (FLOW_SAMPLERS if is_flow_matching(config) else SAMPLERS)[name]
     if spacing is not None:
         init = {**init, "timestep_spacing": spacing.value}
-    return copy.deepcopy(_fresh_scheduler(class_name, _Config(config), tuple(sorted(init.items()))))
-
-
-class _Config:
-    """A scheduler config as a cache key: equal when its JSON text is."""
-
-    def __init__(self, config):
-        self.config = config
-        self.text = json.dumps(dict(config), sort_keys=True, default=repr)
-
-    def __hash__(self) -> int:
-        return hash(self.text)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Config) and other.text == self.text
-
-
-@functools.lru_cache(maxsize=32)
-def _fresh_scheduler(class_name: str, config: _Config, init: tuple):
-    """A scheduler as diffusers builds it from a config, once per (class, config, options): a sweep asks for one per
-    sample, and a deep copy of a fresh one costs a quarter of building it."""
     import diffusers
 
-    return getattr(diffusers, class_name).from_config(config.config, **dict(init))
+    return getattr(diffusers, class_name).from_config(config, **init)
 
 
 def set_timesteps(scheduler, facts: ModelFacts, steps: int, latent_rows: int, latent_cols: int, device) -> None:
