@@ -432,6 +432,11 @@ def _counts(jobs: dict) -> dict:
     return counts
 
 
+def read_json(path: Path) -> Any:
+    """A record as JSON, or None when it is missing or unreadable (what the sweep kind reads of its own records)."""
+    return _read_json(path)
+
+
 def _read_json(path: Path) -> Any:
     """The parsed file, or None when it is missing or unreadable (a state is then rebuilt)."""
     try:

@@ -8,14 +8,13 @@ parameters are not resumed), the sweep's state for `hpcrender status`, and index
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
 from pathlib import Path
 
 from hpcrender.config import Sweep
-from hpcrender.output.records import JobState, record_job_state, state_path, write_json_atomic
+from hpcrender.output.records import JobState, read_json, record_job_state, state_path, write_json_atomic
 from hpcrender.output.shards import done_shards, png_bytes, sample_record, write_index, write_shard
 from hpcrender.parallel.layout import GroupLayout
 from hpcrender.render.batch import render_batch
@@ -72,7 +71,7 @@ class SweepKind:
 
     def _prepare(self, sweep: Sweep, options, started: float) -> dict[str, str]:
         folder = sweep_folder(options.out, sweep)
-        before = _read_json(folder / SWEEP_FILE)
+        before = read_json(folder / SWEEP_FILE)
         wanted = sweep_hash(sweep)
         if options.resume and isinstance(before, dict) and before.get("params_hash") != wanted and \
                 done_shards(folder):
@@ -114,7 +113,7 @@ class SweepKind:
                 record_job_state(out, sweep.name, JobState.DONE, samples=sweep.samples, shards=shards,
                                  shard_size=sweep.shard_size)
             elif failure:
-                error = (_read_json(state_path(out, sweep.name)) or {}).get("error")
+                error = (read_json(state_path(out, sweep.name)) or {}).get("error")
                 record_job_state(out, sweep.name, JobState.FAILED, error=error or "a shard failed",
                                  samples=sweep.samples, shards=shards, shard_size=sweep.shard_size)
             else:
@@ -190,13 +189,6 @@ class SweepKind:
                 world.abort(f"{message} (the rest of its group waits for it in a collective, so the run stops here; "
                             "finished shards are kept and a rerun resumes)")
             return Outcome.FAILED
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def index_lines(sweep: Sweep):
