@@ -18,6 +18,12 @@ class Mode(str, enum.Enum):
     NAIVE = "naive"          # bands with no exchange (baseline)
     SYNC = "sync"            # bands exchanging fresh activations every step (exact)
     DISPLACED = "displaced"  # DistriFusion: synchronous warm-up, then stale async exchange
+    PIPEFUSION = "pipefusion"  # transformer blocks in stages, one per rank; patches through them, stale K/V
+
+    @property
+    def banded(self) -> bool:
+        """Whether the mode cuts the latent into bands, one per rank (naive, sync, displaced)."""
+        return self in (Mode.NAIVE, Mode.SYNC, Mode.DISPLACED)
 
 
 class GroupNormMode(str, enum.Enum):
@@ -96,11 +102,12 @@ class ParallelConfig:
     halo: HaloMode = HaloMode.STALE
     split_cfg: bool = False
     ranks_per_image: int = 0  # 0: all ranks render each image together
+    pipeline_patches: int = 0  # pipefusion: patches per step (0: as many as stages)
 
 
 def runs_synchronous_throughout(parallel: ParallelConfig, steps_run: int) -> bool:
     """A displaced render whose warm-up covers every step it runs: no step uses stale activations."""
-    return parallel.mode is Mode.DISPLACED and max(parallel.warmup_steps, 1) >= steps_run
+    return parallel.mode in (Mode.DISPLACED, Mode.PIPEFUSION) and max(parallel.warmup_steps, 1) >= steps_run
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,8 @@ class Job:
             d.pop("loras")
         if d["timestep_spacing"] is None:
             d.pop("timestep_spacing")
+        if not d["parallel"]["pipeline_patches"]:
+            d["parallel"].pop("pipeline_patches")
         if d["scheduler"] == SchedulerName.DPMPP_2M.value:
             d["scheduler"] = DPMPP_ALIAS
         blob = json.dumps(d, sort_keys=True).encode()

@@ -282,6 +282,7 @@ _PARALLEL: dict[str, _Check] = {
     "halo": _choice(HaloMode),
     "split_cfg": _as_bool,
     "ranks_per_image": _int_range(0, None),
+    "pipeline_patches": _int_range(0, None),
 }
 _GIGAPIXEL: dict[str, _Check] = {
     "base": _side,

@@ -24,8 +24,13 @@ from hpcrender.models.reference import (
 __all__ = [
     "Family", "ModelSpec", "SourceKind", "resolve", "load_pipeline", "family", "weights_checksum", "builtin_names",
     "unet_config_of", "component_config_of", "denoiser_of", "scheduler_config_of", "ModelFacts", "facts_of",
-    "load_controlnet", "controlnet_config_of",
+    "load_controlnet", "controlnet_config_of", "text_tokens_of", "T5_TOKENS",
 ]
+
+# T5 tokens the diffusers pipelines encode by default; a tokenizer with a shorter context (the builtins') caps it.
+T5_TOKENS = {Family.PIXART: 300, Family.SD3: 256, Family.FLUX: 512}
+# CLIP's context, to which SD3's pipeline pads its two CLIP encodings before the T5 tokens follow.
+CLIP_TOKENS = 77
 
 # The loaders (builtin, checkpoints, dit) import torch and diffusers: they are imported inside the functions that
 # load, so that reading a reference or a config (`validate`, `status`) stays light.
@@ -215,3 +220,34 @@ def controlnet_config_of(ref: str) -> dict | None:
 
     found = try_to_load_from_cache(spec.location, "config.json")
     return json.loads(Path(found).read_text()) if isinstance(found, str) else None
+
+
+def text_tokens_of(ref: str) -> int | None:
+    """Text tokens the transformer of DiT pipeline `ref` reads (PixArt, Flux: T5's; SD3: CLIP's, then T5's), from
+    its tokenizers' lengths without loading them; None for a UNet, or where they cannot be read (a hub id)."""
+    import json
+
+    from hpcrender.models import dit
+    from hpcrender.models.facts import family_of_config
+
+    spec = resolve(ref)
+    config = component_config_of(ref, "denoiser") if spec.kind is not SourceKind.SINGLE_FILE else None
+    if config is None or config.get("down_block_types") is not None:
+        return None
+    fam = family_of_config(config)
+    if spec.kind is SourceKind.BUILTIN:
+        tokens = dit.architecture(spec.location).tokens
+        lengths = {"tokenizer": tokens, "tokenizer_2": tokens, "tokenizer_3": tokens}
+    elif spec.kind is SourceKind.FOLDER:
+        lengths = {}
+        for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            path = Path(spec.location) / name / "tokenizer_config.json"
+            if path.is_file():
+                lengths[name] = int(json.loads(path.read_text()).get("model_max_length") or 0) or None
+    else:
+        return None
+    t5_name = {Family.PIXART: "tokenizer", Family.SD3: "tokenizer_3", Family.FLUX: "tokenizer_2"}[fam]
+    t5 = min(T5_TOKENS[fam], lengths.get(t5_name) or T5_TOKENS[fam])
+    if fam is Family.SD3:
+        return (lengths.get("tokenizer") or CLIP_TOKENS) + t5
+    return t5

@@ -1,8 +1,9 @@
 """Builtin diffusion transformers: PixArt-Sigma, SD3 and Flux.1 pipelines built offline from configs, with seeded
 weights, the local tokenizer and the schedulers of the real checkpoints.
 
-The tiny configs follow the ones diffusers' own tests build; their T5 and CLIP encoders are configured here instead
-of downloaded.
+The tiny configs follow the ones diffusers' own tests build, with four blocks each (Flux: two joint, two
+single-stream) so that a pipeline can cut them two and three ways; their T5 and CLIP encoders are configured here
+instead of downloaded.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def architecture(name: str) -> DitArchitecture:
     if name == "tiny-pixart":
         return DitArchitecture(
             name, Family.PIXART,
-            transformer=dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+            transformer=dict(sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=3,
                              caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8,
                              attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
                              norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6),
@@ -100,7 +101,7 @@ def architecture(name: str) -> DitArchitecture:
         # SD3.5's extras too: RMS query/key norms and a second (image-only) attention in the first block.
         return DitArchitecture(
             name, Family.SD3,
-            transformer=dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+            transformer=dict(sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=8,
                              num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
                              pooled_projection_dim=32, out_channels=16, pos_embed_max_size=32,
                              dual_attention_layers=(0,), qk_norm="rms_norm"),
@@ -113,7 +114,7 @@ def architecture(name: str) -> DitArchitecture:
     if name == "tiny-flux":
         return DitArchitecture(
             name, Family.FLUX,
-            transformer=dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            transformer=dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
                              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                              guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
             vae=_flow_vae((8, 16, 16, 16), scaling=0.3611, shift=0.1159),

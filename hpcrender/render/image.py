@@ -6,9 +6,11 @@ from typing import Callable
 
 from hpcrender.config import Job
 from hpcrender.errors import BadInput
+from hpcrender.models import text_tokens_of
 from hpcrender.models.facts import ModelFacts, facts_of
 from hpcrender.parallel.bands import image_bands
 from hpcrender.parallel.layout import Comms, GroupLayout, check_layout
+from hpcrender.parallel.pipeline import default_text_tokens, output_channels, pipeline_layout
 from hpcrender.render.checkpoint import Checkpoint
 from hpcrender.render.options import check_size
 from hpcrender.render.stages import (
@@ -39,11 +41,12 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
                  on_collective: Callable[[], None] | None = None, bands: tuple = (),
                  facts: ModelFacts | None = None, between: Callable[[], Between] | None = None,
                  on_checkpoint: Callable[[Checkpoint | None], None] | None = None,
-                 controlnets: tuple = ()) -> ImageResult:
+                 controlnets: tuple = (), pipeline=None) -> ImageResult:
     """Render `job` with this rank's share of the work; the group's first rank gets the image (and the latent).
 
     facts: the loaded model's (models.facts), asked of the pipeline here when not given.
     bands: the run plan's latent bands for a band-parallel layout; found from the loaded model when not given.
+    pipeline: the run plan's stages and patches for pipefusion (parallel.pipeline.PipelineLayout), likewise.
     decode=False stops after the denoising loop (benchmarks of the UNet alone). should_stop is asked after every
     step but the last, on every rank of the group alike (it must give the group's common answer): when it says
     yes, the loop ends there and the group's first rank gets a checkpoint instead of an image. resume continues
@@ -69,5 +72,15 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
         if not bands:
             bands = image_bands(job.height, facts.vae_scale, facts.alignment, layout.patch_ranks)
         run.bands = run.result.bands = tuple(bands)
+    if run.pipelined:
+        run.pipeline = pipeline or layout_of(pipe.transformer.config, job, layout.patch_ranks, facts.vae_scale)
     compose = img2img if job.init_image is not None else text_to_image
     return compose(run, resume, decode)
+
+
+def layout_of(config, job: Job, stages: int, vae_scale: int):
+    """A pipefusion job's stages and patches from its loaded transformer's config (the run plan's, when it could not
+    read the configs before loading)."""
+    rows, width = job.height // vae_scale, job.width // vae_scale
+    text = text_tokens_of(job.model) or default_text_tokens(config)
+    return pipeline_layout(config, stages, job.parallel.pipeline_patches, rows, width, text, output_channels(config))

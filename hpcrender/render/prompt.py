@@ -5,11 +5,8 @@ from __future__ import annotations
 import torch
 
 from hpcrender.config import Job
+from hpcrender.models import T5_TOKENS
 from hpcrender.models.reference import Family
-
-
-# T5 tokens the diffusers pipelines encode by default; a tokenizer with a shorter context (the builtins') caps it.
-T5_TOKENS = {Family.PIXART: 300, Family.SD3: 256, Family.FLUX: 512}
 
 
 def t5_tokens(pipe, fam: Family) -> int:

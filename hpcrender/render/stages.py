@@ -29,6 +29,7 @@ from hpcrender.models.reference import Family
 from hpcrender.parallel.gather import exchange_branch, gather_rows
 from hpcrender.parallel.layout import Comms, GroupLayout
 from hpcrender.parallel.parallelize import parallelize
+from hpcrender.parallel.pipefusion import PipeFused, PipePlan, pipefuse
 from hpcrender.parallel.plan import Parallelized, PatchPlan
 from hpcrender.parallel.vae import decode_group, encode_group
 from hpcrender.render.checkpoint import (
@@ -130,6 +131,8 @@ class Render:
     generator: torch.Generator | None = None  # the job's, after the start latent's draws: stochastic samplers' noise
     controlnets: tuple = ()  # the loaded ControlNetModel of each of job.controlnets, in order
     control_pixels: tuple = ()  # (1, 3, H, W) [0, 1] images given for them instead of their files (gigapixel tiles)
+    pipeline: object = None  # pipefusion: the stages and patches (parallel.pipeline.PipelineLayout)
+    fused: PipeFused | None = None  # pipefusion: this rank's stage, for the loop's duration
 
     @property
     def dtype(self) -> torch.dtype:
@@ -142,7 +145,18 @@ class Render:
     @property
     def parallel(self) -> bool:
         """The UNet runs band-parallel."""
-        return self.job.parallel.mode is not Mode.NONE and self.layout.patch_ranks > 1
+        return self.job.parallel.mode.banded and self.layout.patch_ranks > 1
+
+    @property
+    def pipelined(self) -> bool:
+        """The transformer runs as a pipeline of stages, one per rank of the patch group (pipefusion)."""
+        return self.job.parallel.mode is Mode.PIPEFUSION and self.layout.patch_ranks > 1
+
+    @property
+    def stage_ranks(self) -> tuple[int, ...]:
+        """Global ranks of the pipeline's stages: this rank's branch half with split_cfg, else the group."""
+        layout, ranks = self.layout, self.comms.global_ranks
+        return tuple(ranks[layout.branch * layout.patch_ranks:(layout.branch + 1) * layout.patch_ranks])
 
     @property
     def vae_parallel(self) -> bool:
@@ -274,6 +288,10 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
                          warmup_steps=job.parallel.warmup_steps, bands=run.bands, rank=layout.patch_rank,
                          halo=job.parallel.halo, calls_per_step=calls)
         handle = parallelize(model, plan, run.comms.patch_group)
+    if run.pipelined:
+        pipe_plan = PipePlan(layout=run.pipeline, stage=layout.patch_rank, warmup_steps=job.parallel.warmup_steps,
+                             calls_per_step=calls)
+        run.fused = pipefuse(model, pipe_plan, run.comms.patch_group, run.stage_ranks)
     try:
         seen: set[int] = set()
         for control in controls if handle is not None else ():
@@ -288,6 +306,10 @@ def denoise(run: Render, cond: Conditioning, scheduler, latent: torch.Tensor, st
                 control_handles[id(control)] = parallelize(control.model, own, run.comms.patch_group)
         latent = _loop(run, model, cond, scheduler, latent, start, batch, controls, control_handles)
     finally:
+        if run.fused is not None:
+            result.exchange = run.fused.stats()
+            run.fused.remove()
+            run.fused = None
         if handle is not None:
             result.exchange = _with_controls(handle.stats(), [h.stats() for h in control_handles.values()])
         for control_handle in control_handles.values():
@@ -413,8 +435,16 @@ def denoiser_step(run: Render, model, cond: Conditioning, scheduler, latent: tor
 
 
 def predict(run: Render, model, cond: Conditioning, model_in: torch.Tensor, t, control=None) -> torch.Tensor:
-    """One forward of the denoiser over this rank's band, called as the model's diffusers pipeline calls it; control:
-    the ControlNets' (down-block, mid-block) residuals for a UNet, as diffusers' ControlNet pipelines pass them."""
+    """The denoiser's output over this rank's band (pipefusion: the whole latent, the patches through the stages),
+    called as the model's diffusers pipeline calls it; control: the ControlNets' (down-block, mid-block) residuals
+    for a UNet, as diffusers' ControlNet pipelines pass them."""
+    if run.fused is not None:
+        return run.fused.forward(lambda rows: _forward(run, model, cond, rows, t, control), model_in)
+    return _forward(run, model, cond, model_in, t, control)
+
+
+def _forward(run: Render, model, cond: Conditioning, model_in: torch.Tensor, t, control=None) -> torch.Tensor:
+    """One forward of the denoiser over `model_in`."""
     fam = run.facts.family
     batch = model_in.shape[0]
     if fam is Family.PIXART:
