@@ -28,10 +28,17 @@ class ModelCache:
     fused: Fused | None = None
     controls: dict = field(default_factory=dict)  # ControlNets by (reference, dtype): the current job's only
 
-    def get(self, ref: str, dtype, loras: tuple = ()) -> LoadedModel:
+    def get(self, ref: str, dtype, loras: tuple = (), cut=None) -> LoadedModel:
         """The pipeline of `ref` in `dtype` (config.DType) with `loras` (config.Lora) fused and its facts, its VAE in
-        float32 (fp16 VAEs overflow on decode, and the decode is a small part of the time)."""
+        float32 (fp16 VAEs overflow on decode, and the decode is a small part of the time).
+
+        cut: what a pipefusion render will keep of the denoiser (parallel.pipefusion.cut_of), else None. A denoiser
+        that kept only one stage's weights serves that stage again, with the same LoRAs, and is loaded anew for
+        anything else."""
         key = (ref, dtype)
+        held = self._held(key)
+        if held is not None and (held != cut or wanted(loras) != (self.fused.loras if self.fused else ())):
+            self.cache.clear()
         if key not in self.cache:
             self.cache.clear()
             self.fused = None
@@ -46,6 +53,13 @@ class ModelCache:
             if loras:
                 self.fused = put_on(loaded.pipe, loras)
         return loaded
+
+    def _held(self, key):
+        loaded = self.cache.get(key)
+        if loaded is None:
+            return None
+        denoiser = getattr(loaded.pipe, "transformer", None)
+        return getattr(denoiser, "_hpcrender_stage", None)
 
     def controlnets(self, refs, dtype) -> tuple:
         """The ControlNetModel of each reference in `refs`, in `dtype` (config.DType); those another job used and this

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from hpcrender.models import component_config_of
+from hpcrender.models import component_config_of, text_tokens_of
 from hpcrender.models.facts import ModelFacts, facts_from_configs
 from hpcrender.parallel.bands import is_transformer_config
 
@@ -21,6 +21,8 @@ class ModelShape:
     unet: object     # UNet2DConditionModel on the meta device; None for a diffusion transformer
     parameters: int  # the UNet's parameter count
     transformer: dict | None = None  # a diffusion transformer's config (its bytes per step come from it)
+    text_tokens: int | None = None   # a diffusion transformer's text tokens (models.text_tokens_of)
+    parameter_split: tuple | None = None  # a transformer's parameter counts (parallel.pipefusion.parameter_split)
 
 @functools.lru_cache(maxsize=8)
 def model_shape(ref: str) -> ModelShape | None:
@@ -34,7 +36,15 @@ def model_shape(ref: str) -> ModelShape | None:
         return None
     facts = facts_from_configs(unet_config, vae_config)
     if is_transformer_config(unet_config):
-        return ModelShape(ref=ref, facts=facts, unet=None, parameters=0, transformer=unet_config)
+        import diffusers
+
+        from hpcrender.parallel.pipefusion import parameter_split
+
+        with torch.device("meta"):
+            model = getattr(diffusers, unet_config["_class_name"]).from_config(unet_config)
+        split = parameter_split(model)
+        return ModelShape(ref=ref, facts=facts, unet=None, parameters=sum(p.numel() for p in model.parameters()),
+                          transformer=unet_config, text_tokens=text_tokens_of(ref), parameter_split=split)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
     return ModelShape(ref=ref, facts=facts, unet=unet, parameters=sum(p.numel() for p in unet.parameters()))

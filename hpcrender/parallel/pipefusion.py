@@ -292,6 +292,18 @@ HEAD_MODULES = ("norm_out", "proj_out")
 HEAD_PARAMETERS = ("scale_shift_table",)  # PixArt's output modulation
 
 
+def parameter_split(model: nn.Module) -> tuple[tuple[int, ...], int, int, int]:
+    """Parameters (counts) of every block in order, of what only the first stage holds (the embedders), of what only
+    the last holds (the head), and of what every stage holds (time and text conditioning): on the meta device too."""
+    blocks = tuple(sum(p.numel() for p in blocks._modules[key].parameters()) for blocks, key in block_lists(model))
+    entry, text = _entries(model)
+    first = sum(p.numel() for name in (entry, text) if name is not None for p in getattr(model, name).parameters())
+    last = sum(p.numel() for name in HEAD_MODULES for p in getattr(model, name).parameters())
+    last += sum(model._parameters[name].numel() for name in HEAD_PARAMETERS if model._parameters.get(name) is not None)
+    shared = sum(p.numel() for p in model.parameters()) - sum(blocks) - first - last
+    return blocks, first, last, shared
+
+
 def held_parameter_bytes(model: nn.Module) -> int:
     """Bytes of the parameters this rank holds (those not on the meta device)."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
@@ -321,7 +333,11 @@ def release(model: nn.Module, plan: PipePlan) -> None:
 
 def cut_of(plan: PipePlan) -> tuple:
     """What a released model still holds: its stages and which one it is."""
-    return (plan.layout.stages, plan.stage)
+    return stage_cut(plan.layout, plan.stage)
+
+
+def stage_cut(layout: PipelineLayout, stage: int) -> tuple:
+    return (layout.stages, stage)
 
 
 class PipeFused:

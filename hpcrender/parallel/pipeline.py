@@ -228,3 +228,29 @@ def output_channels(config: Mapping | object) -> int:
     if is_flux_config(config):
         return int(_get(config, "out_channels", None) or _get(config, "in_channels")) // 4
     return int(_get(config, "out_channels", None) or _get(config, "in_channels"))
+
+
+def stage_parameters(split: tuple, stages: Sequence[Stage], stage: int) -> int:
+    """Parameters stage `stage` holds, from parameter counts (blocks in order, first stage's only, last stage's
+    only, everyone's): its blocks, the embedders on the first, the head on the last, the conditioning on all."""
+    blocks, first, last, shared = split
+    own = stages[stage]
+    held = sum(blocks[own.start:own.stop]) + shared
+    if stage == 0:
+        held += first
+    if stage == len(stages) - 1:
+        held += last
+    return held
+
+
+def attention_layers(block: Block) -> int:
+    """Image attentions of a block: each keeps the whole image's keys and values in a pipeline."""
+    return 2 if block.dual else 1
+
+
+def kv_buffer_bytes(layout: PipelineLayout, stage: int, batch: int, element: int, calls: int = 1) -> int:
+    """Bytes of the keys and values a stage keeps of the whole image (one set per call of a step: Heun's two)."""
+    own = layout.stages[stage]
+    tokens = sum(layout.tokens(p) for p in layout.patches)
+    layers = sum(attention_layers(b) for b in layout.blocks[own.start:own.stop])
+    return calls * layers * batch * tokens * 2 * layout.inner * element

@@ -12,7 +12,7 @@ from hpcrender.parallel.bands import image_bands
 from hpcrender.parallel.layout import Comms, GroupLayout, check_layout
 from hpcrender.parallel.pipeline import default_text_tokens, output_channels, pipeline_layout
 from hpcrender.render.checkpoint import Checkpoint
-from hpcrender.render.options import check_size
+from hpcrender.render.options import PIPEFUSION_UNET, check_size
 from hpcrender.render.stages import (
     Between, ImageResult, Render, checkpoint_latent, conditioning, denoise, finish, image_latent, noise_latent,
     timesteps,
@@ -73,6 +73,8 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
             bands = image_bands(job.height, facts.vae_scale, facts.alignment, layout.patch_ranks)
         run.bands = run.result.bands = tuple(bands)
     if run.pipelined:
+        if not facts.transformer:
+            raise BadInput(PIPEFUSION_UNET)
         run.pipeline = pipeline or layout_of(pipe.transformer.config, job, layout.patch_ranks, facts.vae_scale)
     compose = img2img if job.init_image is not None else text_to_image
     return compose(run, resume, decode)

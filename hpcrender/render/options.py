@@ -3,13 +3,17 @@ plan's checks) and once it is loaded (from its facts). No torch here: `validate`
 
 from __future__ import annotations
 
-from hpcrender.config import Job
+from hpcrender.config import Job, Mode
 from hpcrender.errors import BadInput
 from hpcrender.models import controlnet_config_of, scheduler_config_of, unet_config_of
 from hpcrender.models.facts import ModelFacts
 from hpcrender.models.reference import Family
 from hpcrender.parallel.bands import is_flux_config, is_transformer_config, transformer_alignment
 from hpcrender.render.samplers import sampler_problem
+
+
+PIPEFUSION_UNET = ("mode = 'pipefusion' cuts a diffusion transformer's blocks (PixArt, SD3, Flux) into stages; a "
+                   "UNet's skip connections cross every stage: use 'displaced'")
 
 
 def check_model_options(job: Job) -> None:
@@ -23,6 +27,8 @@ def check_model_options(job: Job) -> None:
     except Exception:  # noqa: BLE001 - a model that does not load is the job's failure, reported when it is loaded
         return
     check_controlnets(job, denoiser)
+    if job.parallel.mode is Mode.PIPEFUSION and denoiser is not None and not is_transformer_config(denoiser):
+        raise BadInput(PIPEFUSION_UNET)
     flux = denoiser is not None and is_transformer_config(denoiser) and is_flux_config(denoiser)
     problem = None if config is None else sampler_problem(job.scheduler, job.timestep_spacing, config,
                                                          Family.FLUX if flux else None, job.steps)
@@ -39,7 +45,8 @@ def check_model_options(job: Job) -> None:
 def model_options_key(job: Job) -> tuple:
     """Everything of `job` that check_model_options reads: jobs with equal keys pass or fail it alike, so that a plan
     checks a manifest's many alike jobs once."""
-    return (job.model, job.scheduler, job.timestep_spacing, job.steps, job.parallel.split_cfg, job.width, job.height,
+    return (job.model, job.scheduler, job.timestep_spacing, job.steps, job.parallel.split_cfg, job.parallel.mode,
+            job.width, job.height,
             tuple(c.model for c in job.controlnets), None if job.gigapixel is None else job.gigapixel.controlnet)
 
 

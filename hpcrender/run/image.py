@@ -16,6 +16,7 @@ from hpcrender.output.records import JobState, meta_header, record_job_state, re
 from hpcrender.output.store import TileStore
 from hpcrender.output.tiles import default_tile
 from hpcrender.parallel.layout import GroupLayout
+from hpcrender.parallel.pipefusion import stage_cut
 from hpcrender.render.checkpoint import (
     CheckpointWriter, checkpoint_path, read_checkpoint, remove_checkpoint, write_checkpoint,
 )
@@ -116,7 +117,7 @@ class ImageKind:
         if writer is not None and resume is not None:
             writer.step = resume.step  # the file on disk until the first new one: what status names meanwhile
         try:
-            model = ctx.models.get(job.model, job.dtype, job.loras)
+            model = ctx.models.get(job.model, job.dtype, job.loras, cut=_cut(plan, layout))
             controlnets = ctx.models.controlnets([c.model for c in job.controlnets], job.dtype)
             last_record = time.monotonic()
             last_checkpoint = time.monotonic()
@@ -153,7 +154,8 @@ class ImageKind:
                                   should_stop=lambda: group.stop(ctx.stop.signum is not None), resume=resume,
                                   on_collective=on_collective, bands=plan.bands, facts=model.facts,
                                   between=between if periodic else None,
-                                  on_checkpoint=on_checkpoint if periodic else None, controlnets=controlnets)
+                                  on_checkpoint=on_checkpoint if periodic else None, controlnets=controlnets,
+                                  pipeline=plan.pipeline)
             if writer is not None:
                 writer.wait()  # the last periodic write lands before the checkpoint is replaced or removed
                 if writer.error is not None:
@@ -175,6 +177,9 @@ class ImageKind:
             mine = {"rank": env.rank, "node": env.node, "peak_memory_bytes": result.peak_memory_bytes}
             if result.exchange:
                 mine["exchange"] = {k: result.exchange[k] for k in ("bytes_sent", "wait_seconds")}
+                for key in ("parameter_bytes", "stage_blocks"):  # pipefusion: the rank's blocks and their weights
+                    if key in result.exchange:
+                        mine[key] = result.exchange[key]
             peaks = group.gather(mine)
             together = False  # what follows is the first rank's alone; the others have gone on to the next unit
             if leader:
@@ -211,6 +216,13 @@ class ImageKind:
             return Outcome.FAILED
 
 
+def _cut(plan, layout: GroupLayout):
+    """What a pipefusion render keeps of the model on this rank (models.cache), None for other modes."""
+    if plan.pipeline is None or layout.patch_ranks < 2:
+        return None
+    return stage_cut(plan.pipeline, layout.patch_rank)
+
+
 def synchronous_note(job: Job, steps_run: int) -> str:
     """What a displaced job whose warm-up covers every step it runs does instead, in words."""
     warmup = max(job.parallel.warmup_steps, 1)  # the first step is always synchronous: nothing stale exists yet
@@ -240,7 +252,13 @@ def _meta(job: Job, result, layout, comms, peaks, exported, started, world, grou
     exchange = dict(result.exchange)
     if exchange:  # every rank's traffic and waits: a slow or overloaded band shows up here
         exchange["per_rank"] = [{"rank": p["rank"], **p["exchange"]} for p in peaks if "exchange" in p]
-    peaks = [{k: v for k, v in p.items() if k != "exchange"} for p in peaks]
+    stages = {}
+    if "stage_blocks" in exchange:  # pipefusion: every rank's blocks, the weights it held, the patches
+        stages = {"stages": [p["stage_blocks"] for p in peaks], "patches": exchange.pop("patches"),
+                  "parameter_bytes": [p["parameter_bytes"] for p in peaks]}
+        for key in ("stage_blocks", "parameter_bytes"):
+            exchange.pop(key)
+    peaks = [{k: v for k, v in p.items() if k not in ("exchange", "parameter_bytes", "stage_blocks")} for p in peaks]
     return {
         **meta_header(job),
         "layout": {"world_size": world.env.world_size, "group": group.index, "ranks": list(comms.global_ranks),
@@ -249,7 +267,7 @@ def _meta(job: Job, result, layout, comms, peaks, exported, started, world, grou
                    "halo": job.parallel.halo.value,
                    # displaced with a warm-up over every step run: what ran, and why
                    **({"ran_as": "sync", "note": note} if note else {}),
-                   "bands": [[b.start, b.stop] for b in result.bands],
+                   "bands": [[b.start, b.stop] for b in result.bands], **stages,
                    "nodes": sorted({p["node"] for p in peaks}), "device": world.env.device},
         "timings": {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 3),
                     "encode_seconds": round(result.encode_seconds, 4),

@@ -22,8 +22,11 @@ from hpcrender.parallel.bands import (
     Band, expected_bytes, gathered_keys_values, image_bands, is_flux_config, memory_estimate, step_macs, transformer_step_bytes,
 )
 from hpcrender.parallel.layout import check_layout
+from hpcrender.parallel.pipeline import (
+    default_text_tokens, kv_buffer_bytes, output_channels, pipeline_layout, stage_parameters,
+)
 from hpcrender.parallel.plan import unet_activation_bytes, unet_compute, unet_layers
-from hpcrender.render.options import check_model_options, model_options_key
+from hpcrender.render.options import PIPEFUSION_UNET, check_model_options, model_options_key
 from hpcrender.run.schedule import array_shard, assign_jobs, job_cost, queue_order, rank_groups
 from hpcrender.sweeps import sweep_words
 
@@ -63,10 +66,17 @@ class JobPlan:
     sent: tuple[int, ...] | None = None  # bytes each rank of the group sends in a steady step
     base_costs: tuple[RankCost, ...] | None = None  # a gigapixel job's base render (costs: one of its tiles)
     sweep: object = None  # config.Sweep of a sweep (job: its template): its units are shards, each sample as `job`
+    pipeline: object = None  # pipefusion: its stages and patches (parallel.pipeline.PipelineLayout)
+    parameter_split: tuple | None = None  # pipefusion: the transformer's parameter counts (stage weights)
+    batch: int = 1  # images per denoiser call (2 with classifier-free guidance unless split_cfg)
 
     @property
     def banded(self) -> bool:
-        return self.job.parallel.mode is not Mode.NONE and self.patch_ranks > 1
+        return self.job.parallel.mode.banded and self.patch_ranks > 1
+
+    @property
+    def pipelined(self) -> bool:
+        return self.job.parallel.mode is Mode.PIPEFUSION and self.patch_ranks > 1
 
     @property
     def steps_run(self) -> int:
@@ -74,8 +84,8 @@ class JobPlan:
 
     @property
     def synchronous_throughout(self) -> bool:
-        """A displaced band-parallel job whose warm-up covers every step it runs."""
-        return self.banded and runs_synchronous_throughout(self.job.parallel, self.steps_run)
+        """A displaced band-parallel or pipefusion job whose warm-up covers every step it runs."""
+        return (self.banded or self.pipelined) and runs_synchronous_throughout(self.job.parallel, self.steps_run)
 
     def seconds(self, macs_per_s: float) -> float | None:
         """Estimated time of the denoising loops at `macs_per_s` per rank (the slowest rank sets it), on one group;
@@ -211,7 +221,9 @@ def _plan_job(index: int, job: Job, size: int, shape, checked: dict | None) -> J
     _check_model_options(job, checked)
     patch = size // (2 if job.parallel.split_cfg else 1)
     estimate = job_cost(job.width, job.height, job.steps)
-    banded = job.parallel.mode is not Mode.NONE and patch > 1
+    banded = job.parallel.mode.banded and patch > 1
+    if job.parallel.mode is Mode.PIPEFUSION and patch > 1:
+        return _plan_pipeline(index, job, size, patch, shape, estimate)
     if shape is None:
         if job.gigapixel is not None:
             raise DoesNotFit("a gigapixel job's levels and tiles are planned from its model's configs before "
@@ -239,6 +251,31 @@ def _plan_job(index: int, job: Job, size: int, shape, checked: dict | None) -> J
                        sent=_transformer_sent(job, size, bands, shape))
     costs = _rank_costs(job, size, patch, bands, shape)
     return JobPlan(index, job, size, patch, bands, costs, estimate, sent=tuple(c.bytes_sent for c in costs))
+
+
+def _plan_pipeline(index: int, job: Job, size: int, patch: int, shape, estimate: float) -> JobPlan:
+    """A pipefusion job: its stages and patches, refused before loading when they cannot work (a UNet, fewer blocks
+    than stages, fewer patches than stages or more than token rows)."""
+    if job.gigapixel is not None:
+        raise DoesNotFit("mode = 'pipefusion' does not render gigapixel jobs yet: their tiles render on groups of "
+                         "one rank, or band-parallel ('displaced')")
+    if job.loras:
+        raise DoesNotFit("mode = 'pipefusion' does not take LoRAs yet (a rank keeps only its stage's weights): use "
+                         "'displaced'")
+    if shape is None:
+        return JobPlan(index, job, size, patch, (), None, estimate)
+    if shape.transformer is None:
+        raise DoesNotFit(PIPEFUSION_UNET)
+    config = shape.transformer
+    text = shape.text_tokens or default_text_tokens(config)
+    layout = pipeline_layout(config, patch, job.parallel.pipeline_patches, job.height // shape.facts.vae_scale,
+                             job.width // shape.facts.vae_scale, text, output_channels(config))
+    guided = job.guidance_scale > 1.0 and not is_flux_config(config)
+    batch = 2 if guided and not job.parallel.split_cfg else 1
+    element = _element_size(job.dtype.value)
+    sent = tuple(layout.step_bytes(rank % patch, batch, element, sync=False) for rank in range(size))
+    return JobPlan(index, job, size, patch, (), None, estimate, sent=sent, pipeline=layout,
+                   parameter_split=shape.parameter_split, batch=batch)
 
 
 def _check_model_options(job: Job, checked: dict | None) -> None:
@@ -387,6 +424,29 @@ def tile_rate_seconds(giga, tile_seconds: float, groups: int) -> float:
     return tile_seconds * (1 + sum(-(-len(lv.tiles) // groups) for lv in giga.levels[1:]))
 
 
+def describe_pipeline(p: JobPlan) -> list[str]:
+    """A pipefusion job's stages, patches, bytes per step, weights and kept keys/values per rank, in words."""
+    layout, job = p.pipeline, p.job
+    element = _element_size(job.dtype.value)
+    batch = p.batch
+    stages = ", ".join(f"{s.start}:{s.stop}" for s in layout.stages)
+    patches = ",".join(f"{b.start}:{b.stop}" for b in layout.patches)
+    lines = [f"stages (blocks) {stages} of {len(layout.blocks)}; {len(layout.patches)} patches (latent rows) "
+             f"{patches}; warm-up {max(job.parallel.warmup_steps, 1)} step(s) synchronous"]
+    sent = ", ".join(_size(b) for b in p.sent[:p.patch_ranks])
+    lines.append(f"sends per step, by stage: {sent} (the last: the model's output to the others)")
+    if p.parameter_split is not None:
+        weights = ", ".join(_size(stage_parameters(p.parameter_split, layout.stages, k) * element)
+                            for k in range(len(layout.stages)))
+        whole = sum(sum(part) if isinstance(part, tuple) else part for part in p.parameter_split) * element
+        kv = ", ".join(_size(kv_buffer_bytes(layout, k, batch, element, job.scheduler.calls_per_step))
+                       for k in range(len(layout.stages)))
+        lines.append(f"weights by stage: {weights} (the whole model {_size(whole)}); keys/values kept: {kv}")
+    if p.synchronous_throughout:
+        lines.append(f"the warm-up covers all {p.steps_run} step(s): synchronous throughout")
+    return lines
+
+
 def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_CORE_MACS_PER_S,
                   tile_seconds: float | None = None) -> str:
     """`hpcrender plan`: per job its group (as the queue would hand jobs out if the estimates held), bands, bytes
@@ -419,6 +479,9 @@ def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_COR
             if p.sweep is not None:
                 lines.append(f"  {'':<24} sweep of {sweep_words(p.sweep)}: its shards are the queue's units, on "
                              f"every group of {phase.size} rank(s); the estimates below are per sample")
+            if p.pipeline is not None:
+                lines.extend(f"  {'':<24} {line}" for line in describe_pipeline(p))
+                continue
             if p.costs is None:
                 if p.sent is not None:
                     lines.append(f"  {'':<24} sends per step: {_size(max(p.sent) * job.scheduler.calls_per_step)} "

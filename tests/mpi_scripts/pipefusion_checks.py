@@ -10,14 +10,19 @@ gives. On 4 ranks only split_cfg, over two pipelines of 2 stages (PixArt and SD3
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
-from hpcrender.config import Job, Mode, ParallelConfig
+from hpcrender.config import InitImage, Job, Mode, ParallelConfig
 from hpcrender.models import denoiser_of, load_pipeline
 from hpcrender.parallel.layout import Comms, GroupLayout
 from hpcrender.parallel.pipefusion import block_lists, held_parameter_bytes
@@ -58,6 +63,41 @@ def all_ranks(flag: bool, group) -> bool:
 def gathered(value, size: int) -> list:
     out = [None] * size
     dist.all_gather_object(out, value)
+    return out
+
+
+def start_image(folder: Path) -> InitImage:
+    path = folder / "start.png"
+    pixels = np.random.default_rng(3).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return InitImage(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest(), strength=0.75)
+
+
+def img2img_and_resume(name: str, fresh, size: int, rank: int, whole: Comms, alone_at) -> dict:
+    """img2img with every step synchronous against one process; a render stopped after step 2 of 4 and resumed
+    against the same render uninterrupted (synchronous throughout: bit for bit), and with 1 warm-up step (the
+    resumed render warms up again: close, not equal)."""
+    out = {}
+    layout = GroupLayout(size, rank, Mode.PIPEFUSION)
+    with tempfile.TemporaryDirectory() as tmp:
+        init = start_image(Path(tmp))  # the same bytes on every rank
+        spec = dataclasses.replace(job(name, Mode.PIPEFUSION, 4, 4), init_image=init)
+        alone = render_image(fresh(), dataclasses.replace(spec, parallel=ParallelConfig(mode=Mode.NONE)), *alone_at,
+                             "cpu")
+        out["img2img_sync"] = compare(render_image(fresh(), spec, layout, whole, "cpu"), alone)
+    for warmup in (4, 1):
+        spec = job(name, Mode.PIPEFUSION, 4, warmup, 2 * size + 1)
+        pipe = fresh()
+        straight = render_image(pipe, spec, layout, whole, "cpu")
+        calls = iter([False, True])
+        stopped = render_image(pipe, spec, layout, whole, "cpu", should_stop=lambda: next(calls))
+        saved = [stopped.checkpoint]
+        dist.broadcast_object_list(saved, src=0)
+        resumed = render_image(pipe, spec, layout, whole, "cpu", resume=saved[0])
+        if rank == 0:
+            out[f"stopped_at_w{warmup}"] = stopped.stopped_at
+            out[f"resumed_w{warmup}"] = {"equal": bool(np.array_equal(resumed.latent, straight.latent)),
+                                         **compare(resumed, straight)}
     return out
 
 
@@ -111,6 +151,8 @@ def main() -> None:
         entry["expected"] = gathered(expected[:2], size)
         entry["parameter_bytes"] = gathered(result.exchange["parameter_bytes"], size)
         entry["sync_steps"] = result.exchange["sync_steps"]
+        if name == "tiny-sd3":
+            entry.update(img2img_and_resume(name, fresh, size, rank, whole, alone_at))
         report["models"][name] = entry
     if rank == 0:
         print(json.dumps(report), flush=True)
