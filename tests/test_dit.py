@@ -170,17 +170,17 @@ def test_transformer_alignment_is_token_rows_in_latent_rows():
 
 def test_transformer_step_bytes_count_every_image_attention():
     bands = latent_bands(10, 2, 2)  # token rows 3 and 2, 4 tokens each (a latent 8 columns wide)
-    pixart = dit.transformer_config("tiny-pixart")  # 2 blocks, 3 heads x 8: keys + values 48 channels
-    assert len(transformer_layers(pixart, 8)) == 2
+    pixart = dit.transformer_config("tiny-pixart")  # 4 blocks, 3 heads x 8: keys + values 48 channels
+    assert len(transformer_layers(pixart, 8)) == 4
     per_layer = 2 * (3 * 4) * 48 * 4  # batch 2, padded to the larger band, float32
-    assert transformer_step_bytes(pixart, bands, 0, 8, 2, 4) == 2 * per_layer
-    assert transformer_step_bytes(pixart, bands, 1, 8, 2, 4) == 2 * per_layer  # padded: the same on every rank
-    assert transformer_step_bytes(pixart, bands, 0, 8, 2, 4, registration=True) == 2 * per_layer + 2 * 8
-    assert len(transformer_layers(dit.transformer_config("tiny-sd3"), 8)) == 3  # 2 joint + SD3.5's second one
-    assert len(transformer_layers(dit.transformer_config("tiny-flux"), 8)) == 2  # 1 joint + 1 single-stream
+    assert transformer_step_bytes(pixart, bands, 0, 8, 2, 4) == 4 * per_layer
+    assert transformer_step_bytes(pixart, bands, 1, 8, 2, 4) == 4 * per_layer  # padded: the same on every rank
+    assert transformer_step_bytes(pixart, bands, 0, 8, 2, 4, registration=True) == 4 * per_layer + 4 * 8
+    assert len(transformer_layers(dit.transformer_config("tiny-sd3"), 8)) == 5  # 4 joint + SD3.5's second one
+    assert len(transformer_layers(dit.transformer_config("tiny-flux"), 8)) == 4  # 2 joint + 2 single-stream
     assert transformer_step_bytes(pixart, (Band(0, 10),), 0, 8, 2, 4) == 0
     # the stale keys/values every rank keeps: every band's, padded, and its own sent copy, per layer
-    assert exchange_buffers(transformer_layers(pixart, 8), bands, 2, 4).keys_values == 2 * 3 * 2 * 12 * 48 * 4
+    assert exchange_buffers(transformer_layers(pixart, 8), bands, 2, 4).keys_values == 4 * 3 * 2 * 12 * 48 * 4
 
 
 # --- on MPI ranks -------------------------------------------------------------------------------------------------

@@ -32,6 +32,25 @@ PINNED = {
         "unet": "86fa9c02096d64db0a7cf9eec0313e904ab4705f921365c18a70e09464d274ef",
         "vae": "4945780149b3edd2a05f1e922f8eab95b1007909fe2a0528c598ff581daed071",
     },
+    # the tiny diffusion transformers with four blocks each (Flux: two joint, two single-stream)
+    "tiny-pixart": {
+        "text_encoder": "b127b4d0bbbf4c34d308bf9cb34ee3d8093c2e75a08afec99ff80ee602e3d965",
+        "transformer": "0a9c9d7a688a4726ba2a46ac989cc8c07ef2cf3cd9d52f407b8a05f837dfe4ac",
+        "vae": "124c979295efe3ce575224bf680001f51e15a269fc0bc623d8aded4aa655b158",
+    },
+    "tiny-sd3": {
+        "text_encoder": "f3521ac18cb2e589de5a261dab0d49a78e4e834017ac9e9e5af268b08ab1dcd8",
+        "text_encoder_2": "2506f116b777fbbc4c877d0ba4092a1775b24dada7f45b567c0b48cffbbb27c8",
+        "text_encoder_3": "a4681aed324beb1db0922b4021d6fc1f72e48a4b6da3ed13169ca4e7a9646744",
+        "transformer": "1807d0a2a77488cb24a17e0d26100f4f260299f8938067abb15e610b06252159",
+        "vae": "5fd7162a04c45bf03c76884319802025169e633c5494ecafcf11076d00daf2f3",
+    },
+    "tiny-flux": {
+        "text_encoder": "f40909d62d32e8fa4e21c8514b43ccbc6183ebeb8c748a90c3493ea4a5dc37cf",
+        "text_encoder_2": "103ccbdf853828c0f464e71e047563903e9eb0b88ad80b72f2f008a33c25f51c",
+        "transformer": "ace83f6f4aaf9a1fc7fe65ee07a6de9b5c3daa4790470e1392df9402dfc9f95b",
+        "vae": "8b1f631609d80323df3d33894efe021c2364a1372060bdac5cfff4521164497e",
+    },
 }
 
 
@@ -108,12 +127,12 @@ def test_tiny_builtin_renders_an_image_that_is_not_constant(name):
     assert image.std() > 0.02
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TINY + ("tiny-pixart",))
 def test_building_twice_gives_identical_weights(name):
     assert checksums(load_pipeline(f"builtin:{name}")) == checksums(load_pipeline(f"builtin:{name}"))
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", tuple(PINNED))
 def test_builtin_weights_match_the_pinned_checksums(name):
     assert checksums(load_pipeline(f"builtin:{name}")) == PINNED[name]
 

@@ -254,12 +254,16 @@ def seeded_values(model_name: str, component: str, param: str, shape: torch.Size
 def fill_seeded(module: torch.nn.Module, model_name: str, component: str, keep_buffers: bool = False) -> None:
     """Overwrite every parameter from its seeded stream (values made on the CPU, then copied to the device).
 
-    Parameters are independent streams, so they fill in parallel threads (the full SDXL has 3.5 G values).
+    Parameters are independent streams, so they fill in parallel threads (the full SDXL has 3.5 G values); a
+    parameter registered under two names (tied weights) would otherwise be filled twice at once, by a race.
     keep_buffers: a module built off the meta device already holds the buffers it computed itself (position tables).
     """
-    params = []
+    params, seen = [], set()
     for module_name, owner in module.named_modules():
         for param_name, param in owner.named_parameters(recurse=False):
+            if id(param) in seen:  # a tied weight (T5's shared embedding) fills once, from its first name
+                continue
+            seen.add(id(param))
             full_name = f"{module_name}.{param_name}" if module_name else param_name
             params.append((full_name, param, param_role(owner, param_name, param)))
 

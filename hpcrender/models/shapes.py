@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from hpcrender.models import component_config_of, text_tokens_of
 from hpcrender.models.facts import ModelFacts, facts_from_configs
 from hpcrender.parallel.bands import is_transformer_config
+from hpcrender.parallel.pipeline import parameter_split
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,8 +38,6 @@ def model_shape(ref: str) -> ModelShape | None:
     facts = facts_from_configs(unet_config, vae_config)
     if is_transformer_config(unet_config):
         import diffusers
-
-        from hpcrender.parallel.pipefusion import parameter_split
 
         with torch.device("meta"):
             model = getattr(diffusers, unet_config["_class_name"]).from_config(unet_config)

@@ -28,7 +28,7 @@ from hpcrender.config import Mode
 from hpcrender.errors import BadInput, DoesNotFit
 from hpcrender.parallel.attention import BandAttnProcessor
 from hpcrender.parallel.bands import Band, is_flux_config
-from hpcrender.parallel.pipeline import PipelineLayout
+from hpcrender.parallel.pipeline import HEAD_MODULES, HEAD_PARAMETERS, PipelineLayout, block_lists, entry_names
 from hpcrender.parallel.transformer import (
     BandPatchEmbed, FluxBandAttnProcessor, JointBandAttnProcessor, TextLength,
 )
@@ -272,38 +272,6 @@ class StageExit(nn.Module):
         raise StageOutput(out, None)
 
 
-def block_lists(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(ModuleList, index) of every block in the order the forward runs them."""
-    places = [(model.transformer_blocks, str(i)) for i in range(len(model.transformer_blocks))]
-    single = getattr(model, "single_transformer_blocks", None)
-    if single is not None:
-        places += [(single, str(i)) for i in range(len(single))]
-    return places
-
-
-def _entries(model: nn.Module) -> tuple[str, str | None]:
-    """The names of the patch embedding and the context embedder (None: PixArt's text is projected on every stage)."""
-    if is_flux_config(model.config):
-        return "x_embedder", "context_embedder"
-    return "pos_embed", ("context_embedder" if hasattr(model, "context_embedder") else None)
-
-
-HEAD_MODULES = ("norm_out", "proj_out")
-HEAD_PARAMETERS = ("scale_shift_table",)  # PixArt's output modulation
-
-
-def parameter_split(model: nn.Module) -> tuple[tuple[int, ...], int, int, int]:
-    """Parameters (counts) of every block in order, of what only the first stage holds (the embedders), of what only
-    the last holds (the head), and of what every stage holds (time and text conditioning): on the meta device too."""
-    blocks = tuple(sum(p.numel() for p in blocks._modules[key].parameters()) for blocks, key in block_lists(model))
-    entry, text = _entries(model)
-    first = sum(p.numel() for name in (entry, text) if name is not None for p in getattr(model, name).parameters())
-    last = sum(p.numel() for name in HEAD_MODULES for p in getattr(model, name).parameters())
-    last += sum(model._parameters[name].numel() for name in HEAD_PARAMETERS if model._parameters.get(name) is not None)
-    shared = sum(p.numel() for p in model.parameters()) - sum(blocks) - first - last
-    return blocks, first, last, shared
-
-
 def held_parameter_bytes(model: nn.Module) -> int:
     """Bytes of the parameters this rank holds (those not on the meta device)."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
@@ -316,7 +284,7 @@ def release(model: nn.Module, plan: PipePlan) -> None:
     for index, (blocks, key) in enumerate(block_lists(model)):
         if not stage.start <= index < stage.stop:
             blocks._modules[key].to("meta")
-    entry, text = _entries(model)
+    entry, text = entry_names(model)
     if not plan.first:
         for name in (entry, text):
             if name is not None:
@@ -516,7 +484,7 @@ def pipefuse(model: nn.Module, plan: PipePlan, group, ranks: tuple[int, ...], ho
                 swaps.append((blocks, key, block, StageExit(block, joint)))
         else:
             swaps.append((blocks, key, block, Passed(joint)))
-    entry, text = _entries(model)
+    entry, text = entry_names(model)
     swaps.append((model, entry, getattr(model, entry), StageEntry(getattr(model, entry), ctx)))
     if text is not None:
         swaps.append((model, text, getattr(model, text), TextEntry(getattr(model, text), ctx)))

@@ -1,6 +1,7 @@
 """Pipeline arithmetic of PipeFusion (displaced patch pipeline parallelism): a diffusion transformer's blocks in
 order, what each costs, their split into stages of balanced compute, the latent's patches on whole token rows, and
-the bytes each stage sends per step. Pure: no torch.
+the bytes each stage sends per step. No torch here: the functions of a loaded model only read its structure (which
+blocks, embedders and head it has), so that the run plan can count a model built on the meta device.
 
 A group of K ranks is K stages, each holding a contiguous run of the blocks (stage 0 also the embedders, the last
 also the output head). A step sends the latent's M patches through the stages one after another; a stage keeps
@@ -254,3 +255,37 @@ def kv_buffer_bytes(layout: PipelineLayout, stage: int, batch: int, element: int
     tokens = sum(layout.tokens(p) for p in layout.patches)
     layers = sum(attention_layers(b) for b in layout.blocks[own.start:own.stop])
     return calls * layers * batch * tokens * 2 * layout.inner * element
+
+
+# --- a diffusers transformer's structure ---------------------------------------------------------------------
+
+def block_lists(model: object) -> list[tuple[object, str]]:
+    """(ModuleList, index) of every block in the order the forward runs them."""
+    places = [(model.transformer_blocks, str(i)) for i in range(len(model.transformer_blocks))]
+    single = getattr(model, "single_transformer_blocks", None)
+    if single is not None:
+        places += [(single, str(i)) for i in range(len(single))]
+    return places
+
+
+def entry_names(model: object) -> tuple[str, str | None]:
+    """The names of the patch embedding and the context embedder (None: PixArt's text is projected on every stage)."""
+    if is_flux_config(model.config):
+        return "x_embedder", "context_embedder"
+    return "pos_embed", ("context_embedder" if hasattr(model, "context_embedder") else None)
+
+
+HEAD_MODULES = ("norm_out", "proj_out")
+HEAD_PARAMETERS = ("scale_shift_table",)  # PixArt's output modulation
+
+
+def parameter_split(model: object) -> tuple[tuple[int, ...], int, int, int]:
+    """Parameters (counts) of every block in order, of what only the first stage holds (the embedders), of what only
+    the last holds (the head), and of what every stage holds (time and text conditioning): on the meta device too."""
+    blocks = tuple(sum(p.numel() for p in blocks._modules[key].parameters()) for blocks, key in block_lists(model))
+    entry, text = entry_names(model)
+    first = sum(p.numel() for name in (entry, text) if name is not None for p in getattr(model, name).parameters())
+    last = sum(p.numel() for name in HEAD_MODULES for p in getattr(model, name).parameters())
+    last += sum(model._parameters[name].numel() for name in HEAD_PARAMETERS if model._parameters.get(name) is not None)
+    shared = sum(p.numel() for p in model.parameters()) - sum(blocks) - first - last
+    return blocks, first, last, shared

@@ -25,7 +25,8 @@ from PIL import Image
 from hpcrender.config import InitImage, Job, Mode, ParallelConfig
 from hpcrender.models import denoiser_of, load_pipeline
 from hpcrender.parallel.layout import Comms, GroupLayout
-from hpcrender.parallel.pipefusion import block_lists, held_parameter_bytes
+from hpcrender.parallel.pipefusion import held_parameter_bytes
+from hpcrender.parallel.pipeline import block_lists
 from hpcrender.render.image import layout_of, render_image
 from parallel_models import start_torch_distributed
 
