@@ -282,7 +282,7 @@ CASES = [
      "where they overlap: use one of euler, heun, ddim, dpmpp_2m, dpmpp_2m_karras, unipc"),
     ("dtype-unknown", JOB + 'dtype = "fp16"\n', 4, "jobs[harbor].dtype: must be one of float32, float16, bfloat16"),
     ("mode-unknown", JOB + '[jobs.parallel]\nmode = "displace"\n', 5,
-     "jobs[harbor].parallel.mode: must be one of none, naive, sync, displaced, got 'displace' "
+     "jobs[harbor].parallel.mode: must be one of none, naive, sync, displaced, pipefusion, got 'displace' "
      "(did you mean 'displaced'?)"),
     ("groupnorm-unknown", '[defaults.parallel]\ngroupnorm = "fresh"\n' + JOB, 2,
      "defaults.parallel.groupnorm: must be one of corrected, stale, sync, separate, got 'fresh'"),
@@ -561,7 +561,7 @@ def test_mode_override_accepts_its_string_value(tmp_path):
         ({"warmup_steps": -1}, "--warmup-steps: must be an integer >= 0, got -1"),
         ({"ranks_per_image": -1}, "--ranks-per-image: must be an integer >= 0, got -1"),
         ({"ranks_per_image": True}, "--ranks-per-image: must be an integer, got true"),
-        ({"mode": "fast"}, "--mode: must be one of none, naive, sync, displaced, got 'fast'"),
+        ({"mode": "fast"}, "--mode: must be one of none, naive, sync, displaced, pipefusion, got 'fast'"),
     ],
 )
 def test_invalid_override_values_are_bad_input(tmp_path, overrides, message):

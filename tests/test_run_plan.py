@@ -87,7 +87,8 @@ def test_image_bands_cover_every_latent_row_once_on_aligned_edges(height, parts)
 
 def test_bytes_per_step_only_where_bands_exchange():
     shape = model_shape(TINY)
-    sent = {mode: [c.bytes_sent for c in plan_job(0, job("j", mode, height=384), 3, shape).costs] for mode in Mode}
+    sent = {mode: [c.bytes_sent for c in plan_job(0, job("j", mode, height=384), 3, shape).costs] for mode in Mode
+            if mode is not Mode.PIPEFUSION}  # a UNet: refused (tests/test_pipefusion.py)
     assert sent[Mode.SYNC] == sent[Mode.DISPLACED]
     assert all(b > 0 for b in sent[Mode.SYNC])
     assert sent[Mode.NAIVE] == [0, 0, 0]
