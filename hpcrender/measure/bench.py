@@ -24,6 +24,8 @@ from hpcrender.models.facts import facts_of
 from hpcrender.models.shapes import model_shape
 from hpcrender.parallel.groups import make_comms
 from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.parallel.pipefusion import stage_cut
+from hpcrender.parallel.pipeline import stage_parameters
 from hpcrender.render.image import render_image
 from hpcrender.render.latents import initial_noise, pack_2x2
 from hpcrender.render.prompt import t5_tokens
@@ -288,9 +290,16 @@ def planned(job: Job, size: int) -> dict | None:
     costs = planned_job.costs
     calls = job.scheduler.calls_per_step  # the plan's costs are per denoiser call
     if costs is None:
-        if planned_job.sent is not None:  # a diffusion transformer: bytes only
+        if planned_job.sent is not None:  # a diffusion transformer: bytes only (pipefusion: and weights by stage)
+            weights = None
+            if planned_job.pipeline is not None and planned_job.parameter_split is not None:
+                element = {"float32": 4, "float16": 2, "bfloat16": 2}[job.dtype.value]
+                stages = planned_job.pipeline.stages
+                weights = [stage_parameters(planned_job.parameter_split, stages, r % len(stages)) * element
+                           for r in range(size)]
             return {"bytes_per_step": [b * calls for b in planned_job.sent], "macs_per_step": None,
-                    "loop_memory_bytes": [None] * size, "activation_bytes": None, "buffer_bytes": None}
+                    "loop_memory_bytes": [None] * size, "activation_bytes": None, "buffer_bytes": None,
+                    "parameter_bytes": weights}
         return None
     return {"bytes_per_step": [c.bytes_sent * calls for c in costs],
             "macs_per_step": [c.macs * calls for c in costs], "loop_memory_bytes": [c.memory.step for c in costs],
@@ -301,9 +310,11 @@ def planned(job: Job, size: int) -> dict | None:
 def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: bool = True) -> dict:
     """One render of `job` by this rank in a group of `group` ranks: its step times, exchange and memory."""
     env = world.env
-    model = models.get(job.model, job.dtype, job.loras)
-    pipe = model.pipe
     layout = GroupLayout(size=group, rank=env.rank % group, mode=job.parallel.mode)
+    job_plan = plan_job(0, job, group, model_shape(job.model))
+    cut = stage_cut(job_plan.pipeline, layout.patch_rank) if job_plan.pipeline is not None else None
+    model = models.get(job.model, job.dtype, job.loras, cut=cut)
+    pipe = model.pipe
     probe = LoopMemory(denoiser_of(pipe), env.device) if measure_memory else None
 
     def on_step(done: int, total: int) -> None:
@@ -312,9 +323,9 @@ def _hpcrender_run(world, models, job: Job, group: int, comms, measure_memory: b
 
     controlnets = models.controlnets([c.model for c in job.controlnets], job.dtype)
     try:
-        bands = plan_job(0, job, group, model_shape(job.model)).bands
-        result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, decode=False, bands=bands,
-                              facts=model.facts, controlnets=controlnets)
+        result = render_image(pipe, job, layout, comms, env.device, on_step=on_step, decode=False,
+                              bands=job_plan.bands, facts=model.facts, controlnets=controlnets,
+                              pipeline=job_plan.pipeline)
     finally:
         loop_memory = probe.result() if probe is not None else None
     return {"rank": env.rank, **summarize(result.step_seconds, job.scheduler.calls_per_step > 1),
@@ -340,14 +351,16 @@ def _exchange_fields(row: dict, mode: Mode, req: BenchRequest, plan: dict | None
     exchanges = [r["exchange"] or {} for r in per_rank]
     last = -2 if SchedulerName(req.scheduler).calls_per_step > 1 else -1  # the last whole step (Heun's last: 1 call)
     sent = [e["bytes_sent"][last] if len(e.get("bytes_sent", ())) >= -last else 0 for e in exchanges]
-    # displaced: its asynchronous steps; sync: every step after the first (which also registers token counts)
-    first = max(req.warmup_steps, 1) if mode is Mode.DISPLACED else 1
+    # displaced, pipefusion: their asynchronous steps; sync: every step after the first (which also registers token
+    # counts)
+    first = max(req.warmup_steps, 1) if mode in (Mode.DISPLACED, Mode.PIPEFUSION) else 1
     waits = [steady_waits(e.get("wait_seconds", []), first) for e in exchanges]
     waits = [w for w in waits if w is not None]
     row["bytes_per_step"] = sent
     row["wait_s_per_step"] = statistics.fmean(waits) if waits and mode is not Mode.NAIVE else None
     row["loop_memory_bytes"] = [r["loop_memory_bytes"] for r in per_rank]
     row["peak_memory_bytes"] = [r["peak_memory_bytes"] for r in per_rank]
+    row["parameter_bytes"] = [e.get("parameter_bytes") for e in exchanges]  # pipefusion: the stage's weights held
     row["plan"] = plan
     if plan is not None:
         row["bytes_error"] = max((abs(relative_error(m, p)) for m, p in zip(sent, plan["bytes_per_step"]) if p),
@@ -464,7 +477,7 @@ def format_table(rows: list[dict]) -> str:
     figure in brackets."""
     head = (f"{'run':<10} {'ranks':>5} {'thr/rank':>8} {'s/step':>9} {'vs diffusers':>12} {'vs 1 rank':>9} "
             f"{'efficiency':>10} {'MiB sent/step (plan)':>21} {'hidden':>6} {'GMAC/rank (plan)':>16} "
-            f"{'loop MiB/rank (plan)':>21}")
+            f"{'loop MiB/rank (plan)':>21} {'weights MiB/rank':>16}")
     lines = [head]
     for r in rows:
         plan = r.get("plan") or {}
@@ -475,10 +488,12 @@ def format_table(rows: list[dict]) -> str:
         estimates = [m for m in plan.get("loop_memory_bytes") or [] if m is not None]
         memory = f"{_mib(max(measured)) if measured else '-'} ({_mib(max(estimates)) if estimates else '-'})" \
             if plan else "-"
+        held = [b for b in r.get("parameter_bytes") or [] if b is not None]
+        weights = _mib(max(held)) if held else "all"
         lines.append(f"{r['run']:<10} {r['ranks']:>5} {r['threads_per_rank']:>8} {r['per_step_s']:>9.3f} "
                      f"{_num(r.get('speedup_vs_diffusers'), '.2f'):>12} {_num(r.get('speedup_vs_1_rank'), '.2f'):>9} "
                      f"{_num(r.get('parallel_efficiency'), '.2f'):>10} {sent:>21} "
-                     f"{_num(r.get('exchange_hidden'), '.0%'):>6} {macs:>16} {memory:>21}")
+                     f"{_num(r.get('exchange_hidden'), '.0%'):>6} {macs:>16} {memory:>21} {weights:>16}")
     first = rows[0] if rows else {}
     lines.append(f"{first.get('size')}, {first.get('model')}, {first.get('steps')} steps, {first.get('scheduler')}, "
                  f"{first.get('dtype')}, {first.get('device')}; s/step: mean after the first step, slowest rank")
@@ -488,7 +503,8 @@ def format_table(rows: list[dict]) -> str:
 # --- the plot (Pillow: no plotting library needed) -----------------------------------------------------------------
 
 PLOT_COLOURS = {DIFFUSERS: (120, 120, 120), Mode.NONE.value: (0, 0, 0), Mode.SYNC.value: (31, 119, 180),
-                Mode.DISPLACED.value: (214, 39, 40), Mode.NAIVE.value: (44, 160, 44)}
+                Mode.DISPLACED.value: (214, 39, 40), Mode.NAIVE.value: (44, 160, 44),
+                Mode.PIPEFUSION.value: (148, 103, 189)}
 
 
 def scaling_series(rows: list[dict]) -> dict[str, list[tuple[int, float, float | None]]]:
