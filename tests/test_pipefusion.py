@@ -25,6 +25,7 @@ from hpcrender.parallel.pipeline import (
 from hpcrender.run.plan import make_run_plan, selected_jobs
 
 from clirun import MPIEXEC, hpcrender, write_manifest
+from lora_files import make_lora
 
 SCRIPTS = Path(__file__).parent / "mpi_scripts"
 
@@ -271,3 +272,60 @@ def test_meta_json_records_each_ranks_weights_and_the_bytes_the_plan_predicts(tm
         for rank in exchange["per_rank"]:
             assert rank["bytes_sent"][1:] == [job_plan.sent[rank["rank"]]] * 2
         assert (out / name / "image.png").exists()
+
+
+VERIFY = """
+[defaults]
+prompt = "a lighthouse on a cliff at night"
+width = 64
+height = 112
+seed = 5
+[defaults.parallel]
+mode = "pipefusion"
+pipeline_patches = 3
+
+# Heun's two calls a step, each with its own kept keys and values; every step synchronous
+[[jobs]]
+name = "sd3-heun"
+model = "builtin:tiny-sd3"
+scheduler = "heun"
+steps = 3
+[jobs.parallel]
+warmup_steps = 3
+
+# a LoRA fused before the rank gives back the other stage's weights; every step synchronous, then 1 warm-up of 8
+[[jobs]]
+name = "flux-lora"
+model = "builtin:tiny-flux"
+steps = 3
+loras = [{ path = "flux.safetensors", scale = 0.8 }]
+[jobs.parallel]
+warmup_steps = 3
+
+[[jobs]]
+name = "pixart-stale"
+model = "builtin:tiny-pixart"
+steps = 8
+[jobs.parallel]
+warmup_steps = 1
+"""
+
+
+@pytest.mark.mpi
+def test_verify_pipefusion_with_heun_and_a_lora_against_single_device(tmp_path):
+    (tmp_path / "flux.safetensors").write_bytes(make_lora("builtin:tiny-flux", tmp_path / "made", 7).read_bytes())
+    manifest = write_manifest(tmp_path / "jobs.toml", VERIFY)
+    args = [a for job in ("sd3-heun", "flux-lora", "pixart-stale") for a in ("--only", job)]
+    done = hpcrender("verify", manifest, *args, "--mode", "pipefusion", "--mode", "naive", ranks=2, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    blocks = {}
+    for block in done.stdout.split("verify ")[1:]:
+        name, mode = block.split(":")[0], block.split("mode ")[1].split(",")[0]
+        values = dict(line.split(": ") for line in block.strip().splitlines()[1:])
+        blocks[name, mode] = (float(values["latent relative L2"]), int(values["image max level difference"]),
+                              float(values["image PSNR"].split()[0]))
+        assert " 2 rank(s)" in block.splitlines()[0]
+    for name in ("sd3-heun", "flux-lora"):
+        error, level, _ = blocks[name, "pipefusion"]
+        assert error <= 1e-4 and level <= 1, blocks
+    assert blocks["pixart-stale", "pipefusion"][2] >= blocks["pixart-stale", "naive"][2] + 3, blocks

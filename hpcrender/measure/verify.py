@@ -14,6 +14,7 @@ from hpcrender.models.cache import ModelCache
 from hpcrender.models.shapes import model_shape
 from hpcrender.parallel.groups import make_comms
 from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.parallel.pipefusion import stage_cut
 from hpcrender.render.image import render_image
 from hpcrender.run.plan import plan_job
 
@@ -23,7 +24,8 @@ def run_verify(world, jobs: Sequence[Job], modes: Sequence[Mode] = ()) -> int:
     job's own mode when none is given); rank 0 prints one comparison block per job and mode. One launch for
     several jobs: the world and torch.distributed start once."""
     if Mode.NONE in modes:
-        raise BadInput("verify compares a parallel mode with single-device: use --mode sync|displaced|naive")
+        raise BadInput("verify compares a parallel mode with single-device: use --mode "
+                       "sync|displaced|naive|pipefusion")
     world.init_torch_distributed()
     size = world.env.world_size
     comms = make_comms(world, (tuple(range(size)),), size, any(job.parallel.split_cfg for job in jobs))
@@ -50,20 +52,28 @@ def _verify_job(world, models, comms, job: Job, modes: Sequence[Mode]) -> None:
     for mode in modes:
         run = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, mode=mode))
         layout = GroupLayout(size=size, rank=env.rank, mode=mode, split_cfg=job.parallel.split_cfg)
-        bands = plan_job(0, run, size, model_shape(run.model)).bands
-        result = render_image(pipe, run, layout, comms, env.device, bands=bands, facts=facts, controlnets=controlnets)
+        planned = plan_job(0, run, size, model_shape(run.model))
+        # pipefusion keeps only this rank's stage of the model: the cache loads it again for the modes after it
+        cut = stage_cut(planned.pipeline, layout.patch_rank) if planned.pipeline is not None else None
+        pipe = models.get(job.model, job.dtype, job.loras, cut=cut).pipe
+        result = render_image(pipe, run, layout, comms, env.device, bands=planned.bands, facts=facts,
+                              controlnets=controlnets, pipeline=planned.pipeline)
         if env.rank == 0:
             print(_report(run, size, result, reference, relative_l2, psnr, ssim), flush=True)
 
 
 def _report(job: Job, size: int, result, reference, relative_l2, psnr, ssim) -> str:
     p = job.parallel
-    bands = ",".join(f"{b.start}-{b.stop}" for b in result.bands) or "whole latent per rank"
+    where = "bands " + (",".join(f"{b.start}-{b.stop}" for b in result.bands) or "whole latent per rank")
+    if "stage_blocks" in result.exchange:  # pipefusion: rank 0 is the first stage
+        first, last = result.exchange["stage_blocks"]
+        patches = ",".join(f"{a}-{b}" for a, b in result.exchange["patches"])
+        where = f"first stage blocks {first}-{last}, patches {patches}"
     branches = ", split_cfg" if p.split_cfg else ""
     level = int(np.abs(result.image.astype(np.int16) - reference.image.astype(np.int16)).max())
     return "\n".join([
         f"verify {job.name}: {size} rank(s), mode {p.mode.value}{branches}, warm-up {p.warmup_steps}, "
-        f"groupnorm {p.groupnorm.value}, halo {p.halo.value}, bands {bands}",
+        f"groupnorm {p.groupnorm.value}, halo {p.halo.value}, {where}",
         f"latent relative L2: {relative_l2(result.latent, reference.latent):.3e}",
         f"image PSNR: {psnr(result.image, reference.image):.2f} dB",
         f"image SSIM: {ssim(result.image, reference.image):.6f}",

@@ -255,13 +255,11 @@ def _plan_job(index: int, job: Job, size: int, shape, checked: dict | None) -> J
 
 def _plan_pipeline(index: int, job: Job, size: int, patch: int, shape, estimate: float) -> JobPlan:
     """A pipefusion job: its stages and patches, refused before loading when they cannot work (a UNet, fewer blocks
-    than stages, fewer patches than stages or more than token rows)."""
+    than stages, fewer patches than stages or more than token rows). LoRAs are fused before a rank gives back the
+    other stages' weights (models.cache loads the model again for other LoRAs)."""
     if job.gigapixel is not None:
         raise DoesNotFit("mode = 'pipefusion' does not render gigapixel jobs yet: their tiles render on groups of "
                          "one rank, or band-parallel ('displaced')")
-    if job.loras:
-        raise DoesNotFit("mode = 'pipefusion' does not take LoRAs yet (a rank keeps only its stage's weights): use "
-                         "'displaced'")
     if shape is None:
         return JobPlan(index, job, size, patch, (), None, estimate)
     if shape.transformer is None:
