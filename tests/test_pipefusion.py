@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from hpcrender.errors import DoesNotFit
 from hpcrender.manifest import load_manifest
@@ -249,6 +251,21 @@ model = "builtin:tiny-sd3"
 [[jobs]]
 name = "flux"
 model = "builtin:tiny-flux"
+
+# gigapixel: every unit on the 2-stage pipeline (the stages balanced at the largest tile), every step synchronous
+[[jobs]]
+name = "giga"
+model = "builtin:tiny-sd3"
+width = 256
+height = 192
+steps = 4
+[jobs.parallel]
+warmup_steps = 4
+[jobs.gigapixel]
+base = 128
+tile = 128
+overlap = 32
+strength = 0.5
 """
 
 
@@ -258,6 +275,11 @@ def test_meta_json_records_each_ranks_weights_and_the_bytes_the_plan_predicts(tm
     out = tmp_path / "out"
     r = hpcrender("render", manifest, "--out", out, ranks=2)
     assert r.returncode == 0, r.stderr
+    alone = hpcrender("render", manifest, "--out", tmp_path / "alone", "--only", "giga", "--mode", "none")
+    assert alone.returncode == 0, alone.stderr
+    giga = [np.asarray(Image.open(o / "giga" / "image.png")).astype(np.int16) for o in (out, tmp_path / "alone")]
+    assert giga[0].shape == (192, 256, 3) and np.abs(giga[0] - giga[1]).max() <= 2  # the VAE's bands' rounding
+    assert json.loads((out / "giga" / "meta.json").read_text())["gigapixel"]["tiles"] == 4
     loaded = load_manifest(manifest)
     plan = make_run_plan(loaded, selected_jobs(loaded, None), 2, model_shape)
     for index, name in enumerate(("sd3", "flux")):

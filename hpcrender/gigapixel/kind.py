@@ -23,11 +23,12 @@ from hpcrender.errors import HpcrenderError
 from hpcrender.gigapixel.compose import compose_level, compose_rows, level_seams, share_rows
 from hpcrender.gigapixel.job import GigaJobOutcome, gigapixel_meta, job_meta, open_store
 from hpcrender.gigapixel.plan import TilePatch, TileUnit, preview_level
-from hpcrender.gigapixel.render import GigaResult, plan_for, render_base, render_tile
+from hpcrender.gigapixel.render import GigaResult, pipeline_stages, plan_for, render_base, render_tile
 from hpcrender.output.export import PREVIEW_MAX_SIDE, export_job, image_name
 from hpcrender.output.records import JobState, record_job_state, record_progress, write_meta
 from hpcrender.output.store import LevelStore
 from hpcrender.parallel.layout import Comms, GroupLayout
+from hpcrender.parallel.pipefusion import stage_cut
 from hpcrender.render.stages import peak_memory
 from hpcrender.run.environment import idle_barrier
 from hpcrender.run.kinds import FAIL_TOGETHER_S, PROGRESS_RECORD_S, Unit, UnitContext, failure_ends_world
@@ -249,8 +250,11 @@ class GigapixelKind:
 
         started = time.perf_counter()
         try:
-            model = ctx.models.get(job.model, job.dtype, job.loras)
+            pipeline = job_plan.pipeline if job_plan is not None else None
+            cut = stage_cut(pipeline, layout.patch_rank) if pipeline is not None else None
+            model = ctx.models.get(job.model, job.dtype, job.loras, cut=cut)
             pipe, facts = model.pipe, model.facts
+            stages = pipeline.stages if pipeline is not None else pipeline_stages(pipe, job, s.plan, layout)
             tile_control = job.gigapixel.controlnet
             controlnets = ctx.models.controlnets([tile_control] if tile_control else [], job.dtype)
             plan = plan_for(facts, job)
@@ -258,14 +262,16 @@ class GigapixelKind:
                 raise ValueError("the loaded model's VAE scale or alignment differs from its configs on disk")
             should_stop = lambda: group.stop(ctx.stop.signum is not None)  # noqa: E731 - the group's answer
             if level == 0:
-                patch = render_base(pipe, job, plan, layout, comms, world.env.device, should_stop, facts=facts)
+                patch = render_base(pipe, job, plan, layout, comms, world.env.device, should_stop, facts=facts,
+                                    stages=stages)
             else:
                 read = None
                 if group.leader:
                     read = lambda y0, y1, x0, x1: s.store.read_level(level - 1, y0, y1, x0, x1)  # noqa: E731
                 patch = render_tile(pipe, job, plan, TileUnit(job.name, level, row, col), read, layout, comms,
                                     world.env.device, should_stop, facts=facts,
-                                    controlnet=controlnets[0] if controlnets else None)  # not for the base
+                                    controlnet=controlnets[0] if controlnets else None,  # not for the base
+                                    stages=stages)
         except Exception as e:  # the job fails; this group goes on with the next unit
             message = f"{type(e).__name__}: {e}".splitlines()[0]
             log.error("%s: level %d tile (%d, %d) failed: %s", job.name, level, row, col, message)

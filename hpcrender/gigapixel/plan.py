@@ -84,6 +84,19 @@ class GigaPlan:
     calls_per_step: int = 1  # UNet evaluations per step (per guidance branch): Heun's 2, its last step 1
 
     @property
+    def tile_shape(self) -> tuple[int, int]:
+        """The largest extended box of any refinement level (height, width), px; the base's size without levels."""
+        if len(self.levels) == 1:
+            return self.levels[0].height, self.levels[0].width
+        return (max(lv.patch_shape[0] for lv in self.levels[1:]), max(lv.patch_shape[1] for lv in self.levels[1:]))
+
+    @property
+    def unit_heights(self) -> tuple[int, ...]:
+        """Every height a unit is rendered at (the base's, each tile's extended box), px, once each, ascending."""
+        heights = {self.levels[0].height} | {t.extended.height for lv in self.levels[1:] for t in lv.tiles}
+        return tuple(sorted(heights))
+
+    @property
     def base_calls(self) -> int:
         return _calls(self.base_steps, self.calls_per_step)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hpcrender.config import ControlNetConfig, Job
+from hpcrender.config import ControlNetConfig, Job, Mode
 from hpcrender.gigapixel.compose import Seams, compose_level, level_seams
 from hpcrender.gigapixel.pixels import ReadBox, upscale_region, wavelet_colour_fix
 from hpcrender.gigapixel.plan import GigaPlan, TilePatch, TileUnit, gigapixel_plan, level_units
@@ -23,7 +23,7 @@ from hpcrender.models.facts import ModelFacts, facts_of
 from hpcrender.parallel.bands import image_bands
 from hpcrender.parallel.gather import array_from_leader, objects_from_leader
 from hpcrender.parallel.layout import Comms, GroupLayout, check_layout
-from hpcrender.render.image import render_image
+from hpcrender.render.image import gigapixel_stages, layout_of, render_image
 from hpcrender.render.latents import noised_to, to_latent_space
 from hpcrender.render.stages import Render, conditioning, denoise, encode_image, finish, peak_memory, timesteps
 
@@ -60,6 +60,13 @@ def position_noise(seed: int, level: int, channels: int, y0: int, y1: int, x0: i
     return out
 
 
+def pipeline_stages(pipe, job: Job, plan: GigaPlan, layout: GroupLayout) -> tuple | None:
+    """A pipefusion job's stages for all its units (render.image.gigapixel_stages); None for other modes."""
+    if job.parallel.mode is not Mode.PIPEFUSION or layout.patch_ranks < 2:
+        return None
+    return gigapixel_stages(pipe.transformer.config, job, plan, layout.patch_ranks)
+
+
 def base_job(job: Job, plan: GigaPlan) -> Job:
     """The base render as an ordinary text-to-image job of the base level's size."""
     base = plan.levels[0]
@@ -67,10 +74,17 @@ def base_job(job: Job, plan: GigaPlan) -> Job:
 
 
 def render_base(pipe, job: Job, plan: GigaPlan, layout: GroupLayout, comms: Comms, device,
-                should_stop: Callable[[], bool] | None = None, *, facts: ModelFacts | None = None) -> TilePatch | None:
+                should_stop: Callable[[], bool] | None = None, *, facts: ModelFacts | None = None,
+                stages: tuple | None = None) -> TilePatch | None:
     """Level 0: text-to-image at the base size from the job's seed; the image on the group's first rank, None
-    when stopped (the base is cheap beside the levels: it is rendered again on resume)."""
-    result = render_image(pipe, base_job(job, plan), layout, comms, device, should_stop=should_stop, facts=facts)
+    when stopped (the base is cheap beside the levels: it is rendered again on resume). stages: a pipefusion
+    job's (pipeline_stages), the same for every unit."""
+    base = base_job(job, plan)
+    pipeline = None
+    if stages is not None:
+        pipeline = layout_of(pipe.transformer.config, base, layout.patch_ranks, plan.vae_scale, cut=stages)
+    result = render_image(pipe, base, layout, comms, device, should_stop=should_stop, facts=facts,
+                          pipeline=pipeline)
     if result.stopped_at is not None:
         return None
     base = plan.levels[0]
@@ -79,7 +93,8 @@ def render_base(pipe, job: Job, plan: GigaPlan, layout: GroupLayout, comms: Comm
 
 def render_tile(pipe, job: Job, plan: GigaPlan, unit: TileUnit, read_previous: ReadBox | None, layout: GroupLayout,
                 comms: Comms, device, should_stop: Callable[[], bool] | None = None, *,
-                colour_fix: bool = True, facts: ModelFacts | None = None, controlnet=None) -> TilePatch | None:
+                colour_fix: bool = True, facts: ModelFacts | None = None, controlnet=None,
+                stages: tuple | None = None) -> TilePatch | None:
     """Refine one tile of a level >= 1 on this rank group: the previous level upscaled over the tile's extended
     box, encoded, noised with position-keyed noise to the strength's first step, denoised (band-parallel when the
     group has several ranks), decoded and colour-fixed against the upscaled reference.
@@ -89,7 +104,8 @@ def render_tile(pipe, job: Job, plan: GigaPlan, unit: TileUnit, read_previous: R
     rank (a TilePatch with pixels None elsewhere); None when should_stop said so between two denoising steps.
     should_stop must give the group's common answer. facts: the loaded model's, asked of the pipeline when not
     given. controlnet: the loaded ControlNetModel of job.gigapixel.controlnet (a tile model), conditioned on the
-    tile's upscaled reference box at scale 1 over every step, as Ultimate SD Upscale's tile recipe does."""
+    tile's upscaled reference box at scale 1 over every step, as Ultimate SD Upscale's tile recipe does. stages: a
+    pipefusion job's (pipeline_stages): the tile's patches are its own, the stages the job's."""
     if unit.level < 1 or unit.level >= len(plan.levels):
         raise ValueError(f"{unit}: refinement levels are 1..{len(plan.levels) - 1}")
     level, previous = plan.levels[unit.level], plan.levels[unit.level - 1]
@@ -105,6 +121,9 @@ def render_tile(pipe, job: Job, plan: GigaPlan, unit: TileUnit, read_previous: R
     if run.parallel:
         run.bands = run.result.bands = image_bands(tile_job.height, plan.vae_scale,
                                                    plan.alignment // plan.vae_scale, layout.patch_ranks)
+    if run.pipelined:
+        run.pipeline = layout_of(pipe.transformer.config, tile_job, layout.patch_ranks, plan.vae_scale,
+                                 cut=stages if stages is not None else pipeline_stages(pipe, job, plan, layout))
     reference = None
     if layout.rank == 0:
         reference = upscale_region(read_previous, previous.height, previous.width, level.height, level.width,
@@ -165,6 +184,7 @@ def render_gigapixel(pipe, job: Job, store, layout: GroupLayout, comms: Comms, d
     plan = plan_for(facts, job)
     leader = layout.rank == 0
     result = GigaResult(plan)
+    stages = pipeline_stages(pipe, job, plan, layout)
     total = len(plan.levels[0].tiles) + plan.total_tiles
     done = 0
     for lp in plan.levels:
@@ -184,11 +204,11 @@ def render_gigapixel(pipe, job: Job, store, layout: GroupLayout, comms: Comms, d
                 return result
             t0 = time.perf_counter()
             if k == 0:
-                patch = render_base(pipe, job, plan, layout, comms, device, should_stop, facts=facts)
+                patch = render_base(pipe, job, plan, layout, comms, device, should_stop, facts=facts, stages=stages)
             else:
                 read = (lambda y0, y1, x0, x1, k=k: store.read_level(k - 1, y0, y1, x0, x1)) if leader else None
                 patch = render_tile(pipe, job, plan, unit, read, layout, comms, device, should_stop,
-                                    colour_fix=colour_fix, facts=facts, controlnet=controlnet)
+                                    colour_fix=colour_fix, facts=facts, controlnet=controlnet, stages=stages)
             if patch is None:
                 result.stopped = True
                 return result

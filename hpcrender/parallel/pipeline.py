@@ -209,14 +209,18 @@ class PipelineLayout:
 
 
 def pipeline_layout(config: Mapping | object, stages: int, setting: int, latent_rows: int, latent_width: int,
-                    text_tokens: int, out_channels: int) -> PipelineLayout:
+                    text_tokens: int, out_channels: int, cut: tuple[Stage, ...] | None = None) -> PipelineLayout:
     """The layout of a pipefusion job on `stages` ranks with `pipeline_patches = setting`, or DoesNotFit saying why
-    it cannot work (before anything is loaded)."""
+    it cannot work (before anything is loaded). cut: stages fixed beforehand (a gigapixel job's, from its largest
+    tile, for all its units: a rank keeps one stage's weights throughout); else balanced for this latent."""
     align = transformer_alignment(config)
     if latent_width % align:
         raise DoesNotFit(f"a latent {latent_width} columns wide is not whole tokens of {align} columns")
     count = patch_count(setting, stages)
-    cut = model_stages(config, stages, latent_rows, latent_width, text_tokens)
+    if cut is None:
+        cut = model_stages(config, stages, latent_rows, latent_width, text_tokens)
+    elif len(cut) != stages or cut[-1].stop != len(model_blocks(config)):
+        raise DoesNotFit(f"stages {cut} are not {stages} stages of the model's {len(model_blocks(config))} blocks")
     patches = pipeline_patches(latent_rows, align, count)
     return PipelineLayout(stages=cut, patches=patches, align=align, latent_width=latent_width, inner=width(config),
                           text_tokens=text_tokens, joint=is_joint_config(config), out_channels=out_channels,

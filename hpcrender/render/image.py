@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from hpcrender.config import Job
@@ -80,9 +81,17 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
     return compose(run, resume, decode)
 
 
-def layout_of(config, job: Job, stages: int, vae_scale: int):
+def layout_of(config, job: Job, stages: int, vae_scale: int, cut: tuple | None = None):
     """A pipefusion job's stages and patches from its loaded transformer's config (the run plan's, when it could not
-    read the configs before loading)."""
+    read the configs before loading); cut: the stages, fixed beforehand (a gigapixel job's)."""
     rows, width = job.height // vae_scale, job.width // vae_scale
     text = text_tokens_of(job.model) or default_text_tokens(config)
-    return pipeline_layout(config, stages, job.parallel.pipeline_patches, rows, width, text, output_channels(config))
+    return pipeline_layout(config, stages, job.parallel.pipeline_patches, rows, width, text, output_channels(config),
+                           cut=cut)
+
+
+def gigapixel_stages(config, job: Job, plan, stages: int) -> tuple:
+    """The stages of a pipefusion gigapixel job: balanced at its largest tile, the same for every unit."""
+    height, width = plan.tile_shape
+    return layout_of(config, dataclasses.replace(job, width=width, height=height, gigapixel=None, init_image=None),
+                     stages, plan.vae_scale).stages

@@ -23,7 +23,7 @@ from hpcrender.parallel.bands import (
 )
 from hpcrender.parallel.layout import check_layout
 from hpcrender.parallel.pipeline import (
-    default_text_tokens, kv_buffer_bytes, output_channels, pipeline_layout, stage_parameters,
+    default_text_tokens, kv_buffer_bytes, output_channels, pipeline_layout, pipeline_patches, stage_parameters,
 )
 from hpcrender.parallel.plan import unet_activation_bytes, unet_compute, unet_layers
 from hpcrender.render.options import PIPEFUSION_UNET, check_model_options, model_options_key
@@ -257,22 +257,35 @@ def _plan_pipeline(index: int, job: Job, size: int, patch: int, shape, estimate:
     """A pipefusion job: its stages and patches, refused before loading when they cannot work (a UNet, fewer blocks
     than stages, fewer patches than stages or more than token rows). LoRAs are fused before a rank gives back the
     other stages' weights (models.cache loads the model again for other LoRAs)."""
-    if job.gigapixel is not None:
-        raise DoesNotFit("mode = 'pipefusion' does not render gigapixel jobs yet: their tiles render on groups of "
-                         "one rank, or band-parallel ('displaced')")
     if shape is None:
+        if job.gigapixel is not None:
+            raise DoesNotFit("a gigapixel job's levels and tiles are planned from its model's configs before "
+                             "anything loads: the model must be a builtin, a folder, a file or a hub id in the cache")
         return JobPlan(index, job, size, patch, (), None, estimate)
     if shape.transformer is None:
         raise DoesNotFit(PIPEFUSION_UNET)
     config = shape.transformer
     text = shape.text_tokens or default_text_tokens(config)
-    layout = pipeline_layout(config, patch, job.parallel.pipeline_patches, job.height // shape.facts.vae_scale,
-                             job.width // shape.facts.vae_scale, text, output_channels(config))
+    scale = shape.facts.vae_scale
+    giga = None
+    if job.gigapixel is None:
+        layout = pipeline_layout(config, patch, job.parallel.pipeline_patches, job.height // scale,
+                                 job.width // scale, text, output_channels(config))
+    else:  # stages balanced at the largest tile for every unit; each unit's patches on its own rows
+        giga = gigapixel_plan(job, scale, shape.facts.alignment)
+        tile_h, tile_w = giga.tile_shape
+        layout = pipeline_layout(config, patch, job.parallel.pipeline_patches, tile_h // scale, tile_w // scale,
+                                 text, output_channels(config))
+        for height in giga.unit_heights:
+            try:
+                pipeline_patches(height // scale, layout.align, len(layout.patches))
+            except DoesNotFit as e:
+                raise DoesNotFit(f"a unit {height} px high: {e}") from None
     guided = job.guidance_scale > 1.0 and not is_flux_config(config)
     batch = 2 if guided and not job.parallel.split_cfg else 1
     element = _element_size(job.dtype.value)
     sent = tuple(layout.step_bytes(rank % patch, batch, element, sync=False) for rank in range(size))
-    return JobPlan(index, job, size, patch, (), None, estimate, sent=sent, pipeline=layout,
+    return JobPlan(index, job, size, patch, (), None, estimate, giga, sent=sent, pipeline=layout,
                    parameter_split=shape.parameter_split, batch=batch)
 
 
