@@ -351,3 +351,46 @@ def test_verify_pipefusion_with_heun_and_a_lora_against_single_device(tmp_path):
         error, level, _ = blocks[name, "pipefusion"]
         assert error <= 1e-4 and level <= 1, blocks
     assert blocks["pixart-stale", "pipefusion"][2] >= blocks["pixart-stale", "naive"][2] + 3, blocks
+
+
+# --- the model after a plan -----------------------------------------------------------------------------------------
+
+def _snapshot(model) -> dict:
+    import hashlib
+
+    return {
+        "modules": [(name, id(m)) for name, m in model.named_modules()],
+        "processors": [(name, id(m.processor)) for name, m in model.named_modules() if hasattr(m, "set_processor")],
+        "hooks": (len(model._forward_pre_hooks), len(model._forward_hooks)),
+        "weights": hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in model.state_dict().values()))
+        .hexdigest(),
+    }
+
+
+@pytest.mark.parametrize("name", ["tiny-pixart", "tiny-sd3", "tiny-flux"])
+def test_removing_the_plan_restores_the_model_and_a_released_one_serves_its_stage_only(name):
+    from hpcrender.config import Job, Mode, ParallelConfig
+    from hpcrender.errors import BadInput
+    from hpcrender.models import denoiser_of, load_pipeline
+    from hpcrender.parallel.layout import Comms, GroupLayout
+    from hpcrender.parallel.pipefusion import PipePlan, held_parameter_bytes, pipefuse
+    from hpcrender.render.image import render_image
+
+    pipe = load_pipeline(f"builtin:{name}")
+    model = denoiser_of(pipe)
+    layout = pipeline_layout(model.config, 2, 0, 14, 8, 16, 16)
+    before = _snapshot(model)
+    handle = pipefuse(model, PipePlan(layout, stage=1, warmup_steps=1), None, (0, 1), hold_only=False)
+    assert _snapshot(model) != before
+    handle.remove()
+    assert _snapshot(model) == before  # bit for bit, the same modules, processors and hooks
+    whole = held_parameter_bytes(model)
+    handle = pipefuse(model, PipePlan(layout, stage=1, warmup_steps=1), None, (0, 1))
+    handle.remove()
+    assert held_parameter_bytes(model) < whole  # the first stage's blocks and the embedders given back
+    with pytest.raises(BadInput, match="holds only stage 1"):
+        pipefuse(model, PipePlan(layout, stage=0, warmup_steps=1), None, (0, 1))
+    job = Job(name="j", prompt="p", width=64, height=112, seed=1, model=f"builtin:{name}", steps=1,
+              parallel=ParallelConfig(mode=Mode.NONE))
+    with pytest.raises(BadInput, match="load it again for mode none"):
+        render_image(pipe, job, GroupLayout(1, 0, Mode.NONE), Comms(None, None, (0,)), "cpu")

@@ -73,6 +73,10 @@ def render_image(pipe, job: Job, layout: GroupLayout, comms: Comms, device,
         if not bands:
             bands = image_bands(job.height, facts.vae_scale, facts.alignment, layout.patch_ranks)
         run.bands = run.result.bands = tuple(bands)
+    held = getattr(getattr(pipe, "transformer", None), "_hpcrender_stage", None)
+    if held is not None and not run.pipelined:
+        raise BadInput(f"this model holds only stage {held[1]} of a pipefusion render's weights: load it again "
+                       f"for mode {job.parallel.mode.value}")
     if run.pipelined:
         if not facts.transformer:
             raise BadInput(PIPEFUSION_UNET)
