@@ -252,6 +252,8 @@ def status(outdir):
 @click.option("--steps", type=click.IntRange(min=2), default=6, show_default=True)
 @click.option("--modes", default=None, help="Comma-separated modes [default: none on 1 rank, sync,displaced on more].")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--pipeline-patches", type=click.IntRange(min=0), default=0, show_default=True,
+              help="pipefusion: patches per step (0: as many as ranks).")
 @click.option("--scheduler", type=click.Choice([n.value for n in SchedulerName] + [DPMPP_ALIAS]), default="ddim",
               show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
@@ -268,8 +270,8 @@ def status(outdir):
 @click.option("--control-image", type=click.Path(dir_okay=False, exists=True),
               help="Its conditioning image [default: an edge map of circles and lines].")
 @click.option("--debug", is_flag=True)
-def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, plot_path, project, loras, controlnet,
-          control_image, debug):
+def bench(model, size, steps, modes, warmup_steps, pipeline_patches, scheduler, dtype, json_path, plot_path, project,
+          loras, controlnet, control_image, debug):
     """Time the denoising steps (UNet with CFG, no VAE): diffusers' own loop with the node's cores, hpcrender on one
     rank, then on all ranks of this launch in each mode; beside the plan's bytes, compute and memory."""
     from hpcrender.measure.bench import BenchRequest, bench_control, run_bench
@@ -310,7 +312,7 @@ def bench(model, size, steps, modes, warmup_steps, scheduler, dtype, json_path, 
             req = BenchRequest(model=model, width=w, height=h, steps=steps, modes=wanted, warmup_steps=warmup_steps,
                                scheduler=scheduler, dtype=dtype, json_path=Path(json_path) if json_path else None,
                                plot_path=Path(plot_path) if plot_path else None, project=projected,
-                               loras=adapters, controlnet=control)
+                               loras=adapters, controlnet=control, pipeline_patches=pipeline_patches)
             code = run_bench(world, req)
     sys.exit(code)
 

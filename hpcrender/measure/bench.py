@@ -53,6 +53,7 @@ class BenchRequest:
     project: tuple[int, ...] = ()  # group sizes to project displaced scaling to (projection.py)
     loras: tuple[Lora, ...] = ()    # fused in every hpcrender run; diffusers' loop runs them unfused and fused
     controlnet: ControlNetConfig | None = None  # every run conditioned on it (diffusers: its ControlNet pipeline)
+    pipeline_patches: int = 0  # pipefusion's patches per step (0: as many as ranks)
 
 
 def bench_job(req: BenchRequest, mode: Mode) -> Job:
@@ -60,7 +61,8 @@ def bench_job(req: BenchRequest, mode: Mode) -> Job:
                height=req.height, seed=0, model=req.model, steps=req.steps, guidance_scale=5.0,
                scheduler=SchedulerName(req.scheduler), dtype=DType(req.dtype), loras=req.loras,
                controlnets=(req.controlnet,) if req.controlnet is not None else (),
-               parallel=ParallelConfig(mode=mode, warmup_steps=req.warmup_steps, ranks_per_image=0))
+               parallel=ParallelConfig(mode=mode, warmup_steps=req.warmup_steps, ranks_per_image=0,
+                                       pipeline_patches=req.pipeline_patches))
 
 
 def summarize(step_seconds: list[float], short_last: bool = False) -> dict:
