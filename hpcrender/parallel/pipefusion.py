@@ -30,7 +30,7 @@ from hpcrender.parallel.attention import BandAttnProcessor
 from hpcrender.parallel.bands import Band, is_flux_config
 from hpcrender.parallel.pipeline import HEAD_MODULES, HEAD_PARAMETERS, PipelineLayout, block_lists, entry_names
 from hpcrender.parallel.transformer import (
-    BandPatchEmbed, FluxBandAttnProcessor, JointBandAttnProcessor, TextLength,
+    BandPatchEmbed, FluxBandAttnProcessor, JointBandAttnProcessor, TextLength, stand_in_processor,
 )
 
 
@@ -190,22 +190,6 @@ class JointPatchAttnProcessor(_PatchKV, JointBandAttnProcessor):
 
 class FluxPatchAttnProcessor(_PatchKV, FluxBandAttnProcessor):
     """Flux's attention over [text; current patch]."""
-
-
-def _patch_processor(module: nn.Module, name: str, ctx: PipeContext):
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-    original = module.processor
-    if isinstance(original, BandAttnProcessor):
-        raise BadInput("the model's attention is already parallel; remove() the earlier plan first")
-    if type(original) in (AttnProcessor, AttnProcessor2_0):
-        return PatchAttnProcessor(ctx, original)
-    if type(original) is JointAttnProcessor2_0:
-        return JointPatchAttnProcessor(ctx, original)
-    if type(original) is FluxAttnProcessor:
-        return FluxPatchAttnProcessor(ctx, original, ctx.text)
-    raise DoesNotFit(f"{name}: attention processor {type(original).__name__} cannot run in a pipeline")
 
 
 class StageEntry(nn.Module):
@@ -479,7 +463,9 @@ def pipefuse(model: nn.Module, plan: PipePlan, group, ranks: tuple[int, ...], ho
         if stage.start <= index < stage.stop:
             for name, module in block.named_modules():
                 if hasattr(module, "set_processor") and hasattr(module, "processor"):
-                    processors.append((module, _patch_processor(module, name, ctx), list(module._modules)))
+                    kinds = (PatchAttnProcessor, JointPatchAttnProcessor, FluxPatchAttnProcessor)
+                    processor = stand_in_processor(module, name, ctx, ctx.text, kinds)
+                    processors.append((module, processor, list(module._modules)))
             if index == stage.stop - 1 and not plan.last:
                 swaps.append((blocks, key, block, StageExit(block, joint)))
         else:

@@ -177,20 +177,23 @@ class FluxBandAttnProcessor(BandAttnProcessor):
         return out, attn.to_add_out(text.contiguous())
 
 
-def _band_processor(module: nn.Module, name: str, ctx: BandContext, text: TextLength):
+def stand_in_processor(module: nn.Module, name: str, ctx, text: TextLength, kinds=None):
+    """The processor that stands in for `module`'s: kinds = (plain, joint, Flux) classes, the band ones by default
+    (pipefusion passes its own)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
+    plain, joint, flux = kinds or (BandAttnProcessor, JointBandAttnProcessor, FluxBandAttnProcessor)
     original = module.processor
     if isinstance(original, BandAttnProcessor):
-        raise BadInput("the model's attention is already band-parallel; remove() the earlier plan first")
+        raise BadInput("the model's attention is already band-parallel or pipelined; remove() the earlier plan first")
     if type(original) in (AttnProcessor, AttnProcessor2_0):
-        return BandAttnProcessor(ctx, original)
+        return plain(ctx, original)
     if type(original) is JointAttnProcessor2_0:
-        return JointBandAttnProcessor(ctx, original)
+        return joint(ctx, original)
     if type(original) is FluxAttnProcessor:
-        return FluxBandAttnProcessor(ctx, original, text)
-    raise DoesNotFit(f"{name}: attention processor {type(original).__name__} cannot be split into bands")
+        return flux(ctx, original, text)
+    raise DoesNotFit(f"{name}: attention processor {type(original).__name__} cannot be split into bands or stages")
 
 
 class TransformerParallelized(Parallelized):
@@ -250,7 +253,7 @@ def parallelize_transformer(model: nn.Module, plan: PatchPlan, group) -> Paralle
         if isinstance(module, BandPatchEmbed):
             raise BadInput(f"{name} is already band-parallel; remove() the earlier plan first")
         if hasattr(module, "set_processor") and hasattr(module, "processor"):
-            processors.append((module, _band_processor(module, name, ctx, text), list(module._modules)))
+            processors.append((module, stand_in_processor(module, name, ctx, text), list(module._modules)))
     for parent in model.modules():
         for child_name, child in parent._modules.items():
             if type(child) is PatchEmbed:

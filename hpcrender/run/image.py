@@ -91,7 +91,7 @@ class ImageKind:
         resume = group.resume(read_checkpoint(saved, job.params_hash()) if leader and options.resume else None)
         steps_run = job.steps - (resume.step if resume else job.first_step)
         # A displaced job whose warm-up covers every step it runs says so, on its progress line and in meta.json.
-        synchronous = plan.banded and runs_synchronous_throughout(job.parallel, steps_run)
+        synchronous = (plan.banded or plan.pipelined) and runs_synchronous_throughout(job.parallel, steps_run)
         note = synchronous_note(job, steps_run) if synchronous else None
         shown = f"{job.name} ({note})" if note else job.name
         if leader:
@@ -224,10 +224,10 @@ def _cut(plan, layout: GroupLayout):
 
 
 def synchronous_note(job: Job, steps_run: int) -> str:
-    """What a displaced job whose warm-up covers every step it runs does instead, in words."""
+    """What a displaced or pipefusion job whose warm-up covers every step it runs does instead, in words."""
     warmup = max(job.parallel.warmup_steps, 1)  # the first step is always synchronous: nothing stale exists yet
-    return (f"displaced, but its warm-up of {warmup} step(s) covers all {steps_run} step(s) run: synchronous "
-            "throughout")
+    return (f"{job.parallel.mode.value}, but its warm-up of {warmup} step(s) covers all {steps_run} step(s) run: "
+            "synchronous throughout")
 
 
 def _write_outputs(out: Path, job: Job, result, layout, comms, peaks, options: RenderOptions, started, world, group,

@@ -485,8 +485,9 @@ def describe_plan(manifest: Manifest, plan: RunPlan, macs_per_s: float = CPU_COR
             bands = ",".join(f"{b.start}:{b.stop}" for b in p.bands) if p.bands else "-"
             cfg = " split_cfg" if job.parallel.split_cfg else ""
             steps = f"{job.steps} steps" + (f" from step {job.first_step} (img2img)" if job.init_image else "")
+            cut = "" if p.pipeline is not None else f"  latent bands {bands}"
             lines.append(f"  {job.name:<24} group {g} (rank {where})  {job.width}x{job.height}  {steps}  "
-                         f"{job.parallel.mode.value}{cfg}  latent bands {bands}")
+                         f"{job.parallel.mode.value}{cfg}{cut}")
             if p.sweep is not None:
                 lines.append(f"  {'':<24} sweep of {sweep_words(p.sweep)}: its shards are the queue's units, on "
                              f"every group of {phase.size} rank(s); the estimates below are per sample")

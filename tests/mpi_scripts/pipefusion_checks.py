@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from hpcrender.parallel.layout import Comms, GroupLayout
 from hpcrender.parallel.pipefusion import held_parameter_bytes
 from hpcrender.parallel.pipeline import block_lists
 from hpcrender.render.image import layout_of, render_image
+from dit_checks import all_ranks, compare as dit_compare
 from parallel_models import start_torch_distributed
 
 MODELS = ("tiny-pixart", "tiny-sd3", "tiny-flux")
@@ -42,23 +42,8 @@ def job(model: str, mode: Mode, steps: int, warmup: int, patches: int = 0, split
                                        split_cfg=split_cfg))
 
 
-def psnr(image: np.ndarray, reference: np.ndarray) -> float:
-    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
-
-
 def compare(result, alone) -> dict:
-    if result.latent is None:
-        return {}
-    error = float(np.linalg.norm(result.latent - alone.latent) / np.linalg.norm(alone.latent))
-    diff = int(np.abs(result.image.astype(np.int16) - alone.image.astype(np.int16)).max())
-    return {"error": error, "png_max_diff": diff, "psnr": psnr(result.image, alone.image)}
-
-
-def all_ranks(flag: bool, group) -> bool:
-    value = torch.tensor([1 if flag else 0])
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
-    return bool(value.item())
+    return dit_compare(result, alone) or {}
 
 
 def gathered(value, size: int) -> list:
