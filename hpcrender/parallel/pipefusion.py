@@ -351,13 +351,9 @@ class PipeFused:
             request.wait()
         if plan.last:
             whole = torch.cat(outputs, dim=2).contiguous() if len(outputs) > 1 else outputs[0].contiguous()
-            shape = torch.tensor(whole.shape, dtype=torch.int64)
         else:
-            shape = torch.empty(4, dtype=torch.int64)
-        source = ctx.ranks[-1]
-        if not plan.last:
             whole = torch.empty(self._output_shape(model_in), dtype=ctx.dtype, device=ctx.device)
-        dist.broadcast(whole, src=source, group=ctx.group)
+        dist.broadcast(whole, src=ctx.ranks[-1], group=ctx.group)
         ctx.waited += time.perf_counter() - t0
         if plan.last:
             ctx.sent += whole.numel() * whole.element_size() * (plan.stages - 1)
